@@ -1,0 +1,208 @@
+"""Train an Atari PPO expert with SB3 (rl-zoo's Atari settings), resumably.
+
+    from trajdata.train.ppo import PPOConfig, train_ppo
+    train_ppo(PPOConfig(game="Breakout", timesteps=1_000_000, n_envs=4), "runs/breakout")
+
+The output directory holds config.json, checkpoints/ckpt_<steps>.zip (the newest two), progress.csv,
+model.zip and eval.json. Running again with the same config continues from the newest checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from trajdata.collectors.atari import (FRAME_SKIP, FRAME_STACK, NOOP_MAX, SCREEN_SIZE, env_id, evaluate,
+                                       register_ale, resolve_game)
+from trajdata.errors import ConfigError
+
+
+@dataclass
+class PPOConfig:
+    game: str = "Breakout"
+    timesteps: int = 10_000_000   # agent steps summed over envs (x4 raw frames)
+    n_envs: int = 8
+    seed: int = 0
+    n_steps: int = 128
+    n_epochs: int = 4
+    batch_size: int = 256
+    learning_rate: float = 2.5e-4  # decays linearly to 0
+    clip_range: float = 0.1        # decays linearly to 0
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    max_grad_norm: float = 0.5
+    noop_max: int = NOOP_MAX
+    frame_skip: int = FRAME_SKIP
+    screen_size: int = SCREEN_SIZE
+    frame_stack: int = FRAME_STACK
+    subproc: bool = False          # SubprocVecEnv instead of stepping the envs in-process
+    threads: int = 1               # torch CPU threads
+    checkpoint_every: int = 100_000
+    eval_episodes: int = 10
+    eval_seed: int = 1_000_000
+    eval_deterministic: bool = False
+
+    def __post_init__(self):
+        self.game = resolve_game(self.game)
+        for k in ("timesteps", "n_envs", "n_steps", "n_epochs", "batch_size", "checkpoint_every", "threads"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
+        if self.eval_episodes < 0:
+            raise ConfigError(f"eval_episodes must be >= 0, got {self.eval_episodes}")
+        if (self.n_steps * self.n_envs) % self.batch_size:
+            raise ConfigError(f"n_steps*n_envs ({self.n_steps * self.n_envs}) must be a multiple of batch_size ({self.batch_size})")
+
+    @property
+    def env_id(self) -> str:
+        return env_id(self.game)
+
+
+_RESUME_FREE = {"timesteps", "subproc", "threads", "checkpoint_every", "eval_episodes", "eval_seed", "eval_deterministic"}
+
+
+def parse_count(text: str | int) -> int:
+    """'10M', '500k', '1e6', '2.5M', '1_000_000' -> int."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([kmb]?)\s*", str(text), re.I)
+    if not m:
+        raise ConfigError(f"not a count: {text!r} (use e.g. 10M, 500k, 1e6)")
+    n = float(m.group(1).replace("_", "")) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()]
+    if n != int(n):
+        raise ConfigError(f"not a whole count: {text!r}")
+    return int(n)
+
+
+def make_train_env(cfg: PPOConfig):
+    """cfg.n_envs AtariWrapper envs (clipped rewards, life loss ends an episode), frame-stacked."""
+    from stable_baselines3.common.env_util import make_atari_env
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecFrameStack
+
+    register_ale()
+    env = make_atari_env(
+        cfg.env_id, n_envs=cfg.n_envs, seed=cfg.seed,
+        vec_env_cls=SubprocVecEnv if cfg.subproc else DummyVecEnv,
+        wrapper_kwargs=dict(noop_max=cfg.noop_max, frame_skip=cfg.frame_skip, screen_size=cfg.screen_size),
+    )
+    return VecFrameStack(env, n_stack=cfg.frame_stack)
+
+
+def _ckpts(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("ckpt_*.zip"))
+
+
+def _save_atomic(model, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.zip")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def _check_resume(cfg: PPOConfig, out: Path) -> None:
+    f = out / "config.json"
+    if not f.exists():
+        return
+    old = json.loads(f.read_text())
+    new = dataclasses.asdict(cfg)
+    diff = [k for k in new if k not in _RESUME_FREE and old.get(k) != new[k]]
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"{out} holds a run with {k}={old.get(k)!r}, not {new[k]!r}; use another --out to start a new run")
+
+
+def _callback(cfg: PPOConfig, out: Path, start_steps: int, progress: bool):
+    import numpy as np
+    from stable_baselines3.common.callbacks import BaseCallback
+    from tqdm import tqdm
+
+    class Progress(BaseCallback):
+        def _on_training_start(self):
+            self.bar = tqdm(total=cfg.timesteps, initial=start_steps, desc=f"ppo {cfg.game}", unit="step",
+                            unit_scale=True, disable=not progress, smoothing=0.05)
+            self.t0, self.last = time.time(), start_steps
+            self.next_ckpt = (start_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+            new = not (out / "progress.csv").exists()
+            self.csv = open(out / "progress.csv", "a", newline="")
+            self.w = csv.writer(self.csv)
+            if new:
+                self.w.writerow(["timesteps", "wall_s", "steps_per_s", "mean_return_100", "episodes"])
+
+        def _on_step(self):
+            self.bar.update(self.num_timesteps - self.last)
+            self.last = self.num_timesteps
+            if self.num_timesteps >= self.next_ckpt:
+                _save_atomic(self.model, out / "checkpoints" / f"ckpt_{self.num_timesteps:012d}.zip")
+                for old in _ckpts(out)[:-2]:
+                    old.unlink()
+                self.next_ckpt += cfg.checkpoint_every
+            return True
+
+        def _on_rollout_end(self):
+            eps = [e["r"] for e in self.model.ep_info_buffer]
+            mean = float(np.mean(eps)) if eps else float("nan")
+            dt = time.time() - self.t0
+            self.w.writerow([self.num_timesteps, round(dt, 1), round((self.num_timesteps - start_steps) / max(dt, 1e-9), 1),
+                             round(mean, 2), len(eps)])
+            self.csv.flush()
+            if eps:
+                self.bar.set_postfix(ret=f"{mean:.1f}")
+
+        def _on_training_end(self):
+            self.bar.close()
+            self.csv.close()
+
+    return Progress()
+
+
+def train_ppo(cfg: PPOConfig, out: str | os.PathLike, progress: bool = True) -> dict:
+    """Train (or continue) into `out`; returns the evaluation dict (also written to out/eval.json)."""
+    import torch
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.utils import LinearSchedule
+
+    torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    _check_resume(cfg, out)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"env_id": cfg.env_id}, indent=2))
+    if (out / "model.zip").exists() and (out / "eval.json").exists():
+        done = json.loads((out / "eval.json").read_text())
+        if done.get("timesteps", 0) >= cfg.timesteps:
+            return done
+
+    env = make_train_env(cfg)
+    ckpts = _ckpts(out)
+    if ckpts:
+        model = PPO.load(ckpts[-1], env=env, device="cpu")
+    else:
+        model = PPO(
+            "CnnPolicy", env, n_steps=cfg.n_steps, n_epochs=cfg.n_epochs, batch_size=cfg.batch_size,
+            learning_rate=LinearSchedule(cfg.learning_rate, 0.0, 1.0), clip_range=LinearSchedule(cfg.clip_range, 0.0, 1.0),
+            ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda,
+            max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, device="cpu", verbose=0,
+        )
+    start = model.num_timesteps
+    t0 = time.time()
+    if start < cfg.timesteps:
+        try:
+            # reset_num_timesteps=False: SB3 sets its schedule total to start + remaining = cfg.timesteps
+            model.learn(cfg.timesteps - start, callback=_callback(cfg, out, start, progress),
+                        reset_num_timesteps=False, progress_bar=False)
+        except KeyboardInterrupt:
+            _save_atomic(model, out / "checkpoints" / f"ckpt_{model.num_timesteps:012d}.zip")
+            raise
+    train_s = time.time() - t0
+    env.close()
+    _save_atomic(model, out / "model.zip")
+    result = {"timesteps": int(model.num_timesteps), "train_wall_s_this_run": round(train_s, 1)}
+    if cfg.eval_episodes:
+        result |= evaluate(model.policy, cfg.game, cfg.eval_episodes, cfg.eval_seed, cfg.eval_deterministic,
+                           progress=progress)
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    return result
