@@ -1,0 +1,145 @@
+"""NetHack on stock nle 1.3.0: reproducible seeding, character and end-of-game parsing, and the
+base class every NetHack expert shares (environment, seeds, index columns)."""
+from __future__ import annotations
+
+import re
+from datetime import date
+
+import gymnasium as gym
+import numpy as np
+
+from trajdata.collectors.base import Expert, RecordingEnv
+
+ROLES = {
+    "archeologist": "arc", "barbarian": "bar", "caveman": "cav", "cavewoman": "cav", "healer": "hea",
+    "knight": "kni", "monk": "mon", "priest": "pri", "priestess": "pri", "rogue": "rog", "ranger": "ran",
+    "samurai": "sam", "tourist": "tou", "valkyrie": "val", "wizard": "wiz",
+}
+RACES = {"human": "hum", "elven": "elf", "elf": "elf", "dwarvish": "dwa", "dwarf": "dwa", "gnomish": "gno",
+         "gnome": "gno", "orcish": "orc", "orc": "orc"}
+ALIGNMENTS = {"lawful": "law", "neutral": "neu", "chaotic": "cha"}
+GENDERS = {"male": "mal", "female": "fem"}
+_WELCOME = re.compile(r"You are an? (\w+) (\w+) (\w+) (\w+)\.")
+_CHARACTER = re.compile(r"^(@|[a-z]{3}(-[a-z]{3}){0,3})$")
+SEED_KEYS = ("core", "disp", "reseed", "lgen")
+
+
+def parse_character(message: str) -> str | None:
+    """'... You are a neutral male gnomish Wizard.' -> 'wiz-gno-neu-mal'."""
+    m = _WELCOME.search(message)
+    if not m:
+        return None
+    align, gender, race, role = (w.lower() for w in m.groups())
+    try:
+        return f"{ROLES[role]}-{RACES[race]}-{ALIGNMENTS[align]}-{GENDERS[gender]}"
+    except KeyError:
+        return None
+
+
+def obs_text(arr: np.ndarray) -> str:
+    return bytes(np.asarray(arr, np.uint8)).split(b"\0", 1)[0].decode("latin-1")
+
+
+def screen_text(tty_chars: np.ndarray) -> str:
+    return "\n".join(bytes(row).decode("latin-1") for row in np.asarray(tty_chars, np.uint8))
+
+
+def make_nethack_env(character: str = "@", fix_moon_phase: bool = True, **kwargs) -> gym.Env:
+    """NetHackChallenge-v0 without NLE's own ttyrec recording (trajdata records)."""
+    import nle  # noqa: F401  (registers the envs)
+
+    return gym.make("NetHackChallenge-v0", character=character, save_ttyrec_every=0,
+                    fix_moon_phase=fix_moon_phase, **kwargs)
+
+
+def allow_seeding(env: gym.Env) -> None:
+    """Undo NetHackChallenge's per-instance ban on seeding (its __init__ patches the nethack object)."""
+    nh = env.unwrapped.nethack
+    for name in ("set_initial_seeds", "set_current_seeds", "get_current_seeds"):
+        nh.__dict__.pop(name, None)
+
+
+def seeds_from(seed: int) -> tuple[int, int]:
+    core, disp = np.random.SeedSequence(seed).generate_state(2, np.uint64)
+    return int(core >> np.uint64(1)), int(disp >> np.uint64(1))
+
+
+def seed_and_reset(env: gym.Env, core: int, disp: int, lgen: int | None = None):
+    """Reset ``env`` with NetHack's RNGs seeded (no anti-TAS reseeding): reproducible games."""
+    from nle.env.base import NLE
+
+    allow_seeding(env)
+    NLE.seed(env.unwrapped, core, disp, False, lgen)
+    obs, info = env.reset()
+    return obs, info
+
+
+class NetHackExpert(Expert):
+    """Common NetHack plumbing: env, seeds, and the index columns read off the last observation."""
+
+    schema = "nethack"
+
+    def __init__(self, character: str = "@", fix_moon_phase: bool = True):
+        if not _CHARACTER.match(character):
+            from trajdata.errors import ConfigError
+
+            raise ConfigError(f"--character {character!r}: use '@' (random) or e.g. 'mon-hum-neu-mal'")
+        self.character, self.fix_moon_phase = character, fix_moon_phase
+        self._character_seen: str | None = None
+
+    def make_env(self) -> gym.Env:
+        return make_nethack_env(self.character, self.fix_moon_phase)
+
+    def reset_env(self, env, seed):
+        core, disp = seeds_from(seed)
+        obs, info = seed_and_reset(env, core, disp)
+        self._character_seen = parse_character(obs_text(obs["message"]))
+        return obs, info, {"core": core, "disp": disp, "reseed": False, "lgen": None}
+
+    def summary(self, env: RecordingEnv) -> dict:
+        from nle import nethack
+
+        bl = env.last_obs["blstats"]
+        end = "running"
+        if env.terminated:
+            status = env.last_info.get("end_status")
+            end = {1: "death", -1: "aborted"}.get(int(status), str(status)) if status is not None else "done"
+        elif env.truncated:
+            end = "env_step_limit"
+        return {
+            "score": int(bl[nethack.NLE_BL_SCORE]),
+            "turns": int(bl[nethack.NLE_BL_TIME]),
+            "depth": int(bl[nethack.NLE_BL_DEPTH]),
+            "character": self._character_seen or self.character,
+            "end_reason": end,
+        }
+
+    def describe(self) -> dict:
+        import nle
+
+        return {"name": self.name, "version": self.version, "character": self.character,
+                "fix_moon_phase": self.fix_moon_phase, "env": "NetHackChallenge-v0",
+                "nle": getattr(nle, "__version__", "unknown")}
+
+
+class ScriptedExpert(NetHackExpert):
+    """The built-in scripted NetHack player (``trajdata.collectors.scripted``) as an Expert."""
+
+    name = "scripted"
+
+    def __init__(self, character: str = "@", fix_moon_phase: bool = True):
+        super().__init__(character, fix_moon_phase)
+        from trajdata.collectors.scripted import ScriptedNetHackExpert
+
+        self.policy = ScriptedNetHackExpert()
+        self.version = self.policy.version
+
+    def begin(self, obs, seed):
+        self.policy.reset(obs, seed)
+
+    def act(self, obs):
+        return self.policy.act(obs)
+
+
+def collection_date() -> str:
+    return date.today().isoformat()

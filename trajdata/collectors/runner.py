@@ -1,0 +1,280 @@
+"""The collection runner: shards are units of work, workers are processes, each writes whole shards.
+
+``collect(cfg)`` skips shards already on disk (rerunning the same command resumes), runs the others
+on a backend (``local`` process pool, or ``ray``), shows tqdm progress with steps/s, and finally
+rebuilds ``index.parquet`` from the shards. Episode ``e`` of shard ``s`` always gets the same id
+(``SSSSSS-EEEE``) and seed, so a shard redone after a crash holds the same episodes.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import queue
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from trajdata.collectors.base import EpisodeStalled, EpisodeTruncated, Expert, RecordingEnv, install_stall_handler
+from trajdata.errors import ConfigError, ExpertError, TrajdataError
+from trajdata.format.dataset import SHARD_DIR, build_index, create_or_check, shard_name
+from trajdata.format.schema import get_schema
+from trajdata.format.shard import DEFAULT_CHUNK_STEPS, ShardWriter
+
+BACKENDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """What to instantiate in each worker: ``target`` is ``"module:Class"``."""
+
+    target: str
+    kwargs: dict = field(default_factory=dict)
+
+    def build(self) -> Expert:
+        module, _, cls = self.target.partition(":")
+        try:
+            return getattr(importlib.import_module(module), cls)(**self.kwargs)
+        except (ImportError, AttributeError) as e:
+            raise ExpertError(f"cannot load expert {self.target}: {e}") from None
+
+
+@dataclass
+class CollectConfig:
+    out: str
+    expert: ExpertSpec
+    shards: int = 4
+    episodes_per_shard: int = 1
+    workers: int = 1
+    seed: int = 0
+    max_steps: int | None = 10_000
+    max_seconds: float | None = None
+    stall_seconds: float | None = 60.0
+    chunk_steps: int = DEFAULT_CHUNK_STEPS
+    backend: str = "local"
+    ray_address: str | None = None
+
+    def check(self) -> None:
+        for name in ("shards", "episodes_per_shard", "workers", "chunk_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max-steps must be at least 1 (got {self.max_steps})")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def episode_seed(base: int, shard: int, episode: int) -> int:
+    return int(np.random.SeedSequence([base, shard, episode]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def package_versions(names=("trajdata", "numpy", "zstandard", "nle", "ale-py", "stable-baselines3", "torch")) -> dict:
+    out = {}
+    for n in names:
+        try:
+            out[n] = importlib.metadata.version(n)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
+
+
+_worker_cache: dict = {}
+
+
+def _expert_and_env(spec: ExpertSpec):
+    if _worker_cache.get("spec") != spec:
+        _worker_cache.clear()
+        expert = spec.build()
+        _worker_cache.update(spec=spec, expert=expert, env=expert.make_env())
+    return _worker_cache["expert"], _worker_cache["env"]
+
+
+def _fresh_env():
+    env = _worker_cache.pop("env", None)
+    if env is not None:
+        try:
+            env.close()
+        except Exception:
+            pass
+    _worker_cache["env"] = _worker_cache["expert"].make_env()
+    return _worker_cache["env"]
+
+
+def run_shard(cfg: CollectConfig, shard: int, report: Callable[[int], None] | None = None) -> list[dict]:
+    """Play ``cfg.episodes_per_shard`` episodes into shard ``shard``; returns their index rows."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and cfg.stall_seconds:
+        install_stall_handler()
+    expert, env = _expert_and_env(cfg.expert)
+    schema = get_schema(expert.schema)
+    path = Path(cfg.out) / SHARD_DIR / shard_name(shard)
+    versions = package_versions()
+    rows = []
+    with ShardWriter(path, schema, cfg.chunk_steps) as sw:
+        for ep in range(cfg.episodes_per_shard):
+            seed = episode_seed(cfg.seed, shard, ep)
+            t0 = time.monotonic()
+            obs, info, seeds = expert.reset_env(env, seed)
+            meta = {"seed": seed, "seeds": seeds, "expert": expert.name, "expert_version": expert.version,
+                    "env": expert.describe().get("env", ""), "env_version": versions.get(_env_package(expert), ""),
+                    "packages": versions, "collection_date": time.strftime("%Y-%m-%d")}
+            ew = sw.episode(f"{shard:06d}-{ep:04d}", meta)
+            rec = RecordingEnv(env, expert, ew, cfg.max_steps, cfg.max_seconds, cfg.stall_seconds)
+            rec.start(obs, info)
+            status, reason, broken = "complete", None, False
+            try:
+                if report is None:
+                    expert.run_episode(rec, obs, info, seed)
+                else:
+                    _run_with_reports(expert, rec, obs, info, seed, report)
+                if rec.truncated:
+                    status, reason = "truncated", "env_truncated"
+            except EpisodeTruncated as e:
+                status, reason = "truncated", e.reason
+            except EpisodeStalled:
+                status, reason = "truncated", f"stalled ({cfg.stall_seconds:g}s without a step)"
+                broken = True
+            except Exception as e:
+                status, reason, broken = "aborted", _one_line(e), True
+            finally:
+                rec.disarm()
+            try:
+                summary = expert.summary(rec)
+            except Exception as e:
+                summary = {"summary_error": _one_line(e)}
+            if reason is not None:
+                summary["end_reason"] = reason if status != "complete" else summary.get("end_reason")
+            summary.update(status=status, wall_seconds=round(time.monotonic() - t0, 3), **{"return": rec.episode_return})
+            rows.append(ew.close(summary))
+            if broken:
+                env = _fresh_env()
+    return [dict(r, shard=path.name) for r in rows]
+
+
+def _env_package(expert: Expert) -> str:
+    return {"nethack": "nle", "atari": "ale-py"}.get(expert.schema, "")
+
+
+def _run_with_reports(expert, rec: RecordingEnv, obs, info, seed, report) -> None:
+    """Run the episode, reporting step counts about once a second (wraps ``rec.step``)."""
+    state = {"last": time.monotonic(), "sent": 0}
+    inner = rec.step
+
+    def step(action):
+        out = inner(action)
+        now = time.monotonic()
+        if now - state["last"] > 0.5:
+            report(rec.steps - state["sent"])
+            state.update(last=now, sent=rec.steps)
+        return out
+
+    rec.step = step
+    try:
+        expert.run_episode(rec, obs, info, seed)
+    finally:
+        if rec.steps > state["sent"]:
+            report(rec.steps - state["sent"])
+
+
+def _shard_worker(cfg: CollectConfig, shard: int, q) -> list[dict]:
+    return run_shard(cfg, shard, report=q.put if q is not None else None)
+
+
+def pending_shards(cfg: CollectConfig) -> list[int]:
+    shard_dir = Path(cfg.out) / SHARD_DIR
+    return [i for i in range(cfg.shards) if not (shard_dir / shard_name(i)).exists()]
+
+
+def _run_local(cfg: CollectConfig, todo: list[int], on_steps: Callable[[int], None], on_shard: Callable[[int, list], None]) -> None:
+    if cfg.workers == 1:
+        for s in todo:
+            on_shard(s, run_shard(cfg, s, report=on_steps))
+        return
+    ctx = get_context("spawn")
+    with ctx.Manager() as manager:
+        q = manager.Queue()
+        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
+            futures = {pool.submit(_shard_worker, cfg, s, q): s for s in todo}
+            try:
+                while futures:
+                    done, _ = wait(futures, timeout=0.25, return_when=FIRST_COMPLETED)
+                    _drain(q, on_steps)
+                    for fut in done:
+                        s = futures.pop(fut)
+                        on_shard(s, fut.result())
+                _drain(q, on_steps)
+            except BrokenProcessPool:
+                raise ExpertError("a collection worker died (crash or out of memory); finished shards are kept, rerun to resume") from None
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+
+
+def _drain(q, on_steps) -> None:
+    while True:
+        try:
+            on_steps(q.get_nowait())
+        except queue.Empty:
+            return
+
+
+def collect(cfg: CollectConfig, progress: bool = True) -> dict:
+    """Collect ``cfg.shards`` shards into ``cfg.out`` (resuming); returns a summary dict."""
+    cfg.check()
+    expert = cfg.expert.build()
+    info = {
+        "schema": expert.schema,
+        "env": expert.describe().get("env", ""),
+        "expert": expert.describe(),
+        "collection": {"seed": cfg.seed, "episodes_per_shard": cfg.episodes_per_shard, "max_steps": cfg.max_steps,
+                       "max_seconds": cfg.max_seconds, "chunk_steps": cfg.chunk_steps},
+        "packages": package_versions(),
+    }
+    expert.close()
+    create_or_check(cfg.out, info)
+    todo = pending_shards(cfg)
+    skipped = cfg.shards - len(todo)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"collect {cfg.expert.target.rpartition(':')[2]}", unit="shard",
+               disable=not progress, dynamic_ncols=True)
+    stats = {"steps": 0, "episodes": 0, "t0": time.monotonic()}
+
+    def on_steps(n: int) -> None:
+        stats["steps"] += n
+        dt = max(time.monotonic() - stats["t0"], 1e-9)
+        bar.set_postfix(steps=stats["steps"], steps_s=f"{stats['steps'] / dt:,.0f}", refresh=False)
+        bar.refresh()
+
+    def on_shard(s: int, rows: list) -> None:
+        stats["episodes"] += len(rows)
+        bar.update(1)
+
+    try:
+        if cfg.backend == "ray":
+            from trajdata.collectors.ray_backend import run_ray
+
+            run_ray(cfg, todo, on_steps, on_shard)
+        else:
+            _run_local(cfg, todo, on_steps, on_shard)
+    finally:
+        bar.close()
+    table = build_index(cfg.out)
+    elapsed = time.monotonic() - stats["t0"]
+    return {"out": cfg.out, "shards_written": len(todo), "shards_skipped": skipped,
+            "episodes_written": stats["episodes"], "steps_written": stats["steps"],
+            "episodes_total": table.num_rows, "seconds": round(elapsed, 2),
+            "steps_per_second": round(stats["steps"] / max(elapsed, 1e-9), 1), "config": asdict(cfg)}

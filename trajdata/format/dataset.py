@@ -1,0 +1,160 @@
+"""A dataset directory: ``dataset.json``, ``shards/shard-NNNNNN.tar`` and ``index.parquet``.
+
+``index.parquet`` has one row per episode and can always be rebuilt from the shards alone
+(``build_index``): every column comes from the episode's final chunk header.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trajdata.errors import DataError
+from trajdata.format.schema import SCHEMA_VERSION, Schema, get_schema
+from trajdata.format.shard import ShardReader
+
+DATASET_JSON = "dataset.json"
+INDEX_FILE = "index.parquet"
+SHARD_DIR = "shards"
+FORMAT_NAME = "trajdata"
+
+# Index columns in order; rows may carry more (kept after these).
+INDEX_COLUMNS = [
+    "id", "shard", "chunks", "steps", "status", "end_reason", "score", "return", "turns", "depth",
+    "character", "seed", "seeds", "expert", "expert_version", "env", "env_version", "packages",
+    "collection_date", "wall_seconds",
+]
+STATUSES = ("complete", "truncated", "aborted")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Dataset:
+    """Read access to a dataset directory."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"dataset directory {self.root} does not exist")
+        meta_path = self.root / DATASET_JSON
+        if not meta_path.is_file():
+            raise DataError(f"{self.root} is not a trajdata dataset (no {DATASET_JSON})")
+        try:
+            self.info = json.loads(meta_path.read_text())
+        except ValueError:
+            raise DataError(f"{meta_path} is not valid JSON") from None
+        if self.info.get("format") != FORMAT_NAME:
+            raise DataError(f"{meta_path}: not a trajdata dataset description")
+        if self.info.get("schema_version") != SCHEMA_VERSION:
+            raise DataError(
+                f"{meta_path}: schema version {self.info.get('schema_version')} is not supported "
+                f"(this trajdata reads {SCHEMA_VERSION})"
+            )
+        self.schema: Schema = get_schema(self.info["schema"])
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.root / SHARD_DIR
+
+    def shard_paths(self) -> list[Path]:
+        return sorted(self.shard_dir.glob("shard-*.tar")) if self.shard_dir.is_dir() else []
+
+    def index(self, rebuild: bool = False) -> pa.Table:
+        path = self.root / INDEX_FILE
+        if rebuild or not path.is_file():
+            return build_index(self.root)
+        try:
+            return pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: unreadable index ({e}); rebuild it with `trajdata index {self.root}`") from None
+
+    def index_rows(self) -> list[dict]:
+        return self.index().to_pylist()
+
+    def shard(self, name: str) -> ShardReader:
+        return ShardReader(self.shard_dir / name)
+
+    def episode(self, episode_id: str, fields=None) -> Iterator:
+        """Chunks of one episode, in order."""
+        rows = [r for r in self.index_rows() if r["id"] == episode_id]
+        if not rows:
+            raise DataError(f"{self.root}: no episode {episode_id!r}")
+        for chunk in self.shard(rows[0]["shard"]).chunks(fields):
+            if chunk.episode_id == episode_id:
+                yield chunk
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    cols = list(INDEX_COLUMNS) + sorted({k for r in rows for k in r} - set(INDEX_COLUMNS))
+    norm = []
+    for r in rows:
+        d = {}
+        for c in cols:
+            v = r.get(c)
+            d[c] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+        norm.append(d)
+    if not norm:
+        return pa.table({c: pa.array([], pa.string()) for c in cols})
+    return pa.Table.from_pylist(norm)
+
+
+def build_index(root: str | os.PathLike, write: bool = True, progress: bool = False) -> pa.Table:
+    """Rebuild the episode index from the shards' chunk headers (and write it atomically)."""
+    root = Path(root)
+    ds = Dataset(root)
+    paths = ds.shard_paths()
+    if progress:
+        from tqdm import tqdm
+
+        paths = tqdm(paths, desc="index", unit="shard")
+    rows = [r for p in paths for r in ShardReader(p).episode_rows()]
+    rows.sort(key=lambda r: r["id"])
+    table = rows_to_table(rows)
+    if write:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        atomic_write_bytes(root / INDEX_FILE, sink.getvalue().to_pybytes())
+    return table
+
+
+def create_or_check(root: str | os.PathLike, info: dict) -> dict:
+    """Create ``dataset.json`` for a new dataset, or check an existing one describes the same collection.
+
+    ``info`` must hold ``schema``, ``env``, ``expert`` and ``collection`` (the settings that decide
+    what the shards contain: resuming with other settings would mix datasets).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / SHARD_DIR).mkdir(exist_ok=True)
+    full = dict(format=FORMAT_NAME, schema_version=SCHEMA_VERSION, **info)
+    path = root / DATASET_JSON
+    if path.is_file():
+        old = Dataset(root).info
+        for key in ("schema", "expert", "collection"):
+            if _canon(old.get(key)) != _canon(full.get(key)):
+                raise DataError(
+                    f"{root} already holds a dataset with a different {key} "
+                    f"({_canon(old.get(key))} vs {_canon(full.get(key))}); use another --out"
+                )
+        return old
+    atomic_write_bytes(path, (json.dumps(full, indent=2, sort_keys=True) + "\n").encode())
+    return full
+
+
+def _canon(v) -> str:
+    return json.dumps(v, sort_keys=True)

@@ -1,0 +1,217 @@
+"""Shards: webdataset-compatible tar files of episode chunks.
+
+Each tar member is one chunk, named ``<episode_id>-c<chunk>.tdc`` (a webdataset sample with key
+``<episode_id>-c<chunk>`` and one ``tdc`` entry). A chunk blob (see ``codec``) holds every field of up
+to ``chunk_steps`` consecutive steps; the last chunk of an episode carries the episode's index row
+under ``"episode"``. Writers stream: at most one chunk of steps is held in memory.
+
+A shard is written to ``<name>.tmp``, fsynced and atomically renamed, so readers never see a
+partial shard.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from trajdata.errors import DataError
+from trajdata.format import codec
+from trajdata.format.schema import Schema, get_schema, SCHEMA_VERSION
+
+DEFAULT_CHUNK_STEPS = 4096
+CHUNK_EXT = "tdc"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class EpisodeWriter:
+    """Buffers steps of one episode and writes them out chunk by chunk."""
+
+    def __init__(self, shard: "ShardWriter", episode_id: str, meta: dict):
+        self.shard, self.episode_id, self.meta = shard, episode_id, dict(meta)
+        schema, n = shard.schema, shard.chunk_steps
+        self.buffers = {f.name: np.zeros((n, *f.shape), f.np_dtype) for f in schema.fields}
+        self.steps = 0
+        self.chunks = 0
+        self._fill = 0
+        self.closed = False
+
+    def append(self, fields: dict) -> None:
+        """Copy one step's fields (observation + action; reward/done default 0/False) into the buffer."""
+        if self._fill == self.shard.chunk_steps:
+            self._flush(last=False)
+        i = self._fill
+        for name, buf in self.buffers.items():
+            if name in fields:
+                buf[i] = fields[name]
+            elif name in ("reward", "done"):
+                buf[i] = 0
+            else:
+                raise KeyError(f"step is missing field {name!r}")
+        self._fill += 1
+        self.steps += 1
+
+    def set_outcome(self, reward: float, done: bool) -> None:
+        """Set reward/done of the most recent step (known only after the env stepped)."""
+        self.buffers["reward"][self._fill - 1] = reward
+        self.buffers["done"][self._fill - 1] = done
+
+    def _flush(self, last: bool, episode_row: dict | None = None) -> None:
+        n = self._fill
+        meta = {"episode_id": self.episode_id, "chunk": self.chunks, "start": self.steps - n, "last": last}
+        if self.chunks == 0:
+            meta["episode_meta"] = self.meta
+        if last:
+            meta["episode"] = episode_row
+        blob = codec.encode_chunk(self.shard.schema, {k: v[:n] for k, v in self.buffers.items()}, meta)
+        self.shard._add_member(f"{self.episode_id}-c{self.chunks:05d}.{CHUNK_EXT}", blob)
+        self.chunks += 1
+        self._fill = 0
+
+    def close(self, summary: dict) -> dict:
+        """Write the remaining steps with the episode's index row (``meta`` + ``summary``); returns the row."""
+        row = dict(self.meta, **summary, id=self.episode_id, steps=self.steps, chunks=self.chunks + 1)
+        self._flush(last=True, episode_row=row)
+        self.closed = True
+        self.buffers = {}
+        return row
+
+
+class ShardWriter:
+    """Context manager writing one shard atomically; an exception inside discards the partial file."""
+
+    def __init__(self, path: str | os.PathLike, schema: Schema, chunk_steps: int = DEFAULT_CHUNK_STEPS):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.schema, self.chunk_steps = schema, chunk_steps
+        self.rows: list[dict] = []
+        self.bytes_written = 0
+
+    def __enter__(self) -> "ShardWriter":
+        self._f = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
+        return self
+
+    def episode(self, episode_id: str, meta: dict) -> EpisodeWriter:
+        if "." in episode_id or "/" in episode_id:
+            raise ValueError(f"episode id {episode_id!r} must not contain '.' or '/'")
+        return EpisodeWriter(self, episode_id, meta)
+
+    def _add_member(self, name: str, blob: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(blob), int(time.time()), 0o644
+        self._tar.addfile(info, io.BytesIO(blob))
+        self.bytes_written += len(blob)
+
+    def add_episode_row(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._tar.close()
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        finally:
+            self._f.close()
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+
+
+@dataclass
+class Chunk:
+    shard: str
+    episode_id: str
+    index: int
+    start: int
+    steps: int
+    last: bool
+    header: dict
+    fields: dict[str, np.ndarray]
+
+
+class ShardReader:
+    """Streams the chunks of one shard, decoding only the requested fields."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"shard {self.path} does not exist")
+
+    def _members(self, f) -> Iterator[tuple[tarfile.TarInfo, int]]:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+            while True:
+                m = tar.next()
+                if m is None:
+                    return
+                if not m.isfile() or not m.name.endswith("." + CHUNK_EXT):
+                    continue
+                yield m, m.offset_data
+        except tarfile.ReadError as e:
+            raise DataError(f"shard {self.path}: truncated or not a tar file ({e})") from None
+
+    def headers(self) -> Iterator[dict]:
+        """Chunk headers only (cheap: reads a few KB per chunk)."""
+        with open(self.path, "rb") as f:
+            for m, off in self._members(f):
+                f.seek(off)
+                prefix = f.read(min(m.size, 1 << 16))
+                header, _ = self._header(prefix, m)
+                yield header
+
+    def _header(self, blob: bytes, m: tarfile.TarInfo) -> tuple[dict, int]:
+        where = f"shard {self.path.name}: chunk {m.name}"
+        header, start = codec.read_header(blob, where)
+        if header.get("schema_version") != SCHEMA_VERSION:
+            raise DataError(
+                f"{where}: schema version {header.get('schema_version')} is not supported (this trajdata reads {SCHEMA_VERSION})"
+            )
+        return header, start
+
+    def chunks(self, fields=None) -> Iterator[Chunk]:
+        """Decoded chunks in file order; ``fields=None`` decodes all, ``[]`` none (headers only)."""
+        with open(self.path, "rb") as f:
+            for m, off in self._members(f):
+                f.seek(off)
+                blob = f.read(m.size)
+                where = f"shard {self.path.name}: chunk {m.name}"
+                if len(blob) != m.size:
+                    raise DataError(f"{where}: truncated ({len(blob)} of {m.size} bytes)")
+                header, start = self._header(blob, m)
+                where = f"shard {self.path.name}: episode {header['episode_id']} chunk {header['chunk']}"
+                schema = get_schema(header["schema"])
+                data = codec.decode_chunk(schema, header, memoryview(blob)[start:], fields, where=where)
+                yield Chunk(
+                    self.path.name, header["episode_id"], header["chunk"], header["start"], header["steps"],
+                    header["last"], header, data,
+                )
+
+    def episode_rows(self) -> list[dict]:
+        """Index rows of the episodes in this shard, from chunk headers, checking chunk order."""
+        rows, expect = [], {}
+        for h in self.headers():
+            eid = h["episode_id"]
+            if h["chunk"] != expect.get(eid, 0):
+                raise DataError(f"shard {self.path.name}: episode {eid}: chunk {h['chunk']} out of order")
+            expect[eid] = h["chunk"] + 1
+            if h["last"]:
+                rows.append(dict(h["episode"], shard=self.path.name))
+                del expect[eid]
+        if expect:
+            raise DataError(f"shard {self.path.name}: episode {next(iter(expect))} has no final chunk")
+        return rows
