@@ -1,0 +1,74 @@
+"""Play NetHack games with the built-in scripted expert; print the final screen and figures.
+
+    python bin/play_scripted.py --seed 0 --steps 5000 [--games 3] [--quiet]
+"""
+
+import argparse
+import time
+
+import gymnasium as gym
+import nle  # noqa: F401  (registers the NetHack envs)
+import numpy as np
+from nle import nethack as nh
+
+from trajdata.collectors.scripted import ScriptedNetHackExpert
+
+OBS_KEYS = ("glyphs", "chars", "colors", "specials", "blstats", "message", "inv_glyphs", "inv_strs",
+            "inv_letters", "inv_oclasses", "tty_chars", "tty_colors", "tty_cursor", "misc")
+
+
+def make_env(max_steps: int):
+    """NetHackChallenge's settings (full keyboard, no skipping, random role) but seedable."""
+    return gym.make("NetHackScore-v0", actions=nh.ACTIONS, allow_all_yn_questions=True,
+                    allow_all_modes=True, character="@", observation_keys=OBS_KEYS,
+                    penalty_step=0.0, max_episode_steps=max_steps)
+
+
+def play(env, expert, seed: int, steps: int) -> dict:
+    env.unwrapped.seed(seed, seed, False)
+    obs, _ = env.reset()
+    expert.reset(obs, seed)
+    act_time, n, done, max_depth, score, turns = 0.0, 0, False, 1, 0, 0
+    t0 = time.perf_counter()
+    while n < steps and not done:
+        t = time.perf_counter()
+        a = expert.act(obs)
+        act_time += time.perf_counter() - t
+        last = obs
+        obs, _, term, trunc, _ = env.step(a)
+        done = term or trunc
+        n += 1
+        bl = obs["blstats"]
+        max_depth = max(max_depth, int(bl[nh.NLE_BL_DEPTH]))
+        score, turns = max(score, int(bl[nh.NLE_BL_SCORE])), max(turns, int(bl[nh.NLE_BL_TIME]))
+    wall = time.perf_counter() - t0
+    return {
+        "seed": seed, "steps": n, "died": bool(done and n < steps),
+        "score": score, "depth": max_depth, "turns": turns,
+        "steps_per_s": round(n / wall), "act_ms": round(1e3 * act_time / n, 3),
+        "screen": "\n".join(bytes(r).decode("latin-1") for r in (last if done else obs)["tty_chars"]),
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--games", type=int, default=1)
+    p.add_argument("--quiet", action="store_true", help="don't print the final screens")
+    args = p.parse_args()
+    env, expert = make_env(args.steps + 1), ScriptedNetHackExpert()
+    rows = []
+    for s in range(args.seed, args.seed + args.games):
+        r = play(env, expert, s, args.steps)
+        if not args.quiet:
+            print(r.pop("screen"))
+        r.pop("screen", None)
+        print(r)
+        rows.append(r)
+    if len(rows) > 1:
+        print({k: float(np.mean([r[k] for r in rows])) for k in ("score", "depth", "steps_per_s", "act_ms")})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,453 @@
+"""Built-in scripted NetHack expert: dependency-free (nle only), simple and fast.
+
+Strategy, one decision per step, first rule that fires wins:
+
+1. Prompts: ``--More--`` -> Enter; menus -> Esc; yes/no and item/direction questions -> the answer
+   for what it is doing (eat, pray, kick), otherwise Esc. "Really attack?" -> Esc, and that monster
+   glyph is remembered as peaceful on this level.
+2. Survival: pray when HP is low or weak from hunger (at most once per ~1000 turns); eat from
+   inventory when hungry; rest (search in place) when HP is low and nothing hostile is in sight.
+3. Fight: attack an adjacent monster that is not a pet, not known peaceful, not a floating eye.
+4. Descend: standing on a known '>' -> press '>'.
+5. Move: breadth-first search over the remembered map (open doors orthogonal only, traps, water and
+   boulders avoided) to the down staircase if known, else to the nearest frontier (a walkable square
+   next to stone that has never been adjacent to us), else to the best spot to search for hidden
+   passages (dead ends first); locked doors are kicked. Paths are cached until they go stale.
+6. Fallback: a random move. The same action on an unchanged screen is never sent more than
+   ``max_repeats`` times in a row, and a goal that takes too long is dropped for a while.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from nle import nethack as nh
+
+ROWS, COLS = nh.DUNGEON_SHAPE
+N_CELLS = ROWS * COLS
+
+_KEY_TO_ACTION: dict[int, int] = {}
+for _i, _a in enumerate(nh.ACTIONS):
+    _KEY_TO_ACTION.setdefault(int(_a), _i)
+
+MOVES = tuple(range(8))  # k l j h u n b y
+MOVE_DELTAS = ((-1, 0), (0, 1), (1, 0), (0, -1), (-1, 1), (1, 1), (1, -1), (-1, -1))
+RETURN = _KEY_TO_ACTION[ord("\r")]
+ESC = _KEY_TO_ACTION[27]
+DOWN = _KEY_TO_ACTION[ord(">")]
+SEARCH = _KEY_TO_ACTION[ord("s")]
+EAT = _KEY_TO_ACTION[ord("e")]
+KICK = _KEY_TO_ACTION[4]
+PRAY = _KEY_TO_ACTION[ord("p") | 0x80]
+YES = _KEY_TO_ACTION[ord("y")]
+NO = _KEY_TO_ACTION[ord("n")]
+
+# Glyph categories.
+STONE, FLOOR, DOOR, WALL, AVOID, MONSTER, PET, DOWNSTAIR, OTHER = range(9)
+
+
+def _glyph_table() -> np.ndarray:
+    walls = set(range(1, 12)) | {17, 18, 37, 38}  # walls, iron bars, tree, raised drawbridge
+    doors = {13, 14, 15, 16}  # open and closed doors: no diagonal moves in or out
+    avoid = {32, 34, 41}  # water, lava
+    boulder = nh.GLYPH_OBJ_OFF + [
+        i for i in range(nh.NUM_OBJECTS) if nh.OBJ_NAME(nh.objclass(i)) == "boulder"
+    ][0]
+    lut = np.full(nh.MAX_GLYPH + 1, OTHER, np.uint8)
+    for g in range(nh.MAX_GLYPH):
+        if nh.glyph_is_pet(g):
+            lut[g] = PET
+        elif nh.glyph_is_monster(g) or nh.glyph_is_invisible(g):
+            lut[g] = MONSTER
+        elif g == boulder or nh.glyph_is_statue(g):
+            lut[g] = AVOID
+        elif nh.glyph_is_trap(g):
+            lut[g] = AVOID
+        elif nh.glyph_is_cmap(g):
+            c = nh.glyph_to_cmap(g)
+            lut[g] = (
+                STONE if c == 0 else WALL if c in walls else DOOR if c in doors
+                else AVOID if c in avoid else DOWNSTAIR if c in (24, 26)
+                else FLOOR if c < 42 else OTHER
+            )
+        elif nh.glyph_is_object(g):
+            lut[g] = FLOOR
+    return lut
+
+
+GLYPH_CAT = _glyph_table()
+PASSABLE = np.zeros(16, bool)
+PASSABLE[[FLOOR, DOOR, MONSTER, PET, DOWNSTAIR, OTHER]] = True
+NEVER_ATTACK = {
+    nh.GLYPH_MON_OFF + i for i in range(nh.NUMMONS)
+    if nh.permonst(i).mname in ("floating eye", "gas spore")
+}
+SWALLOW_LO, SWALLOW_HI = nh.GLYPH_SWALLOW_OFF, nh.GLYPH_WARNING_OFF
+
+
+def _neighbours() -> list[tuple[tuple[int, int, bool], ...]]:
+    out = []
+    for c in range(N_CELLS):
+        y, x = divmod(c, COLS)
+        row = []
+        for a, (dy, dx) in enumerate(MOVE_DELTAS):
+            ny, nx = y + dy, x + dx
+            if 0 <= ny < ROWS and 0 <= nx < COLS:
+                row.append((ny * COLS + nx, a, a >= 4))
+        out.append(tuple(row))
+    return out
+
+
+NEIGHBOURS = _neighbours()
+MENU_RE = re.compile(rb"\((?:end|\d+ of \d+)\)")
+
+
+@dataclass
+class ScriptedConfig:
+    max_repeats: int = 5  # same action on an unchanged screen at most this often in a row
+    rest_hp_frac: float = 0.4  # rest below this HP fraction when nothing hostile is near
+    descend_hp_frac: float = 0.5  # rest on the stairs before descending below this
+    search_per_spot: int = 15  # searches at one spot before moving on
+    max_search_per_spot: int = 45
+    pray_every: int = 800  # turns between prayers
+    max_kicks: int = 8  # per locked door
+    goal_patience: int = 25  # extra steps allowed over the planned path length
+    bad_goal_steps: int = 300  # how long a dropped goal stays dropped (agent steps)
+    max_rest: int = 300  # consecutive rest turns
+
+
+class _Level:
+    """What the agent remembers about one dungeon level."""
+
+    def __init__(self):
+        self.seen_adj = np.zeros((ROWS, COLS), bool)  # squares that were ever next to us
+        self.searched = np.zeros(N_CELLS, np.int32)
+        self.down: set[int] = set()
+        self.locked: dict[int, int] = {}  # door cell -> kicks so far
+        self.blocked: set[int] = set()
+        self.peaceful: set[int] = set()  # monster glyphs that asked "Really attack?"
+        self.bad_goals: dict[int, int] = {}  # goal cell -> step when it may be tried again
+
+
+class ScriptedNetHackExpert:
+    """Rule-based NetHack player. `act(obs)` returns an index into `nle.nethack.ACTIONS`."""
+
+    name = "scripted"
+    version = "1"
+
+    def __init__(self, config: ScriptedConfig | None = None):
+        self.cfg = config or ScriptedConfig()
+        self.reset({}, 0)
+
+    def reset(self, obs: dict, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.levels: dict[tuple[int, int], _Level] = {}
+        self.steps = 0
+        self.intent: tuple | None = None  # ("eat", letter) | ("pray",) | ("kick", dir)
+        self.last_screen = None
+        self.last_action = -1
+        self.repeats = 0
+        self.last_move_to = -1
+        self.last_move_glyph = -1
+        self.level: _Level | None = None
+        self.search_until = 0
+        self.last_pray = -10**9
+        self.last_eat_try = -10**9
+        self.last_hp = 0
+        self.rest_turns = 0
+        self.path: list[tuple[int, int]] = []  # [(cell, action)] still to walk
+        self.goal = -1
+        self.goal_kind = ""
+        self.goal_deadline = 0
+        self.expected = -1
+
+    # -- public --------------------------------------------------------------------------------
+
+    def act(self, obs: dict) -> int:
+        tty = obs["tty_chars"].tobytes()
+        action = self._decide(obs, tty)
+        if tty == self.last_screen and action == self.last_action:
+            self.repeats += 1
+            if self.repeats >= self.cfg.max_repeats:
+                action = self.rng.choice([a for a in MOVES + (ESC, RETURN) if a != action])
+                self.path, self.intent = [], None
+                self.repeats = 0
+        else:
+            self.repeats = 0
+        self.last_screen, self.last_action = tty, action
+        self.steps += 1
+        return action
+
+    # -- decision ------------------------------------------------------------------------------
+
+    def _decide(self, obs: dict, tty: bytes) -> int:
+        if b"--More--" in tty:
+            return RETURN
+        misc = obs.get("misc")
+        top = tty[:COLS + 1].rstrip()
+        if misc is not None:
+            if misc[0]:
+                return self._answer(top)
+            if misc[1]:
+                return ESC
+            if misc[2]:
+                return RETURN
+        elif top.endswith((b"]", b"?")) and b"[" in top:
+            return self._answer(top)
+        if MENU_RE.search(tty):
+            return ESC
+        self.intent = None
+
+        bl = obs["blstats"]
+        x, y = int(bl[nh.NLE_BL_X]), int(bl[nh.NLE_BL_Y])
+        hp, hpmax = int(bl[nh.NLE_BL_HP]), max(1, int(bl[nh.NLE_BL_HPMAX]))
+        hunger, turn = int(bl[nh.NLE_BL_HUNGER]), int(bl[nh.NLE_BL_TIME])
+        key = (int(bl[nh.NLE_BL_DNUM]), int(bl[nh.NLE_BL_DLEVEL]))
+        lvl = self.levels.get(key)
+        if lvl is None:
+            lvl = self.levels[key] = _Level()
+            self.path = []
+        self.level = lvl
+        pos = y * COLS + x
+        lvl.seen_adj[max(0, y - 1):y + 2, max(0, x - 1):x + 2] = True
+        glyphs = obs["glyphs"]
+        cat = GLYPH_CAT[glyphs]
+        for c in np.flatnonzero(cat == DOWNSTAIR).tolist():
+            lvl.down.add(c)
+        self._read_message(bytes(obs["message"]).rstrip(b"\0"), lvl, pos)
+        hp_dropped = hp < self.last_hp
+        self.last_hp = hp
+
+        # Swallowed: everything around us is the engulfer.
+        if SWALLOW_LO <= int(glyphs[y, x - 1 if x else x + 1]) < SWALLOW_HI:
+            return self.rng.choice(MOVES)
+
+        low_hp = hp <= 5 or hp * 7 <= hpmax
+        if (low_hp or hunger >= 3) and turn > 300 and turn - self.last_pray > self.cfg.pray_every:
+            self.last_pray = turn
+            self.intent = ("pray",)
+            return PRAY
+
+        flat_glyphs = glyphs.ravel()
+        for n, a, _ in NEIGHBOURS[pos]:
+            if cat[n // COLS, n % COLS] == MONSTER:
+                g = int(flat_glyphs[n])
+                if g not in lvl.peaceful and g not in NEVER_ATTACK:
+                    self.path = []
+                    self.last_move_to, self.last_move_glyph = n, g
+                    return a
+
+        if hunger >= 2 and self.steps - self.last_eat_try > 50:
+            self.last_eat_try = self.steps
+            letter = self._food_letter(obs)
+            if letter is not None:
+                self.intent = ("eat", letter)
+                return EAT
+
+        if hp < self.cfg.descend_hp_frac * hpmax and hunger < 3:
+            ys, xs = np.nonzero(cat == MONSTER)
+            hostile_near = bool(len(ys)) and int((np.maximum(abs(ys - y), abs(xs - x))).min()) <= 6
+            want_rest = hp < self.cfg.rest_hp_frac * hpmax or pos in lvl.down
+            if want_rest and not hostile_near and not hp_dropped and self.rest_turns < self.cfg.max_rest:
+                self.rest_turns += 1
+                return SEARCH
+        else:
+            self.rest_turns = 0
+
+        if pos in lvl.down:
+            self.path = []
+            return DOWN
+
+        if self.goal_kind == "search" and pos == self.goal and lvl.searched[pos] < self.search_until:
+            lvl.searched[pos] += 1
+            return SEARCH
+        step = self._navigate(lvl, cat, pos)
+        if step is not None:
+            cell, a = step
+            if cat[cell // COLS, cell % COLS] == DOOR and cell in lvl.locked:
+                lvl.locked[cell] += 1
+                if lvl.locked[cell] > self.cfg.max_kicks:
+                    lvl.blocked.add(cell)
+                self.path = []
+                self.intent = ("kick", a)
+                return KICK
+            self.last_move_to, self.last_move_glyph = cell, int(flat_glyphs[cell])
+            return a
+        if self.goal_kind == "search" and pos == self.goal and lvl.searched[pos] < self.search_until:
+            lvl.searched[pos] += 1
+            return SEARCH
+        return self.rng.choice(MOVES)
+
+    def _answer(self, top: bytes) -> int:
+        intent = self.intent or ("",)
+        if b"Really attack" in top:
+            if self.level is not None:
+                self.level.peaceful.add(self.last_move_glyph)
+            return ESC
+        if b"direction" in top:
+            return intent[1] if intent[0] == "kick" else ESC
+        if intent[0] == "eat":
+            if b"What do you want to eat" in top:
+                return _KEY_TO_ACTION.get(intent[1], ESC)
+            if b"eat" in top:
+                return NO  # food on the floor: prefer our own
+        if intent[0] == "pray" and b"pray" in top:
+            return YES
+        return ESC
+
+    def _read_message(self, msg: bytes, lvl: _Level, pos: int) -> None:
+        if not msg:
+            return
+        if b"staircase down here" in msg or b"ladder down here" in msg:
+            lvl.down.add(pos)
+        elif b"door is locked" in msg and self.last_move_to >= 0:
+            lvl.locked.setdefault(self.last_move_to, 0)
+        elif (b"You try to move the boulder" in msg or b"can't move diagonally" in msg
+              or b"carrying too much to get through" in msg) and self.last_move_to >= 0:
+            lvl.blocked.add(self.last_move_to)
+            self.path = []
+
+    @staticmethod
+    def _food_letter(obs: dict) -> int | None:
+        for cls, letter, s in zip(obs["inv_oclasses"], obs["inv_letters"], obs["inv_strs"]):
+            if cls == nh.FOOD_CLASS:
+                name = bytes(s).rstrip(b"\0")
+                if b"tin" not in name and b"corpse" not in name and b"egg" not in name:
+                    return int(letter)
+        return None
+
+    # -- navigation ----------------------------------------------------------------------------
+
+    def _navigate(self, lvl: _Level, cat: np.ndarray, pos: int) -> tuple[int, int] | None:
+        passable = PASSABLE[cat].ravel()
+        for c in lvl.blocked:
+            passable[c] = False
+        doors = (cat == DOOR).ravel()
+        valid = (
+            self.path and pos == self.expected and passable[self.path[0][0]]
+            and self.steps < self.goal_deadline
+            and (self.goal_kind == "down" or not lvl.down)
+        )
+        if valid and self.goal_kind == "explore":
+            valid = self._frontier_mask(lvl, cat).ravel()[self.goal]
+        if not valid:
+            if self.path and self.steps >= self.goal_deadline:
+                lvl.bad_goals[self.goal] = self.steps + self.cfg.bad_goal_steps
+            self._plan(lvl, cat, pos, passable, doors)
+        if not self.path:
+            return None
+        step = self.path.pop(0)
+        self.expected = step[0]
+        return step
+
+    def _frontier_mask(self, lvl: _Level, cat: np.ndarray) -> np.ndarray:
+        unknown = np.zeros((ROWS + 2, COLS + 2), bool)
+        unknown[1:-1, 1:-1] = (cat == STONE) & ~lvl.seen_adj
+        near = np.zeros((ROWS, COLS), bool)
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                near |= unknown[dy:dy + ROWS, dx:dx + COLS]
+        return near & PASSABLE[cat] & ~lvl.seen_adj
+
+    def _plan(self, lvl, cat, pos, passable, doors) -> None:
+        self.path = []
+        bad = {g for g, t in lvl.bad_goals.items() if t > self.steps}
+        plans = []
+        if lvl.down - bad:
+            target = np.zeros(N_CELLS, bool)
+            target[list(lvl.down - bad)] = True
+            plans.append(("down", target))
+        frontier = self._frontier_mask(lvl, cat).ravel()
+        if bad:
+            frontier[list(bad)] = False
+        plans.append(("explore", frontier))
+        for kind, target in plans:
+            if target.any():
+                path = self._bfs(pos, passable, doors, target)
+                if path:
+                    return self._set_path(kind, path)
+        path = self._search_spot(lvl, cat, pos, passable, doors, bad)
+        if path is not None:
+            self._set_path("search", path)
+            self.goal = path[-1][0] if path else pos
+
+    def _set_path(self, kind: str, path: list[tuple[int, int]]) -> None:
+        self.path, self.goal_kind = path, kind
+        self.goal = path[-1][0] if path else self.expected
+        self.goal_deadline = self.steps + 2 * len(path) + self.cfg.goal_patience
+
+    @staticmethod
+    def _bfs(start, passable, doors, target):
+        """Shortest path start -> nearest target cell as [(cell, action)], or [] if none."""
+        prev = [-1] * N_CELLS
+        prev[start] = start
+        q = deque((start,))
+        while q:
+            c = q.popleft()
+            dc = doors[c]
+            for n, a, diag in NEIGHBOURS[c]:
+                if prev[n] != -1 or not passable[n] or (diag and (dc or doors[n])):
+                    continue
+                prev[n] = c * 8 + a + N_CELLS * 8
+                if target[n]:
+                    return _unwind(prev, start, n)
+                q.append(n)
+        return []
+
+    @staticmethod
+    def _unknown_density(lvl: _Level, cat: np.ndarray, r: int = 6) -> np.ndarray:
+        """Per square, how much never-seen stone lies within `r` squares (0..~10)."""
+        unknown = ((cat == STONE) & ~lvl.seen_adj).astype(np.int32)
+        s = np.zeros((ROWS + 1, COLS + 1), np.int32)
+        s[1:, 1:] = unknown.cumsum(0).cumsum(1)
+        y0 = np.clip(np.arange(ROWS) - r, 0, ROWS)[:, None]
+        y1 = np.clip(np.arange(ROWS) + r + 1, 0, ROWS)[:, None]
+        x0 = np.clip(np.arange(COLS) - r, 0, COLS)[None, :]
+        x1 = np.clip(np.arange(COLS) + r + 1, 0, COLS)[None, :]
+        box = s[y1, x1] - s[y0, x1] - s[y1, x0] + s[y0, x0]
+        return box * (10.0 / (2 * r + 1) ** 2)
+
+    def _search_spot(self, lvl, cat, pos, passable, doors, bad):
+        """Path to the best reachable square to search from ([] if we are on it), or None."""
+        prev = [-1] * N_CELLS
+        prev[pos] = pos
+        dist = {pos: 0}
+        q = deque((pos,))
+        wallish = ((cat == STONE) | (cat == WALL)).ravel()
+        unknown = self._unknown_density(lvl, cat).ravel()
+        best, best_score = None, None
+        cap = self.cfg.max_search_per_spot
+        while q:
+            c = q.popleft()
+            dc = doors[c]
+            hidden = 0
+            for n, a, diag in NEIGHBOURS[c]:
+                hidden += wallish[n]
+                if prev[n] != -1 or not passable[n] or (diag and (dc or doors[n])):
+                    continue
+                prev[n] = c * 8 + a + N_CELLS * 8
+                dist[n] = dist[c] + 1
+                q.append(n)
+            if hidden and lvl.searched[c] < cap and c not in bad:
+                score = dist[c] / 4 + lvl.searched[c] - hidden - unknown[c]
+                if best_score is None or score < best_score:
+                    best, best_score = c, score
+        if best is None:
+            return None
+        self.search_until = min(cap, int(lvl.searched[best]) + self.cfg.search_per_spot)
+        return _unwind(prev, pos, best)
+
+
+def _unwind(prev: list[int], start: int, end: int) -> list[tuple[int, int]]:
+    path = []
+    c = end
+    while c != start:
+        code = prev[c] - N_CELLS * 8
+        path.append((c, code % 8))
+        c = code // 8
+    path.reverse()
+    return path
