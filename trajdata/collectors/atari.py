@@ -13,12 +13,15 @@ actions: every recorded frame is the newest single frame of the stack the action
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 
+from trajdata.collectors.base import Expert
 from trajdata.errors import ConfigError, ExpertError
 
 GAMES = ("BattleZone", "Qbert", "NameThisGame", "Phoenix", "SpaceInvaders", "BankHeist", "Boxing", "Breakout")
@@ -77,9 +80,7 @@ def load_policy(path: str | os.PathLike, device: str = "cpu"):
     """The policy of an SB3 PPO zip (a run directory works too: its model.zip)."""
     from stable_baselines3 import PPO
 
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.zip"
+    p = model_file(path)
     if not p.is_file():
         raise ExpertError(f"PPO model not found: {p}")
     zero = lambda _: 0.0  # noqa: E731  (schedules are not needed to act; rl-zoo zips pickle theirs)
@@ -171,3 +172,89 @@ def evaluate(policy, game: str, episodes: int, seed: int, deterministic: bool = 
     se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
     return {"game": game, "episodes": episodes, "seed": seed, "deterministic": deterministic,
             "mean_return": float(x.mean()), "se_return": se, "returns": returns, "lengths": lengths}
+
+
+def model_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p / "model.zip" if p.is_dir() else p
+
+
+def model_config(path: str | os.PathLike) -> dict:
+    """The config.json `trajdata train ppo` saved beside the model ({} for a bare SB3/rl-zoo zip)."""
+    f = model_file(path).parent / "config.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def replay(game: str, seed: int, actions, noop_max: int = NOOP_MAX, frame_skip: int = FRAME_SKIP):
+    """Re-play recorded `actions` from `seed`: yields (frame, lives, reward, done) per action, as recorded."""
+    env = make_play_env(game, noop_max, frame_skip)
+    frame, _ = env.reset(seed=seed)
+    try:
+        for a in actions:
+            n = lives(env)
+            nxt, r, term, trunc, _ = env.step(int(a))
+            yield frame[:, :, 0], n, float(r), bool(term or trunc)
+            frame = nxt
+    finally:
+        env.close()
+
+
+class PPOExpert(Expert):
+    """An SB3 PPO Atari policy playing full games (real score, all lives) in `make_play_env`."""
+
+    name = "ppo"
+    version = "1"
+    schema = "atari"
+
+    def __init__(self, model: str, game: str | None = None, deterministic: bool = False):
+        self.model = model_file(model)
+        if not self.model.is_file():
+            raise ExpertError(f"PPO model not found: {self.model}")
+        cfg = model_config(self.model)
+        if game is None and "game" not in cfg:
+            raise ConfigError(f"{self.model} has no config.json naming its game: pass --game ({', '.join(GAMES)})")
+        self.game = resolve_game(game or cfg["game"])
+        if "game" in cfg and resolve_game(cfg["game"]) != self.game:
+            raise ConfigError(f"{self.model} was trained on {cfg['game']}, not {self.game}")
+        self.noop_max, self.frame_skip = cfg.get("noop_max", NOOP_MAX), cfg.get("frame_skip", FRAME_SKIP)
+        if cfg.get("screen_size", SCREEN_SIZE) != SCREEN_SIZE or cfg.get("frame_stack", FRAME_STACK) != FRAME_STACK:
+            raise ExpertError(f"{self.model}: only {SCREEN_SIZE}x{SCREEN_SIZE} frames stacked {FRAME_STACK} are supported")
+        self.deterministic = deterministic
+        self.sha256 = hashlib.sha256(self.model.read_bytes()).hexdigest()
+
+    def make_env(self):
+        import torch
+
+        torch.set_num_threads(1)
+        self.env = make_play_env(self.game, self.noop_max, self.frame_skip)
+        fire = "FIRE" in self.env.unwrapped.get_action_meanings()
+        self.player = AtariPlayer(load_policy(self.model), self.env.action_space.n, fire, self.deterministic)
+        return self.env
+
+    def reset_env(self, env, seed: int):
+        obs, info = env.reset(seed=seed)
+        return obs, info, {"seed": seed}
+
+    def step_fields(self, obs, info: dict) -> dict[str, np.ndarray]:
+        return {"frame": obs[:, :, 0], "lives": np.uint8(lives(self.env))}
+
+    def begin(self, obs, seed: int) -> None:
+        self.player.begin(lives(self.env), seed)
+
+    def act(self, obs) -> int:
+        return self.player.act(obs, lives(self.env))
+
+    def summary(self, env) -> dict:
+        return {"score": env.episode_return, "game": self.game, "lives_left": lives(self.env)}
+
+    def describe(self) -> dict:
+        return {"name": self.name, "version": self.version, "env": env_id(self.game), "game": self.game,
+                "model_sha256": self.sha256, "model_file": self.model.name, "deterministic": self.deterministic,
+                "noop_max": self.noop_max, "frame_skip": self.frame_skip, "screen_size": SCREEN_SIZE,
+                "policy_frame_stack": FRAME_STACK, "reward": "real game score (unclipped)",
+                "episode": "full game (all lives); on a life loss the expert plays NOOP, FIRE, 2 as in training"}
+
+    def close(self) -> None:
+        if getattr(self, "env", None) is not None:
+            self.env.close()
+            self.env = None
