@@ -14,6 +14,7 @@ from trajdata.errors import TrajdataError
 
 COMMAND_MODULES = [
     "trajdata.cli.dataset",
+    "trajdata.cli.atari",
 ]
 
 
