@@ -13,6 +13,8 @@ import dataclasses
 import json
 import os
 import re
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +162,10 @@ def _callback(cfg: PPOConfig, out: Path, start_steps: int, progress: bool):
     return Progress()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def train_ppo(cfg: PPOConfig, out: str | os.PathLike, progress: bool = True) -> dict:
     """Train (or continue) into `out`; returns the evaluation dict (also written to out/eval.json)."""
     import torch
@@ -190,13 +196,18 @@ def train_ppo(cfg: PPOConfig, out: str | os.PathLike, progress: bool = True) -> 
     start = model.num_timesteps
     t0 = time.time()
     if start < cfg.timesteps:
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGTERM, _interrupt) if main else None
         try:
             # reset_num_timesteps=False: SB3 sets its schedule total to start + remaining = cfg.timesteps
             model.learn(cfg.timesteps - start, callback=_callback(cfg, out, start, progress),
                         reset_num_timesteps=False, progress_bar=False)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the progress for the next run
             _save_atomic(model, out / "checkpoints" / f"ckpt_{model.num_timesteps:012d}.zip")
             raise
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, old)
     train_s = time.time() - t0
     env.close()
     _save_atomic(model, out / "model.zip")
