@@ -6,27 +6,15 @@
 import argparse
 import time
 
-import gymnasium as gym
-import nle  # noqa: F401  (registers the NetHack envs)
 import numpy as np
 from nle import nethack as nh
 
+from trajdata.collectors.nethack import make_nethack_env, seed_and_reset, seeds_from
 from trajdata.collectors.scripted import ScriptedNetHackExpert
-
-OBS_KEYS = ("glyphs", "chars", "colors", "specials", "blstats", "message", "inv_glyphs", "inv_strs",
-            "inv_letters", "inv_oclasses", "tty_chars", "tty_colors", "tty_cursor", "misc")
-
-
-def make_env(max_steps: int):
-    """NetHackChallenge's settings (full keyboard, no skipping, random role) but seedable."""
-    return gym.make("NetHackScore-v0", actions=nh.ACTIONS, allow_all_yn_questions=True,
-                    allow_all_modes=True, character="@", observation_keys=OBS_KEYS,
-                    penalty_step=0.0, max_episode_steps=max_steps)
 
 
 def play(env, expert, seed: int, steps: int) -> dict:
-    env.unwrapped.seed(seed, seed, False)
-    obs, _ = env.reset()
+    obs, _ = seed_and_reset(env, *seeds_from(seed))
     expert.reset(obs, seed)
     act_time, n, done, max_depth, score, turns = 0.0, 0, False, 1, 0, 0
     t0 = time.perf_counter()
@@ -57,7 +45,7 @@ def main():
     p.add_argument("--games", type=int, default=1)
     p.add_argument("--quiet", action="store_true", help="don't print the final screens")
     args = p.parse_args()
-    env, expert = make_env(args.steps + 1), ScriptedNetHackExpert()
+    env, expert = make_nethack_env(), ScriptedNetHackExpert()
     rows = []
     for s in range(args.seed, args.seed + args.games):
         r = play(env, expert, s, args.steps)

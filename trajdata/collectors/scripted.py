@@ -2,7 +2,7 @@
 
 Strategy, one decision per step, first rule that fires wins:
 
-1. Prompts: ``--More--`` -> Enter; menus -> Esc; yes/no and item/direction questions -> the answer
+1. Prompts: ``--More--`` -> Enter; menus and other waits -> Esc; yes/no and item/direction questions -> the answer
    for what it is doing (eat, pray, kick), otherwise Esc. "Really attack?" -> Esc, and that monster
    glyph is remembered as peaceful on this level.
 2. Survival: pray when HP is low or weak from hunger (at most once per ~1000 turns); eat from
@@ -87,6 +87,27 @@ NEVER_ATTACK = {
     if nh.permonst(i).mname in ("floating eye", "gas spore")
 }
 SWALLOW_LO, SWALLOW_HI = nh.GLYPH_SWALLOW_OFF, nh.GLYPH_WARNING_OFF
+BODY_LO, BODY_HI = nh.GLYPH_BODY_OFF, nh.GLYPH_BODY_OFF + nh.NUMMONS
+
+
+def _safe_corpses() -> set[bytes]:
+    """Monsters whose fresh corpse is safe to eat: not poisonous, petrifying, were, cannibalism
+    for any playable race, a pet species, or with nasty side effects."""
+    bad_m1 = 0x10000000  # M1_POIS
+    bad_m2 = 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x00400000  # undead were human elf dwarf gnome orc domestic
+    bad_names = {"cockatrice", "chickatrice", "Medusa", "green slime", "bat", "giant bat", "vampire bat",
+                 "violet fungus", "small mimic", "large mimic", "giant mimic", "chameleon",
+                 "quantum mechanic", "leprechaun", "water nymph", "wood nymph", "mountain nymph", "tengu"}
+    out = set()
+    for i in range(nh.NUMMONS):
+        p = nh.permonst(i)
+        if not (p.mflags1 & bad_m1 or p.mflags2 & bad_m2 or p.mname in bad_names):
+            out.add(p.mname.encode())
+    return out
+
+
+SAFE_CORPSES = _safe_corpses()
+FLOOR_FOOD_RE = re.compile(rb"There (?:is|are) (?:an? |\d+ )(?:partly eaten )?(.+?) corpses? here; eat")
 
 
 def _neighbours() -> list[tuple[tuple[int, int, bool], ...]]:
@@ -109,6 +130,7 @@ MENU_RE = re.compile(rb"\((?:end|\d+ of \d+)\)")
 @dataclass
 class ScriptedConfig:
     max_repeats: int = 5  # same action on an unchanged screen at most this often in a row
+    max_stall: int = 40  # agent steps without a game turn passing before acting at random
     rest_hp_frac: float = 0.4  # rest below this HP fraction when nothing hostile is near
     descend_hp_frac: float = 0.5  # rest on the stairs before descending below this
     search_per_spot: int = 15  # searches at one spot before moving on
@@ -118,6 +140,9 @@ class ScriptedConfig:
     goal_patience: int = 25  # extra steps allowed over the planned path length
     bad_goal_steps: int = 300  # how long a dropped goal stays dropped (agent steps)
     max_rest: int = 300  # consecutive rest turns
+    depth_over_xl: int = 1  # deeper than experience level + this: explore the level before descending
+    corpse_fresh_turns: int = 30  # eat corpses of our kills this young
+    corpse_max_dist: int = 8
 
 
 class _Level:
@@ -131,6 +156,7 @@ class _Level:
         self.blocked: set[int] = set()
         self.peaceful: set[int] = set()  # monster glyphs that asked "Really attack?"
         self.bad_goals: dict[int, int] = {}  # goal cell -> step when it may be tried again
+        self.fresh: dict[int, int] = {}  # cell -> turn we killed something there
 
 
 class ScriptedNetHackExpert:
@@ -149,6 +175,8 @@ class ScriptedNetHackExpert:
         self.steps = 0
         self.intent: tuple | None = None  # ("eat", letter) | ("pray",) | ("kick", dir)
         self.last_screen = None
+        self.last_turn = -1
+        self.stall = 0
         self.last_action = -1
         self.repeats = 0
         self.last_move_to = -1
@@ -164,12 +192,20 @@ class ScriptedNetHackExpert:
         self.goal_kind = ""
         self.goal_deadline = 0
         self.expected = -1
+        self.cautious = False
 
     # -- public --------------------------------------------------------------------------------
 
     def act(self, obs: dict) -> int:
         tty = obs["tty_chars"].tobytes()
-        action = self._decide(obs, tty)
+        turn = int(obs["blstats"][nh.NLE_BL_TIME])
+        self.stall = self.stall + 1 if turn == self.last_turn else 0
+        self.last_turn = turn
+        if self.stall >= self.cfg.max_stall:  # no game time passes: some loop we do not understand
+            action = self.rng.choice(MOVES + (ESC, RETURN))
+            self.path, self.intent = [], None
+        else:
+            action = self._decide(obs, tty)
         if tty == self.last_screen and action == self.last_action:
             self.repeats += 1
             if self.repeats >= self.cfg.max_repeats:
@@ -187,19 +223,17 @@ class ScriptedNetHackExpert:
     def _decide(self, obs: dict, tty: bytes) -> int:
         if b"--More--" in tty:
             return RETURN
+        if MENU_RE.search(tty):
+            return ESC  # Enter does not close every menu
         misc = obs.get("misc")
         top = tty[:COLS + 1].rstrip()
         if misc is not None:
             if misc[0]:
                 return self._answer(top)
-            if misc[1]:
+            if misc[1] or misc[2]:
                 return ESC
-            if misc[2]:
-                return RETURN
         elif top.endswith((b"]", b"?")) and b"[" in top:
             return self._answer(top)
-        if MENU_RE.search(tty):
-            return ESC
         self.intent = None
 
         bl = obs["blstats"]
@@ -212,19 +246,20 @@ class ScriptedNetHackExpert:
             lvl = self.levels[key] = _Level()
             self.path = []
         self.level = lvl
+        self.cautious = int(bl[nh.NLE_BL_DEPTH]) > int(bl[nh.NLE_BL_XP]) + self.cfg.depth_over_xl
         pos = y * COLS + x
         lvl.seen_adj[max(0, y - 1):y + 2, max(0, x - 1):x + 2] = True
         glyphs = obs["glyphs"]
+        flat_glyphs = glyphs.ravel()
         cat = GLYPH_CAT[glyphs]
         for c in np.flatnonzero(cat == DOWNSTAIR).tolist():
             lvl.down.add(c)
-        self._read_message(bytes(obs["message"]).rstrip(b"\0"), lvl, pos)
+        self._read_message(bytes(obs["message"]).rstrip(b"\0"), lvl, pos, turn)
         hp_dropped = hp < self.last_hp
         self.last_hp = hp
 
-        # Swallowed: everything around us is the engulfer.
         if SWALLOW_LO <= int(glyphs[y, x - 1 if x else x + 1]) < SWALLOW_HI:
-            return self.rng.choice(MOVES)
+            return self.rng.choice(MOVES)  # engulfed: any direction hits the engulfer
 
         low_hp = hp <= 5 or hp * 7 <= hpmax
         if (low_hp or hunger >= 3) and turn > 300 and turn - self.last_pray > self.cfg.pray_every:
@@ -232,7 +267,6 @@ class ScriptedNetHackExpert:
             self.intent = ("pray",)
             return PRAY
 
-        flat_glyphs = glyphs.ravel()
         for n, a, _ in NEIGHBOURS[pos]:
             if cat[n // COLS, n % COLS] == MONSTER:
                 g = int(flat_glyphs[n])
@@ -241,6 +275,10 @@ class ScriptedNetHackExpert:
                     self.last_move_to, self.last_move_glyph = n, g
                     return a
 
+        if hunger >= 1 and lvl.fresh:
+            a = self._go_eat_corpse(lvl, cat, flat_glyphs, pos, turn)
+            if a is not None:
+                return a
         if hunger >= 2 and self.steps - self.last_eat_try > 50:
             self.last_eat_try = self.steps
             letter = self._food_letter(obs)
@@ -250,7 +288,7 @@ class ScriptedNetHackExpert:
 
         if hp < self.cfg.descend_hp_frac * hpmax and hunger < 3:
             ys, xs = np.nonzero(cat == MONSTER)
-            hostile_near = bool(len(ys)) and int((np.maximum(abs(ys - y), abs(xs - x))).min()) <= 6
+            hostile_near = bool(len(ys)) and int(np.maximum(abs(ys - y), abs(xs - x)).min()) <= 6
             want_rest = hp < self.cfg.rest_hp_frac * hpmax or pos in lvl.down
             if want_rest and not hostile_near and not hp_dropped and self.rest_turns < self.cfg.max_rest:
                 self.rest_turns += 1
@@ -258,14 +296,14 @@ class ScriptedNetHackExpert:
         else:
             self.rest_turns = 0
 
-        if pos in lvl.down:
+        if pos in lvl.down and (not self.cautious or self.goal_kind == "down"):
             self.path = []
             return DOWN
 
         if self.goal_kind == "search" and pos == self.goal and lvl.searched[pos] < self.search_until:
             lvl.searched[pos] += 1
             return SEARCH
-        step = self._navigate(lvl, cat, pos)
+        step = self._navigate(lvl, cat, flat_glyphs, pos)
         if step is not None:
             cell, a = step
             if cat[cell // COLS, cell % COLS] == DOOR and cell in lvl.locked:
@@ -283,28 +321,37 @@ class ScriptedNetHackExpert:
         return self.rng.choice(MOVES)
 
     def _answer(self, top: bytes) -> int:
+        """Answer the yes/no, item or direction question on the top line."""
         intent = self.intent or ("",)
         if b"Really attack" in top:
             if self.level is not None:
                 self.level.peaceful.add(self.last_move_glyph)
+            self.path = []
             return ESC
         if b"direction" in top:
             return intent[1] if intent[0] == "kick" else ESC
+        if b"Continue eating" in top:
+            return NO
+        if intent[0] == "eat_floor":
+            m = FLOOR_FOOD_RE.search(top)
+            return YES if m and m.group(1) in SAFE_CORPSES else NO if m else ESC
         if intent[0] == "eat":
             if b"What do you want to eat" in top:
                 return _KEY_TO_ACTION.get(intent[1], ESC)
-            if b"eat" in top:
-                return NO  # food on the floor: prefer our own
+            if b"; eat" in top:
+                return NO  # food on the floor: eat our own
         if intent[0] == "pray" and b"pray" in top:
             return YES
         return ESC
 
-    def _read_message(self, msg: bytes, lvl: _Level, pos: int) -> None:
+    def _read_message(self, msg: bytes, lvl: _Level, pos: int, turn: int) -> None:
         if not msg:
             return
         if b"staircase down here" in msg or b"ladder down here" in msg:
             lvl.down.add(pos)
-        elif b"door is locked" in msg and self.last_move_to >= 0:
+        if (b"You kill" in msg or b"You destroy" in msg) and self.last_move_to >= 0:
+            lvl.fresh[self.last_move_to] = turn
+        if b"door is locked" in msg and self.last_move_to >= 0:
             lvl.locked.setdefault(self.last_move_to, 0)
         elif (b"You try to move the boulder" in msg or b"can't move diagonally" in msg
               or b"carrying too much to get through" in msg) and self.last_move_to >= 0:
@@ -320,20 +367,48 @@ class ScriptedNetHackExpert:
                     return int(letter)
         return None
 
+    def _go_eat_corpse(self, lvl: _Level, cat, flat_glyphs, pos: int, turn: int) -> int | None:
+        """Eat a corpse of something we killed in the last few turns, if it lies close by."""
+        for c, t in list(lvl.fresh.items()):
+            if turn - t > self.cfg.corpse_fresh_turns:
+                del lvl.fresh[c]
+        if pos in lvl.fresh:
+            del lvl.fresh[pos]
+            self.intent = ("eat_floor",)
+            return EAT
+        target = [False] * N_CELLS
+        for c in lvl.fresh:
+            target[c] = BODY_LO <= int(flat_glyphs[c]) < BODY_HI
+        path = self._bfs(pos, *self._walkable(lvl, cat, flat_glyphs), target)
+        if path and len(path) <= self.cfg.corpse_max_dist:
+            self.path = []
+            self.last_move_to, self.last_move_glyph = path[0][0], int(flat_glyphs[path[0][0]])
+            return path[0][1]
+        return None
+
     # -- navigation ----------------------------------------------------------------------------
 
-    def _navigate(self, lvl: _Level, cat: np.ndarray, pos: int) -> tuple[int, int] | None:
+    @staticmethod
+    def _walkable(lvl: _Level, cat: np.ndarray, flat_glyphs: np.ndarray) -> tuple[list, list]:
+        """(passable, door) flags per cell, as lists (fast to index)."""
         passable = PASSABLE[cat].ravel()
-        for c in lvl.blocked:
-            passable[c] = False
-        doors = (cat == DOOR).ravel()
+        if lvl.blocked:
+            passable[list(lvl.blocked)] = False
+        if lvl.peaceful:
+            for c in np.flatnonzero(cat == MONSTER).tolist():
+                if int(flat_glyphs[c]) in lvl.peaceful:
+                    passable[c] = False
+        return passable.tolist(), (cat == DOOR).ravel().tolist()
+
+    def _navigate(self, lvl: _Level, cat, flat_glyphs, pos: int) -> tuple[int, int] | None:
+        passable, doors = self._walkable(lvl, cat, flat_glyphs)
         valid = (
             self.path and pos == self.expected and passable[self.path[0][0]]
             and self.steps < self.goal_deadline
-            and (self.goal_kind == "down" or not lvl.down)
+            and (self.goal_kind == "down" or not lvl.down or self.cautious)
         )
         if valid and self.goal_kind == "explore":
-            valid = self._frontier_mask(lvl, cat).ravel()[self.goal]
+            valid = self._frontier_mask(lvl, cat)[divmod(self.goal, COLS)]
         if not valid:
             if self.path and self.steps >= self.goal_deadline:
                 lvl.bad_goals[self.goal] = self.steps + self.cfg.bad_goal_steps
@@ -344,7 +419,9 @@ class ScriptedNetHackExpert:
         self.expected = step[0]
         return step
 
-    def _frontier_mask(self, lvl: _Level, cat: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _frontier_mask(lvl: _Level, cat: np.ndarray) -> np.ndarray:
+        """Walkable squares next to stone that was never adjacent to us (so may hide a passage)."""
         unknown = np.zeros((ROWS + 2, COLS + 2), bool)
         unknown[1:-1, 1:-1] = (cat == STONE) & ~lvl.seen_adj
         near = np.zeros((ROWS, COLS), bool)
@@ -353,21 +430,20 @@ class ScriptedNetHackExpert:
                 near |= unknown[dy:dy + ROWS, dx:dx + COLS]
         return near & PASSABLE[cat] & ~lvl.seen_adj
 
-    def _plan(self, lvl, cat, pos, passable, doors) -> None:
+    def _plan(self, lvl: _Level, cat, pos: int, passable: list, doors: list) -> None:
         self.path = []
         bad = {g for g, t in lvl.bad_goals.items() if t > self.steps}
-        plans = []
-        if lvl.down - bad:
-            target = np.zeros(N_CELLS, bool)
-            target[list(lvl.down - bad)] = True
-            plans.append(("down", target))
         frontier = self._frontier_mask(lvl, cat).ravel()
         if bad:
             frontier[list(bad)] = False
-        plans.append(("explore", frontier))
+        plans = [("explore", frontier)]
+        if lvl.down - bad:
+            down = np.zeros(N_CELLS, bool)
+            down[list(lvl.down - bad)] = True
+            plans.insert(len(plans) if self.cautious else 0, ("down", down))
         for kind, target in plans:
             if target.any():
-                path = self._bfs(pos, passable, doors, target)
+                path = self._bfs(pos, passable, doors, target.tolist())
                 if path:
                     return self._set_path(kind, path)
         path = self._search_spot(lvl, cat, pos, passable, doors, bad)
@@ -377,11 +453,11 @@ class ScriptedNetHackExpert:
 
     def _set_path(self, kind: str, path: list[tuple[int, int]]) -> None:
         self.path, self.goal_kind = path, kind
-        self.goal = path[-1][0] if path else self.expected
+        self.goal = path[-1][0] if path else -1
         self.goal_deadline = self.steps + 2 * len(path) + self.cfg.goal_patience
 
     @staticmethod
-    def _bfs(start, passable, doors, target):
+    def _bfs(start: int, passable: list, doors: list, target: list) -> list[tuple[int, int]]:
         """Shortest path start -> nearest target cell as [(cell, action)], or [] if none."""
         prev = [-1] * N_CELLS
         prev[start] = start
@@ -400,7 +476,7 @@ class ScriptedNetHackExpert:
 
     @staticmethod
     def _unknown_density(lvl: _Level, cat: np.ndarray, r: int = 6) -> np.ndarray:
-        """Per square, how much never-seen stone lies within `r` squares (0..~10)."""
+        """Per square, how much never-seen stone lies within `r` squares (0..10)."""
         unknown = ((cat == STONE) & ~lvl.seen_adj).astype(np.int32)
         s = np.zeros((ROWS + 1, COLS + 1), np.int32)
         s[1:, 1:] = unknown.cumsum(0).cumsum(1)
@@ -411,14 +487,18 @@ class ScriptedNetHackExpert:
         box = s[y1, x1] - s[y0, x1] - s[y1, x0] + s[y0, x0]
         return box * (10.0 / (2 * r + 1) ** 2)
 
-    def _search_spot(self, lvl, cat, pos, passable, doors, bad):
-        """Path to the best reachable square to search from ([] if we are on it), or None."""
+    def _search_spot(self, lvl: _Level, cat, pos: int, passable: list, doors: list, bad: set):
+        """Path to the best reachable square to search from ([] if we are on it), or None.
+
+        Good spots touch walls or stone (dead ends best), lie near unexplored areas, are close,
+        and have not been searched much yet."""
         prev = [-1] * N_CELLS
         prev[pos] = pos
         dist = {pos: 0}
         q = deque((pos,))
-        wallish = ((cat == STONE) | (cat == WALL)).ravel()
-        unknown = self._unknown_density(lvl, cat).ravel()
+        wallish = ((cat == STONE) | (cat == WALL)).ravel().tolist()
+        unknown = self._unknown_density(lvl, cat).ravel().tolist()
+        searched = lvl.searched.tolist()
         best, best_score = None, None
         cap = self.cfg.max_search_per_spot
         while q:
@@ -432,13 +512,13 @@ class ScriptedNetHackExpert:
                 prev[n] = c * 8 + a + N_CELLS * 8
                 dist[n] = dist[c] + 1
                 q.append(n)
-            if hidden and lvl.searched[c] < cap and c not in bad:
-                score = dist[c] / 4 + lvl.searched[c] - hidden - unknown[c]
+            if hidden and searched[c] < cap and c not in bad:
+                score = dist[c] / 4 + searched[c] - hidden - unknown[c]
                 if best_score is None or score < best_score:
                     best, best_score = c, score
         if best is None:
             return None
-        self.search_until = min(cap, int(lvl.searched[best]) + self.cfg.search_per_spot)
+        self.search_until = min(cap, searched[best] + self.cfg.search_per_spot)
         return _unwind(prev, pos, best)
 
 
