@@ -1,0 +1,505 @@
+"""Scaling-law fits: isoFLOP profiles, parametric fits (quadratic, Chinchilla), return-vs-loss.
+
+Notation: N params, D samples, C = k·N·D FLOPs (k = 6 for Transformers), x = ln N, y = ln D.
+Every fit returns a JSON-able dict; an estimate is {"value", "se", "ci": [lo, hi]}.
+An allocation rule is N_opt = exp(log_gn)·C^a, D_opt = exp(log_gd)·C^b (natural logs).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import optimize, stats
+from scipy.special import logsumexp, softmax
+from threadpoolctl import threadpool_limits
+
+from trajdata.errors import ConfigError, DataError
+from trajdata.scaling.runs import Runs
+
+
+@dataclass
+class FitConfig:
+    """All fitting hyper-parameters."""
+
+    optimum: str = "vertex"          # "vertex" of a parabola per budget, or observed "argmin"
+    window: int = 3                  # model sizes either side of the observed optimum per parabola (0 = all)
+    min_points: int = 3              # distinct model sizes a budget needs to be kept
+    log_target: bool = True          # parabola in (ln N, ln target), as in the seed code
+    flops_per_param_sample: float = 6.0  # k in C = k·N·D
+    ci_level: float = 0.95
+    huber_delta: float = 1e-3
+    ftol: float = 1e-15
+    gtol: float = 1e-12
+    maxiter: int = 20_000
+    grid_top_k: int = 16             # Chinchilla: best grid starts refined by L-BFGS-B
+    cv_folds: int = 4                # rolling cross-validation: held-out largest budgets, one at a time
+    bootstrap: int = 0               # resamples for bootstrap CIs (0 = off)
+    seed: int = 0
+    fit_return: bool = True
+    parametric_points: str = "window"  # parametric fits use the kept parabolas' points ("window") or "all"
+
+    def __post_init__(self):
+        if self.optimum not in ("vertex", "argmin"):
+            raise ConfigError(f"optimum must be 'vertex' or 'argmin', not {self.optimum!r}")
+        if self.min_points < 3 and self.optimum == "vertex":
+            raise ConfigError("--min-points-per-budget must be >= 3 to fit a parabola")
+        if self.parametric_points not in ("window", "all"):
+            raise ConfigError(f"parametric_points must be 'window' or 'all', not {self.parametric_points!r}")
+        if not 0 < self.ci_level < 1:
+            raise ConfigError(f"ci level must be in (0, 1), not {self.ci_level}")
+
+
+def estimate(value: float, se: float, level: float, dof: int | None = None) -> dict:
+    q = stats.t.ppf(0.5 + level / 2, dof) if dof else stats.norm.ppf(0.5 + level / 2)
+    se = float(se) if np.isfinite(se) else float("nan")
+    q = float(q) if np.isfinite(q) else float("nan")
+    return {"value": float(value), "se": se, "ci": [float(value - q * se), float(value + q * se)]}
+
+
+def delta_method(fun, theta: np.ndarray, cov: np.ndarray) -> tuple[float, float]:
+    """Value and SE of fun(theta) from a first-order Taylor expansion (central differences)."""
+    theta = np.asarray(theta, float)
+    grad = np.empty_like(theta)
+    for i in range(len(theta)):
+        h = 1e-6 * max(1.0, abs(theta[i]))
+        up, dn = theta.copy(), theta.copy()
+        up[i] += h
+        dn[i] -= h
+        grad[i] = (fun(up) - fun(dn)) / (2 * h)
+    return float(fun(theta)), float(np.sqrt(max(grad @ cov @ grad, 0.0)))
+
+
+def ols(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Least squares with the classical covariance sigma^2 (X'X)^-1; returns beta, cov, dof."""
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    dof = len(y) - X.shape[1]
+    resid = y - X @ beta
+    s2 = resid @ resid / dof if dof > 0 else np.nan
+    cov = s2 * np.linalg.pinv(X.T @ X)
+    return beta, cov, dof
+
+
+# ---------------------------------------------------------------- isoFLOP profiles
+
+def _cells(flops, params, target):
+    """Mean target per (budget, size) cell: repeated seeds count once."""
+    keys = np.stack([flops, params], 1)
+    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+    inv = inv.ravel()
+    mean = np.bincount(inv, weights=target) / np.bincount(inv)
+    return uniq[:, 0], uniq[:, 1], mean
+
+
+def isoflop_profiles(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = False) -> list[dict]:
+    """One parabola per budget in (ln N, target); its vertex is the budget's optimum."""
+    sign = -1.0 if maximize else 1.0
+    use_log = cfg.log_target and bool((target > 0).all())
+    C_all, N_all, y_all = _cells(runs.flops, runs.params, target)
+    k = cfg.flops_per_param_sample
+    out = []
+    for C in np.unique(C_all):
+        m = C_all == C
+        order = np.argsort(N_all[m])
+        N, y = N_all[m][order], y_all[m][order]
+        t = np.log(y) if use_log else y
+        best = int(np.argmin(sign * t))
+        lo, hi = (0, len(N)) if cfg.window <= 0 else (max(0, best - cfg.window), min(len(N), best + cfg.window + 1))
+        prof = {"flops": float(C), "n_sizes": int(len(N)), "params": N.tolist(), "value": y.tolist(),
+                "window": [float(N[lo]), float(N[hi - 1])], "log_target": use_log, "coef": None,
+                "kept": False, "reason": "", "n_opt": None, "d_opt": None, "y_opt": None}
+        out.append(prof)
+        if hi - lo < cfg.min_points:
+            prof["reason"] = f"{hi - lo} model sizes in window (< {cfg.min_points})"
+            continue
+        if cfg.optimum == "argmin":
+            if best in (0, len(N) - 1):
+                prof["reason"] = "observed optimum at the edge of the sampled sizes"
+                continue
+            n_opt, y_opt = N[best], y[best]
+        else:
+            x = np.log(N[lo:hi])
+            coef = np.polyfit(x, t[lo:hi], 2)
+            prof["coef"] = coef.tolist()
+            if sign * coef[0] <= 0:
+                prof["reason"] = "parabola opens the wrong way"
+                continue
+            v = -coef[1] / (2 * coef[0])
+            if not x.min() <= v <= x.max():
+                prof["reason"] = "vertex outside the fitted sizes"
+                continue
+            n_opt = float(np.exp(v))
+            yv = np.polyval(coef, v)
+            y_opt = float(np.exp(yv) if use_log else yv)
+        prof.update(kept=True, n_opt=float(n_opt), d_opt=float(C / (k * n_opt)), y_opt=float(y_opt))
+    return out
+
+
+def fit_power_law(C: np.ndarray, Y: np.ndarray, level: float) -> dict:
+    """OLS of ln Y on ln C: Y = exp(intercept)·C^exponent."""
+    X = np.stack([np.ones_like(C), np.log(C)], 1)
+    beta, cov, dof = ols(X, np.log(Y))
+    return {"intercept": estimate(beta[0], np.sqrt(cov[0, 0]), level, dof),
+            "exponent": estimate(beta[1], np.sqrt(cov[1, 1]), level, dof),
+            "cov": cov.tolist(), "n": int(len(C))}
+
+
+def fit_power_plus_const(C: np.ndarray, Y: np.ndarray, level: float) -> dict:
+    """Y = E + A·C^-k fitted in log space (least squares on ln Y); falls back to E = 0."""
+    lc0 = float(np.mean(np.log(C)))
+    u = np.log(C) - lc0
+
+    def f(u, E, a, k):
+        return np.log(E + np.exp(a - k * u))
+
+    ly = np.log(Y)
+    best = None
+    for frac in (0.0, 0.5, 0.8, 0.95):
+        E0 = frac * Y.min()
+        p1 = np.polyfit(u, np.log(np.maximum(Y - E0, 1e-12 * Y.max())), 1)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optimize.OptimizeWarning)
+                p, cov = optimize.curve_fit(f, u, ly, p0=[E0, p1[1], max(-p1[0], 1e-3)],
+                                            bounds=([0, -50, 0], [np.inf, 50, 20]), maxfev=20000)
+        except (RuntimeError, ValueError):
+            continue
+        sse = float(((f(u, *p) - ly) ** 2).sum())
+        if best is None or sse < best[0]:
+            best = (sse, p, cov)
+    dof = len(C) - 3
+    if best is None or dof < 1 or not np.isfinite(best[2]).all():
+        X = np.stack([np.ones_like(u), u], 1)
+        beta, cov2, dof = ols(X, ly)
+        p = np.array([0.0, beta[0], -beta[1]])
+        cov = np.zeros((3, 3))
+        cov[1:, 1:] = cov2 * np.array([[1, -1], [-1, 1]])
+        form = "power law (E fixed to 0)"
+    else:
+        _, p, cov = best
+        form = "E + A*C^-k"
+    E, a, k = p
+    logA, logA_se = delta_method(lambda th: th[1] + th[2] * lc0, p, cov)
+    return {"form": form, "E": estimate(E, np.sqrt(cov[0, 0]), level, dof),
+            "log_A": estimate(logA, logA_se, level, dof), "k": estimate(k, np.sqrt(cov[2, 2]), level, dof),
+            "theta": p.tolist(), "cov": cov.tolist(), "log_c0": lc0, "n": int(len(C)),
+            "rmse_log": float(np.sqrt(np.mean((f(u, *p) - ly) ** 2)))}
+
+
+def power_plus_const(fit: dict, C) -> np.ndarray:
+    E, a, k = fit["theta"]
+    return E + np.exp(a - k * (np.log(np.asarray(C, float)) - fit["log_c0"]))
+
+
+def fit_isoflop(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = False) -> dict:
+    profiles = isoflop_profiles(runs, target, cfg, maximize)
+    kept = [p for p in profiles if p["kept"]]
+    if len(kept) < 3:
+        raise DataError(f"only {len(kept)} FLOP budgets give an optimum (need >= 3); "
+                        "try --window 0, --optimum argmin or more budgets")
+    C = np.array([p["flops"] for p in kept])
+    N = np.array([p["n_opt"] for p in kept])
+    D = np.array([p["d_opt"] for p in kept])
+    Y = np.array([p["y_opt"] for p in kept])
+    n_fit, d_fit = fit_power_law(C, N, cfg.ci_level), fit_power_law(C, D, cfg.ci_level)
+    y_fit = fit_power_plus_const(C, 1.0 / Y if maximize else Y, cfg.ci_level)
+    y_fit["inverse"] = maximize
+    return {"profiles": profiles, "budgets_kept": C.tolist(),
+            "N_opt": n_fit, "D_opt": d_fit, "Y_opt": y_fit,
+            "a": n_fit["exponent"], "b": d_fit["exponent"],
+            "allocation": {"log_gn": n_fit["intercept"]["value"], "a": n_fit["exponent"]["value"],
+                           "log_gd": d_fit["intercept"]["value"], "b": d_fit["exponent"]["value"]}}
+
+
+def near_optimum(runs: Runs, target: np.ndarray, profiles: list[dict], cfg: FitConfig):
+    """The runs the parametric fits see: those inside a kept budget's parabola window (or all)."""
+    if cfg.parametric_points == "all":
+        return runs, target
+    m = np.zeros(len(runs), bool)
+    for p in profiles:
+        if p["kept"]:
+            lo, hi = p["window"]
+            m |= (runs.flops == p["flops"]) & (runs.params >= lo) & (runs.params <= hi)
+    return runs.subset(m), target[m]
+
+
+# ---------------------------------------------------------------- parametric: quadratic in (ln N, ln D)
+
+def _quad_design(x, y):
+    return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], 1)
+
+
+def _quad_alloc(beta, k):
+    """Stationary point of beta·[1, x, y, x², xy, y²] on x + y = ln(C/k): x* = g + a·ln C."""
+    b0, b1, b2, b3, b4, b5 = beta
+    K = 2 * (b3 - b4 + b5)
+    a = (2 * b5 - b4) / K
+    g = (b2 - b1) / K - a * np.log(k)
+    return g, a
+
+
+def fit_quadratic(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = False) -> dict:
+    """ln target = b0 + b1 x + b2 y + b3 x² + b4 xy + b5 y², OLS on all runs (the paper's Eq. 3)."""
+    if (target <= 0).any():
+        raise DataError("quadratic parametric fit needs positive targets")
+    x, y, t = np.log(runs.params), np.log(runs.samples), np.log(target)
+    beta, cov, dof = ols(_quad_design(x, y), t)
+    k, lvl = cfg.flops_per_param_sample, cfg.ci_level
+    a_val, a_se = delta_method(lambda b: _quad_alloc(b, k)[1], beta, cov)
+    g_val, g_se = delta_method(lambda b: _quad_alloc(b, k)[0], beta, cov)
+    curv = 2 * (beta[3] - beta[4] + beta[5])
+    ok = curv < 0 if maximize else curv > 0
+    names = ["b0", "b_lnN", "b_lnD", "b_lnN2", "b_lnNlnD", "b_lnD2"]
+    resid = t - _quad_design(x, y) @ beta
+    return {"form": "ln Y = b0 + b1 lnN + b2 lnD + b3 lnN^2 + b4 lnN lnD + b5 lnD^2",
+            "coef": {n: estimate(v, np.sqrt(max(cov[i, i], 0.0)), lvl, dof) for i, (n, v) in enumerate(zip(names, beta))},
+            "beta": beta.tolist(), "cov": cov.tolist(),
+            "a": estimate(a_val, a_se, lvl, dof), "b": estimate(1 - a_val, a_se, lvl, dof),
+            "optimum_exists": bool(ok), "rmse_log": float(np.sqrt(np.mean(resid ** 2))), "n": int(len(t)),
+            "allocation": {"log_gn": g_val, "a": a_val, "log_gd": -np.log(k) - g_val, "b": 1 - a_val}}
+
+
+def quadratic_predict(fit: dict, N, D) -> np.ndarray:
+    x, y = np.log(np.asarray(N, float)), np.log(np.asarray(D, float))
+    return np.exp(_quad_design(np.atleast_1d(x), np.atleast_1d(y)) @ np.array(fit["beta"]))
+
+
+# ---------------------------------------------------------------- parametric: Chinchilla
+
+def _chin_terms(theta, x, y):
+    e, a, b, alpha, beta = theta
+    return np.stack([a - alpha * x, b - beta * y, np.full_like(x, e)], -1)
+
+
+def _huber(r, d):
+    ar = np.abs(r)
+    return np.where(ar <= d, 0.5 * r * r, d * (ar - 0.5 * d))
+
+
+def _chin_obj(theta, x, y, t, d):
+    e, a, b, alpha, beta = theta
+    z1, z2 = a - alpha * x, b - beta * y
+    m = np.maximum(np.maximum(z1, z2), e)
+    w1, w2, w3 = np.exp(z1 - m), np.exp(z2 - m), np.exp(e - m)
+    s = w1 + w2 + w3
+    r = m + np.log(s) - t
+    ar = np.abs(r)
+    obj = np.where(ar <= d, 0.5 * r * r, d * (ar - 0.5 * d)).sum()
+    psi = np.clip(r, -d, d) / s
+    p1, p2 = psi * w1, psi * w2
+    return float(obj), np.array([(psi * w3).sum(), p1.sum(), p2.sum(), -(p1 @ x), -(p2 @ y)])
+
+
+def chinchilla_grid():
+    g = np.meshgrid(np.linspace(-1, 1, 5), np.arange(0, 30, 5.0), np.arange(0, 30, 5.0),
+                    np.linspace(0, 2, 5), np.linspace(0, 2, 5), indexing="ij")
+    return np.stack([a.ravel() for a in g], 1)
+
+
+def fit_chinchilla(runs: Runs, target: np.ndarray, cfg: FitConfig) -> dict:
+    """L = E + A/N^alpha + B/D^beta: Huber loss on ln L, L-BFGS-B from the best grid starts."""
+    x, y, t = np.log(runs.params), np.log(runs.samples), np.log(target)
+    grid = chinchilla_grid()
+    z1 = grid[:, 1, None] - grid[:, 3, None] * x
+    z2 = grid[:, 2, None] - grid[:, 4, None] * y
+    z3 = grid[:, 0, None]
+    m = np.maximum(np.maximum(z1, z2), z3)
+    r = m + np.log(np.exp(z1 - m) + np.exp(z2 - m) + np.exp(z3 - m)) - t
+    objs = _huber(r, cfg.huber_delta).sum(1)
+    best = None
+    for i in np.argsort(objs)[: cfg.grid_top_k]:
+        r = optimize.minimize(_chin_obj, grid[i], args=(x, y, t, cfg.huber_delta), jac=True,
+                              method="L-BFGS-B",
+                              options={"ftol": cfg.ftol, "gtol": cfg.gtol, "maxiter": cfg.maxiter})
+        if best is None or r.fun < best.fun:
+            best = r
+    theta = best.x
+    z = _chin_terms(theta, x, y)
+    w = softmax(z, axis=-1)
+    J = np.stack([w[:, 2], w[:, 0], w[:, 1], -w[:, 0] * x, -w[:, 1] * y], 1)
+    resid = logsumexp(z, axis=-1) - t
+    dof = len(t) - 5
+    cov = (resid @ resid / dof) * np.linalg.pinv(J.T @ J)  # Gauss-Newton at the Huber optimum
+    k, lvl = cfg.flops_per_param_sample, cfg.ci_level
+
+    def alloc(th):
+        e, a, b, al, be = th
+        a_exp = be / (al + be)
+        log_g = (np.log(al) + a - np.log(be) - b) / (al + be)
+        return log_g - a_exp * np.log(k), a_exp
+
+    a_val, a_se = delta_method(lambda th: alloc(th)[1], theta, cov)
+    g_val = alloc(theta)[0]
+    names = ["log_E", "log_A", "log_B", "alpha", "beta"]
+    return {"form": "L = E + A/N^alpha + B/D^beta", "theta": theta.tolist(), "cov": cov.tolist(),
+            "coef": {n: estimate(v, np.sqrt(max(cov[i, i], 0.0)), lvl, dof) for i, (n, v) in enumerate(zip(names, theta))},
+            "E": float(np.exp(theta[0])), "A": float(np.exp(theta[1])), "B": float(np.exp(theta[2])),
+            "a": estimate(a_val, a_se, lvl, dof), "b": estimate(1 - a_val, a_se, lvl, dof),
+            "objective": float(best.fun), "converged": bool(best.success),
+            "rmse_log": float(np.sqrt(np.mean(resid ** 2))), "n": int(len(t)),
+            "allocation": {"log_gn": g_val, "a": a_val, "log_gd": -np.log(k) - g_val, "b": 1 - a_val}}
+
+
+def chinchilla_predict(fit: dict, N, D) -> np.ndarray:
+    e, a, b, al, be = fit["theta"]
+    N, D = np.asarray(N, float), np.asarray(D, float)
+    return np.exp(e) + np.exp(a) / N ** al + np.exp(b) / D ** be
+
+
+# ---------------------------------------------------------------- return vs loss
+
+def fit_return_vs_loss(runs: Runs, cfg: FitConfig) -> dict:
+    """R = c·L^delta over each budget's loss-optimal size (OLS in log space)."""
+    C, N, L = _cells(runs.flops, runs.params, runs.loss)
+    _, _, R = _cells(runs.flops, runs.params, runs.ret)
+    pick = [np.flatnonzero(C == c)[np.argmin(L[C == c])] for c in np.unique(C)]
+    Lb, Rb, Cb = L[pick], R[pick], C[pick]
+    ok = Rb > 0
+    if ok.sum() < 3:
+        raise DataError("fewer than 3 budgets with positive return at the loss optimum")
+    fit = fit_power_law(Lb[ok], Rb[ok], cfg.ci_level)
+    return {"form": "R = exp(log_c)*L^delta", "log_c": fit["intercept"], "delta": fit["exponent"],
+            "points": {"flops": Cb[ok].tolist(), "loss": Lb[ok].tolist(), "return": Rb[ok].tolist()}}
+
+
+# ---------------------------------------------------------------- rolling cross-validation
+
+def allocation_n(alloc: dict, C) -> np.ndarray:
+    return np.exp(alloc["log_gn"]) * np.asarray(C, float) ** alloc["a"]
+
+
+def predict_optimum(method: str, fit: dict, C, k: float) -> tuple[np.ndarray, np.ndarray]:
+    """(N_opt, target at the optimum) of one fitted method at budgets C."""
+    C = np.atleast_1d(np.asarray(C, float))
+    N = allocation_n(fit["allocation"], C)
+    D = C / (k * N)
+    if method == "isoflop":
+        Y = power_plus_const(fit["Y_opt"], C)
+        return N, (1.0 / Y if fit["Y_opt"].get("inverse") else Y)
+    if method == "quadratic":
+        return N, quadratic_predict(fit, N, D)
+    return N, chinchilla_predict(fit, N, D)
+
+
+def rolling_cv(runs: Runs, target: np.ndarray, profiles: list[dict], cfg: FitConfig,
+               methods: tuple[str, ...], maximize: bool = False) -> dict:
+    """Hold out each of the largest kept budgets in turn, fit on all smaller budgets, predict its optimum."""
+    kept = [p for p in profiles if p["kept"]]
+    folds = kept[-cfg.cv_folds:] if cfg.cv_folds > 0 else []
+    errs = {m: {"log10_n_opt": [], "rel_y_opt": []} for m in methods}
+    rows = []
+    for p in folds:
+        m = runs.flops < p["flops"]
+        train, t = runs.subset(m), target[m]
+        if sum(q["kept"] and q["flops"] < p["flops"] for q in kept) < 3:
+            continue
+        row = {"held_out": p["flops"], "n_opt": p["n_opt"], "y_opt": p["y_opt"]}
+        try:
+            iso = fit_isoflop(train, t, cfg, maximize)
+        except DataError:
+            continue
+        ptrain, pt = near_optimum(train, t, iso["profiles"], cfg)
+        for meth in methods:
+            try:
+                if meth == "isoflop":
+                    f = iso
+                elif meth == "quadratic":
+                    f = fit_quadratic(ptrain, pt, cfg, maximize)
+                else:
+                    f = fit_chinchilla(ptrain, pt, cfg)
+            except (DataError, np.linalg.LinAlgError, ValueError):
+                continue
+            N, Y = predict_optimum(meth, f, p["flops"], cfg.flops_per_param_sample)
+            row[meth] = {"n_opt": float(N[0]), "y_opt": float(Y[0])}
+            errs[meth]["log10_n_opt"].append(np.log10(N[0] / p["n_opt"]))
+            errs[meth]["rel_y_opt"].append(Y[0] / p["y_opt"] - 1)
+        rows.append(row)
+    rmse = {m: {k: (float(np.sqrt(np.mean(np.square(v)))) if v else None) for k, v in e.items()}
+            for m, e in errs.items()}
+    scored = [m for m in methods if rmse[m]["rel_y_opt"] is not None]
+    best = min(scored, key=lambda m: rmse[m]["rel_y_opt"]) if scored else None
+    return {"folds": rows, "rmse": rmse, "best_by_y_opt": best}
+
+
+# ---------------------------------------------------------------- everything
+
+def fit_all(runs: Runs, cfg: FitConfig | None = None) -> dict:
+    """Every fit on one runs table, as one JSON-able dict."""
+    # threaded BLAS inside L-BFGS-B's tiny 5-parameter updates costs ~30x on a busy machine
+    with threadpool_limits(1):
+        return _fit_all(runs, cfg or FitConfig())
+
+
+def _fit_all(runs: Runs, cfg: FitConfig) -> dict:
+    if len(runs) < 8:
+        raise DataError(f"only {len(runs)} runs; need at least 8")
+    ratio = runs.flops / (runs.params * runs.samples)
+    out = {"config": asdict(cfg), "source": runs.source, "n_runs": int(len(runs)),
+           "budgets": runs.budgets.tolist(), "median_flops_per_param_sample": float(np.median(ratio))}
+    loss = {"isoflop": fit_isoflop(runs, runs.loss, cfg)}
+    pr, pt = near_optimum(runs, runs.loss, loss["isoflop"]["profiles"], cfg)
+    loss["quadratic"] = fit_quadratic(pr, pt, cfg)
+    loss["chinchilla"] = fit_chinchilla(pr, pt, cfg)
+    loss["crossval"] = rolling_cv(runs, runs.loss, loss["isoflop"]["profiles"], cfg,
+                                  ("isoflop", "quadratic", "chinchilla"))
+    out["loss"] = loss
+    if cfg.fit_return and runs.ret is not None and np.isfinite(runs.ret).all():
+        ret = {"isoflop": fit_isoflop(runs, runs.ret, cfg, maximize=True)}
+        pr, pt = near_optimum(runs, runs.ret, ret["isoflop"]["profiles"], cfg)
+        methods = ("isoflop",)
+        if (pt > 0).all():
+            ret["quadratic"] = fit_quadratic(pr, pt, cfg, maximize=True)
+            methods += ("quadratic",)
+        ret["crossval"] = rolling_cv(runs, runs.ret, ret["isoflop"]["profiles"], cfg, methods, maximize=True)
+        out["return"] = ret
+        out["return_vs_loss"] = fit_return_vs_loss(runs, cfg)
+    if cfg.bootstrap > 0:
+        out["bootstrap"] = bootstrap(runs, cfg)
+    out["summary"] = summary(out)
+    return out
+
+
+def summary(fit: dict) -> dict:
+    """The headline exponents: {"loss.isoflop.a": estimate, ...}."""
+    s = {}
+    for tgt in ("loss", "return"):
+        for meth in ("isoflop", "quadratic", "chinchilla"):
+            f = fit.get(tgt, {}).get(meth)
+            if f:
+                s[f"{tgt}.{meth}.a"] = f["a"]
+                s[f"{tgt}.{meth}.b"] = f["b"]
+    if "return_vs_loss" in fit:
+        s["return_vs_loss.delta"] = fit["return_vs_loss"]["delta"]
+    if "isoflop" in fit.get("loss", {}):
+        s["loss.isoflop.k"] = fit["loss"]["isoflop"]["Y_opt"]["k"]
+    return s
+
+
+def bootstrap(runs: Runs, cfg: FitConfig) -> dict:
+    """Percentile CIs of the exponents from resampling runs within each budget."""
+    rng = np.random.default_rng(cfg.seed)
+    sub = FitConfig(**{**asdict(cfg), "bootstrap": 0, "grid_top_k": min(cfg.grid_top_k, 4)})
+    draws: dict[str, list[float]] = {}
+    groups = [np.flatnonzero(runs.flops == c) for c in runs.budgets]
+    for _ in range(cfg.bootstrap):
+        idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
+        r = runs.subset(idx)
+        fits = {}
+        try:
+            iso = fit_isoflop(r, r.loss, sub)
+            fits["loss.isoflop"] = iso["a"]["value"]
+            pr, pt = near_optimum(r, r.loss, iso["profiles"], sub)
+            fits["loss.quadratic"] = fit_quadratic(pr, pt, sub)["a"]["value"]
+            fits["loss.chinchilla"] = fit_chinchilla(pr, pt, sub)["a"]["value"]
+        except (DataError, np.linalg.LinAlgError, ValueError):
+            pass
+        if r.ret is not None and sub.fit_return and np.isfinite(r.ret).all():
+            try:
+                fits["return.isoflop"] = fit_isoflop(r, r.ret, sub, maximize=True)["a"]["value"]
+            except (DataError, np.linalg.LinAlgError, ValueError):
+                pass
+        for k, v in fits.items():
+            draws.setdefault(f"{k}.a", []).append(v)
+    lo, hi = 50 * (1 - cfg.ci_level), 50 * (1 + cfg.ci_level)
+    return {k: {"median": float(np.median(v)), "ci": [float(np.percentile(v, lo)), float(np.percentile(v, hi))],
+                "n": len(v)} for k, v in draws.items()}

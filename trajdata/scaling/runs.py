@@ -1,0 +1,146 @@
+"""Read a runs table: one row per evaluated checkpoint (params, samples, FLOPs, loss, return)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from trajdata.errors import ConfigError, DataError
+
+# role -> accepted column names, first match wins (the first name is the canonical one)
+COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
+    "flops": ("flops", "compute", "flop_budget"),
+    "params": ("params", "parameters", "n_params"),
+    "samples": ("samples", "tokens", "n_samples"),
+    "loss": ("loss", "eval_loss", "dev_loss", "val_loss"),
+    "loss_se": ("loss_se", "eval_loss_se", "dev_loss_se"),
+    "return": ("return", "mean_return", "mean_returns", "return_seed_main"),
+    "return_se": ("return_se", "se_returns", "se_return"),
+    "episodes": ("episodes", "n_returns", "n_episodes"),
+}
+REQUIRED = ("flops", "params", "samples", "loss")
+
+
+@dataclass
+class Runs:
+    """Runs as float arrays; `budgets` are the distinct FLOP budgets, ascending."""
+
+    flops: np.ndarray
+    params: np.ndarray
+    samples: np.ndarray
+    loss: np.ndarray
+    loss_se: np.ndarray | None = None
+    ret: np.ndarray | None = None
+    ret_se: np.ndarray | None = None
+    episodes: np.ndarray | None = None
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.flops)
+
+    @property
+    def budgets(self) -> np.ndarray:
+        return np.unique(self.flops)
+
+    def subset(self, mask: np.ndarray) -> "Runs":
+        pick = lambda a: None if a is None else a[mask]  # noqa: E731
+        return Runs(self.flops[mask], self.params[mask], self.samples[mask], self.loss[mask],
+                    pick(self.loss_se), pick(self.ret), pick(self.ret_se), pick(self.episodes),
+                    self.source)
+
+    def with_budgets(self, budgets) -> "Runs":
+        budgets = np.asarray(list(budgets), dtype=float)
+        keep = np.zeros(len(self), bool)
+        for c in budgets:
+            hit = np.isclose(self.flops, c, rtol=1e-9)
+            if not hit.any():
+                raise ConfigError(f"budget {c:g} not in {self.source or 'runs'} "
+                                  f"(have {', '.join(f'{b:g}' for b in self.budgets)})")
+            keep |= hit
+        return self.subset(keep)
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"runs file not found: {path}")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except Exception as e:  # pandas/pyarrow raise many types for unreadable files
+        raise DataError(f"cannot read runs file {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+def resolve_columns(df: pd.DataFrame, columns: dict[str, str] | None = None) -> dict[str, str]:
+    """Map each role to a column of `df`: explicit `columns` first, then known aliases."""
+    columns = dict(columns or {})
+    unknown = set(columns) - set(COLUMN_ALIASES)
+    if unknown:
+        raise ConfigError(f"unknown column role(s) {', '.join(sorted(unknown))} "
+                          f"(roles: {', '.join(COLUMN_ALIASES)})")
+    out = {}
+    for role, aliases in COLUMN_ALIASES.items():
+        if role in columns:
+            name = columns[role]
+            if name not in df.columns:
+                raise DataError(f"column {name!r} (for {role}) not in runs table "
+                                f"(columns: {', '.join(map(str, df.columns))})")
+            out[role] = name
+            continue
+        hit = next((a for a in aliases if a in df.columns), None)
+        if hit is not None:
+            out[role] = hit
+        elif role in REQUIRED:
+            raise DataError(f"runs table has no {role} column (looked for {', '.join(aliases)}; "
+                            f"pick one with --col {role}=NAME)")
+    return out
+
+
+def load_runs(path: str | Path, columns: dict[str, str] | None = None,
+              where: dict[str, str] | None = None) -> Runs:
+    """Load a CSV/Parquet runs table; `where` keeps rows whose column equals the given value."""
+    df = read_table(path)
+    for col, val in (where or {}).items():
+        if col not in df.columns:
+            raise DataError(f"--where column {col!r} not in runs table {path}")
+        df = df[df[col].astype(str) == str(val)]
+        if df.empty:
+            raise DataError(f"no runs in {path} with {col}={val}")
+    return runs_from_frame(df, columns, source=str(path))
+
+
+def runs_from_frame(df: pd.DataFrame, columns: dict[str, str] | None = None, source: str = "") -> Runs:
+    cols = resolve_columns(df, columns)
+    arrays = {}
+    for role, name in cols.items():
+        try:
+            a = pd.to_numeric(df[name], errors="raise").to_numpy(dtype=float)
+        except (ValueError, TypeError):
+            raise DataError(f"column {name!r} ({role}) in {source or 'runs table'} is not numeric")
+        arrays[role] = a
+    ok = np.ones(len(df), bool)
+    for role in REQUIRED:
+        ok &= np.isfinite(arrays[role])
+    for role in ("flops", "params", "samples", "loss"):
+        if (arrays[role][ok] <= 0).any():
+            raise DataError(f"column {cols[role]!r} ({role}) has non-positive values")
+    if ok.sum() == 0:
+        raise DataError(f"no usable runs in {source or 'runs table'}")
+    return Runs(
+        flops=arrays["flops"], params=arrays["params"], samples=arrays["samples"],
+        loss=arrays["loss"], loss_se=arrays.get("loss_se"), ret=arrays.get("return"),
+        ret_se=arrays.get("return_se"), episodes=arrays.get("episodes"), source=source,
+    ).subset(ok)
+
+
+def parse_budgets(text: str | None) -> list[float] | None:
+    """'1e15,2e15' -> [1e15, 2e15]."""
+    if not text:
+        return None
+    try:
+        return [float(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ConfigError(f"--budgets: expected comma-separated numbers, got {text!r}")
