@@ -5,10 +5,12 @@ Strategy, one decision per step, first rule that fires wins:
 1. Prompts: ``--More--`` -> Enter; menus and other waits -> Esc; yes/no and item/direction questions -> the answer
    for what it is doing (eat, pray, kick), otherwise Esc. "Really attack?" -> Esc, and that monster
    glyph is remembered as peaceful on this level.
-2. Survival: pray when HP is low or weak from hunger (at most once per ~1000 turns); eat from
-   inventory when hungry; rest (search in place) when HP is low and nothing hostile is in sight.
+2. Survival: pray when HP is low or weak from hunger (at most once per ~800 turns); when hurt
+   with a hostile adjacent, engrave Elbereth in the dust and rest on it; eat fresh safe corpses of
+   our kills and food from inventory; rest (search in place) when hurt and nothing hostile is near.
 3. Fight: attack an adjacent monster that is not a pet, not known peaceful, not a floating eye.
-4. Descend: standing on a known '>' -> press '>'.
+4. Descend: standing on a known '>' -> press '>' (if the character's level is not too far behind
+   the depth; stairs into the Gnomish Mines are climbed back and avoided).
 5. Move: breadth-first search over the remembered map (open doors orthogonal only, traps, water and
    boulders avoided) to the down staircase if known, else to the nearest frontier (a walkable square
    next to stone that has never been adjacent to us), else to the best spot to search for hidden
@@ -39,11 +41,15 @@ MOVE_DELTAS = ((-1, 0), (0, 1), (1, 0), (0, -1), (-1, 1), (1, 1), (1, -1), (-1, 
 RETURN = _KEY_TO_ACTION[ord("\r")]
 ESC = _KEY_TO_ACTION[27]
 DOWN = _KEY_TO_ACTION[ord(">")]
+UP = _KEY_TO_ACTION[ord("<")]
 SEARCH = _KEY_TO_ACTION[ord("s")]
 EAT = _KEY_TO_ACTION[ord("e")]
 KICK = _KEY_TO_ACTION[4]
 PRAY = _KEY_TO_ACTION[ord("p") | 0x80]
 YES = _KEY_TO_ACTION[ord("y")]
+ENGRAVE = _KEY_TO_ACTION[ord("E")]
+FINGERS = _KEY_TO_ACTION[ord("-")]
+ELBERETH = [_KEY_TO_ACTION[c] for c in b"Elbereth"]
 NO = _KEY_TO_ACTION[ord("n")]
 
 # Glyph categories.
@@ -82,10 +88,12 @@ def _glyph_table() -> np.ndarray:
 GLYPH_CAT = _glyph_table()
 PASSABLE = np.zeros(16, bool)
 PASSABLE[[FLOOR, DOOR, MONSTER, PET, DOWNSTAIR, OTHER]] = True
-NEVER_ATTACK = {
+NEVER_ATTACK = {  # passive damage or explodes; none of them chase us
     nh.GLYPH_MON_OFF + i for i in range(nh.NUMMONS)
-    if nh.permonst(i).mname in ("floating eye", "gas spore")
+    if nh.permonst(i).mname in ("floating eye", "gas spore", "acid blob", "blue jelly", "spotted jelly",
+                                "ochre jelly", "brown mold", "yellow mold", "green mold", "red mold")
 }
+MINES_DNUM = 2
 SWALLOW_LO, SWALLOW_HI = nh.GLYPH_SWALLOW_OFF, nh.GLYPH_WARNING_OFF
 BODY_LO, BODY_HI = nh.GLYPH_BODY_OFF, nh.GLYPH_BODY_OFF + nh.NUMMONS
 
@@ -143,6 +151,9 @@ class ScriptedConfig:
     depth_over_xl: int = 1  # deeper than experience level + this: explore the level before descending
     corpse_fresh_turns: int = 30  # eat corpses of our kills this young
     corpse_max_dist: int = 8
+    elbereth_hp_frac: float = 0.34  # engrave Elbereth below this HP fraction with a hostile adjacent
+    elbereth_rest_frac: float = 0.7  # then rest on it up to this fraction
+    avoid_mines: bool = True  # the Gnomish Mines kill low-level characters: take the main '>' only
 
 
 class _Level:
@@ -157,6 +168,7 @@ class _Level:
         self.peaceful: set[int] = set()  # monster glyphs that asked "Really attack?"
         self.bad_goals: dict[int, int] = {}  # goal cell -> step when it may be tried again
         self.fresh: dict[int, int] = {}  # cell -> turn we killed something there
+        self.no_down: set[int] = set()  # stairs into the Gnomish Mines
 
 
 class ScriptedNetHackExpert:
@@ -193,6 +205,10 @@ class ScriptedNetHackExpert:
         self.goal_deadline = 0
         self.expected = -1
         self.cautious = False
+        self.elbereth: tuple | None = None  # (level, cell) where we wrote Elbereth
+        self.engrave_at: tuple | None = None
+        self.engrave_turn = -10**9
+        self.went_down_from: tuple | None = None  # (level, cell) of the last '>' we took
 
     # -- public --------------------------------------------------------------------------------
 
@@ -230,6 +246,8 @@ class ScriptedNetHackExpert:
         if misc is not None:
             if misc[0]:
                 return self._answer(top)
+            if misc[1] and self.intent and self.intent[0] == "engrave":
+                return self._type_elbereth()
             if misc[1] or misc[2]:
                 return ESC
         elif top.endswith((b"]", b"?")) and b"[" in top:
@@ -245,6 +263,12 @@ class ScriptedNetHackExpert:
         if lvl is None:
             lvl = self.levels[key] = _Level()
             self.path = []
+            came = self.went_down_from
+            if self.cfg.avoid_mines and key[0] == MINES_DNUM and came and came[0][0] != MINES_DNUM:
+                prev = self.levels[came[0]]
+                prev.down.discard(came[1])
+                prev.no_down.add(came[1])
+                return UP  # we stand on the up stairs: back out of the Gnomish Mines
         self.level = lvl
         self.cautious = int(bl[nh.NLE_BL_DEPTH]) > int(bl[nh.NLE_BL_XP]) + self.cfg.depth_over_xl
         pos = y * COLS + x
@@ -253,7 +277,8 @@ class ScriptedNetHackExpert:
         flat_glyphs = glyphs.ravel()
         cat = GLYPH_CAT[glyphs]
         for c in np.flatnonzero(cat == DOWNSTAIR).tolist():
-            lvl.down.add(c)
+            if c not in lvl.no_down:
+                lvl.down.add(c)
         self._read_message(bytes(obs["message"]).rstrip(b"\0"), lvl, pos, turn)
         hp_dropped = hp < self.last_hp
         self.last_hp = hp
@@ -267,13 +292,31 @@ class ScriptedNetHackExpert:
             self.intent = ("pray",)
             return PRAY
 
+        target = None
         for n, a, _ in NEIGHBOURS[pos]:
             if cat[n // COLS, n % COLS] == MONSTER:
                 g = int(flat_glyphs[n])
+                if hp_dropped and g in lvl.peaceful:
+                    lvl.peaceful.discard(g)  # peaceful monsters don't hurt us: another of its kind does
                 if g not in lvl.peaceful and g not in NEVER_ATTACK:
-                    self.path = []
-                    self.last_move_to, self.last_move_glyph = n, g
-                    return a
+                    target = (n, a, g)
+                    break
+        on_elbereth = self.elbereth == (key, pos)
+        if on_elbereth and hp_dropped and turn > self.engrave_turn + 1:
+            on_elbereth, self.elbereth = False, None  # scuffed, or the attacker ignores it
+        if on_elbereth and hp < self.cfg.elbereth_rest_frac * hpmax and hunger < 3:
+            return SEARCH
+        if (target is not None and not on_elbereth and hp < self.cfg.elbereth_hp_frac * hpmax
+                and turn > self.engrave_turn + 10):
+            self.engrave_turn, self.engrave_at = turn, (key, pos)
+            self.intent = ("engrave", 0)
+            self.path = []
+            return ENGRAVE
+        if target is not None:
+            n, a, g = target
+            self.path = []
+            self.last_move_to, self.last_move_glyph = n, g
+            return a
 
         if hunger >= 1 and lvl.fresh:
             a = self._go_eat_corpse(lvl, cat, flat_glyphs, pos, turn)
@@ -298,6 +341,7 @@ class ScriptedNetHackExpert:
 
         if pos in lvl.down and (not self.cautious or self.goal_kind == "down"):
             self.path = []
+            self.went_down_from = (key, pos)
             return DOWN
 
         if self.goal_kind == "search" and pos == self.goal and lvl.searched[pos] < self.search_until:
@@ -342,12 +386,25 @@ class ScriptedNetHackExpert:
                 return NO  # food on the floor: eat our own
         if intent[0] == "pray" and b"pray" in top:
             return YES
+        if intent[0] == "engrave":
+            if b"write with" in top:
+                return FINGERS
+            if b"add to the current engraving" in top:
+                return NO
         return ESC
+
+    def _type_elbereth(self) -> int:
+        i = self.intent[1]
+        if i < len(ELBERETH):
+            self.intent = ("engrave", i + 1)
+            return ELBERETH[i]
+        self.intent, self.elbereth = None, self.engrave_at
+        return RETURN
 
     def _read_message(self, msg: bytes, lvl: _Level, pos: int, turn: int) -> None:
         if not msg:
             return
-        if b"staircase down here" in msg or b"ladder down here" in msg:
+        if (b"staircase down here" in msg or b"ladder down here" in msg) and pos not in lvl.no_down:
             lvl.down.add(pos)
         if (b"You kill" in msg or b"You destroy" in msg) and self.last_move_to >= 0:
             lvl.fresh[self.last_move_to] = turn
@@ -394,10 +451,10 @@ class ScriptedNetHackExpert:
         passable = PASSABLE[cat].ravel()
         if lvl.blocked:
             passable[list(lvl.blocked)] = False
-        if lvl.peaceful:
-            for c in np.flatnonzero(cat == MONSTER).tolist():
-                if int(flat_glyphs[c]) in lvl.peaceful:
-                    passable[c] = False
+        for c in np.flatnonzero(cat == MONSTER).tolist():
+            g = int(flat_glyphs[c])
+            if g in lvl.peaceful or g in NEVER_ATTACK:
+                passable[c] = False
         return passable.tolist(), (cat == DOOR).ravel().tolist()
 
     def _navigate(self, lvl: _Level, cat, flat_glyphs, pos: int) -> tuple[int, int] | None:
@@ -428,7 +485,7 @@ class ScriptedNetHackExpert:
         for dy in (0, 1, 2):
             for dx in (0, 1, 2):
                 near |= unknown[dy:dy + ROWS, dx:dx + COLS]
-        return near & PASSABLE[cat] & ~lvl.seen_adj
+        return near & PASSABLE[cat]
 
     def _plan(self, lvl: _Level, cat, pos: int, passable: list, doors: list) -> None:
         self.path = []
