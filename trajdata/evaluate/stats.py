@@ -1,0 +1,115 @@
+"""Quality report of a NetHack dataset: score / turn / depth / length / death-cause distributions.
+
+Compare with NLD-AA (AutoAscend games in the NetHack Learning Dataset): ~110k games, ~3.5B steps,
+~32k steps per game on average.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from trajdata.format.dataset import Dataset
+
+NLD_AA = {"games": 110_000, "steps": 3_500_000_000, "mean_steps_per_game": 32_000}  # approximate
+NUMERIC = ("score", "turns", "depth", "max_depth", "steps")
+_ARTICLE = re.compile(r"^(a|an|the)\s+", re.I)
+
+
+def death_cause(death: str | None) -> str:
+    """A death string ("killed by a hill orc, while frozen by a potion") as a category ("killed by hill orc")."""
+    d = (death or "").strip().lower()
+    if not d:
+        return "unknown"
+    d = d.split(", while ")[0]
+    if d.startswith("killed by "):
+        return "killed by " + _ARTICLE.sub("", d[len("killed by "):])
+    if "starv" in d:
+        return "starvation"
+    for word in ("quit", "ascended", "escaped", "choked", "poisoned", "petrified", "drowned", "burned",
+                 "dissolved", "crushed", "turned to", "zapped", "strangled", "frozen", "trickery"):
+        if d.startswith(word):
+            return word
+    return " ".join(d.split()[:3])
+
+
+def _dist(vals) -> dict | None:
+    v = np.asarray([x for x in vals if x is not None], float)
+    if not len(v):
+        return None
+    p10, p50, p90 = np.percentile(v, [10, 50, 90])
+    return {"n": int(len(v)), "mean": float(v.mean()), "median": float(p50), "p10": float(p10),
+            "p90": float(p90), "min": float(v.min()), "max": float(v.max())}
+
+
+def dataset_stats(root) -> dict:
+    """Distributions over the episodes of dataset `root` (from its index; no shard is decoded)."""
+    ds = Dataset(root)
+    rows = ds.index_rows()
+    ended = [r for r in rows if r.get("status") == "complete"]
+    out = {"dataset": str(ds.root), "expert": ds.info.get("expert", {}).get("name", ""),
+           "episodes": len(rows), "steps": int(sum(r["steps"] for r in rows)),
+           "status": dict(Counter(r.get("status") for r in rows)),
+           "truncation_reasons": dict(Counter(str(r.get("end_reason")).split(" (")[0]
+                                              for r in rows if r.get("status") != "complete"))}
+    out["distributions"] = {key: _dist(r.get(key) for r in rows) for key in NUMERIC}
+    out["death_causes"] = dict(Counter(death_cause(r.get("death") or r.get("end_reason")) for r in ended).most_common())
+    out["characters"] = dict(Counter(str(r.get("character", ""))[:3] for r in rows).most_common())
+    out["nld_aa"] = NLD_AA
+    return out
+
+
+def format_stats(s: dict) -> str:
+    lines = [f"{s['dataset']}: {s['episodes']} episodes, {s['steps']:,} steps, expert {s['expert'] or '?'}",
+             "  status " + ", ".join(f"{k} {v}" for k, v in s["status"].items())]
+    if s["truncation_reasons"]:
+        lines.append("  not complete: " + ", ".join(f"{k} {v}" for k, v in s["truncation_reasons"].items()))
+    lines.append(f"  {'':<10}{'mean':>10}{'median':>10}{'p10':>10}{'p90':>10}{'min':>10}{'max':>10}")
+    for key in NUMERIC:
+        d = s["distributions"].get(key)
+        if d:
+            lines.append(f"  {key:<10}" + "".join(f"{d[k]:>10,.0f}" for k in ("mean", "median", "p10", "p90", "min", "max")))
+    if s["death_causes"]:
+        lines.append("  end of complete games:")
+        n = sum(s["death_causes"].values())
+        for cause, c in list(s["death_causes"].items())[:15]:
+            lines.append(f"    {c:>6}  {100 * c / n:5.1f}%  {cause}")
+    if s["characters"]:
+        lines.append("  roles: " + ", ".join(f"{k} {v}" for k, v in s["characters"].items()))
+    ref = s["nld_aa"]
+    mean = s["steps"] / max(s["episodes"], 1)
+    lines.append(f"  NLD-AA: ~{ref['games']:,} games, ~{ref['mean_steps_per_game']:,} steps/game on average "
+                 f"(here {mean:,.0f})")
+    if "png" in s:
+        lines.append(f"  histograms: {s['png']}")
+    return "\n".join(lines)
+
+
+def plot_stats(root, png: str | Path | None = None) -> Path:
+    """Histograms of score, turns, steps and max depth, plus the top death causes, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ds = Dataset(root)
+    rows = ds.index_rows()
+    png = Path(png) if png is not None else ds.root / "stats.png"
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, key in zip(axes.flat, ("score", "turns", "steps", "depth", "max_depth")):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        ax.hist(vals, bins=min(50, max(5, len(vals))), color="tab:blue")
+        ax.set_title(f"{key} (n={len(vals)})")
+    causes = Counter(death_cause(r.get("death") or r.get("end_reason")) for r in rows if r.get("status") == "complete")
+    top = causes.most_common(10)[::-1]
+    ax = axes.flat[5]
+    ax.barh([c for c, _ in top], [n for _, n in top], color="tab:red")
+    ax.set_title("end of complete games")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(f"{ds.root.name}: {len(rows)} episodes")
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return png
