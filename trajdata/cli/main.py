@@ -15,6 +15,8 @@ from trajdata.errors import TrajdataError
 COMMAND_MODULES = [
     "trajdata.cli.dataset",
     "trajdata.cli.atari",
+    "trajdata.cli.experts",
+    "trajdata.cli.scaling",
 ]
 
 
