@@ -13,6 +13,7 @@ import numpy as np
 from scipy import optimize, stats
 from scipy.special import logsumexp, softmax
 from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 from trajdata.errors import ConfigError, DataError
 from trajdata.scaling.runs import Runs
@@ -423,14 +424,14 @@ def rolling_cv(runs: Runs, target: np.ndarray, profiles: list[dict], cfg: FitCon
 
 # ---------------------------------------------------------------- everything
 
-def fit_all(runs: Runs, cfg: FitConfig | None = None) -> dict:
+def fit_all(runs: Runs, cfg: FitConfig | None = None, progress: bool = False) -> dict:
     """Every fit on one runs table, as one JSON-able dict."""
     # threaded BLAS inside L-BFGS-B's tiny 5-parameter updates costs ~30x on a busy machine
     with threadpool_limits(1):
-        return _fit_all(runs, cfg or FitConfig())
+        return _fit_all(runs, cfg or FitConfig(), progress)
 
 
-def _fit_all(runs: Runs, cfg: FitConfig) -> dict:
+def _fit_all(runs: Runs, cfg: FitConfig, progress: bool) -> dict:
     if len(runs) < 8:
         raise DataError(f"only {len(runs)} runs; need at least 8")
     ratio = runs.flops / (runs.params * runs.samples)
@@ -454,7 +455,7 @@ def _fit_all(runs: Runs, cfg: FitConfig) -> dict:
         out["return"] = ret
         out["return_vs_loss"] = fit_return_vs_loss(runs, cfg)
     if cfg.bootstrap > 0:
-        out["bootstrap"] = bootstrap(runs, cfg)
+        out["bootstrap"] = bootstrap(runs, cfg, progress)
     out["summary"] = summary(out)
     return out
 
@@ -475,13 +476,13 @@ def summary(fit: dict) -> dict:
     return s
 
 
-def bootstrap(runs: Runs, cfg: FitConfig) -> dict:
+def bootstrap(runs: Runs, cfg: FitConfig, progress: bool = False) -> dict:
     """Percentile CIs of the exponents from resampling runs within each budget."""
     rng = np.random.default_rng(cfg.seed)
     sub = FitConfig(**{**asdict(cfg), "bootstrap": 0, "grid_top_k": min(cfg.grid_top_k, 4)})
     draws: dict[str, list[float]] = {}
     groups = [np.flatnonzero(runs.flops == c) for c in runs.budgets]
-    for _ in range(cfg.bootstrap):
+    for _ in tqdm(range(cfg.bootstrap), desc="bootstrap", disable=not progress):
         idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
         r = runs.subset(idx)
         fits = {}

@@ -1,0 +1,145 @@
+"""`trajdata scaling fit` and `trajdata scaling forecast`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from trajdata.errors import ConfigError, DataError
+from trajdata.scaling.fits import FitConfig, fit_all
+from trajdata.scaling.forecast import METHODS, forecast
+from trajdata.scaling.runs import COLUMN_ALIASES, load_runs, parse_budgets
+
+
+def _pairs(values, flag):
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {v!r}")
+        k, val = v.split("=", 1)
+        out[k.strip()] = val.strip()
+    return out
+
+
+def runs_options(f):
+    """Options that choose columns, rows and budgets of a runs table, and the fit settings."""
+    d = FitConfig()
+    roles = ", ".join(f"{r} ({'/'.join(a)})" for r, a in COLUMN_ALIASES.items())
+    options = [
+        click.option("--col", "cols", multiple=True, metavar="ROLE=NAME",
+                     help=f"Column for a role; default: first alias present. Roles: {roles}."),
+        click.option("--where", "wheres", multiple=True, metavar="COL=VALUE",
+                     help="Keep only rows with COL equal to VALUE (e.g. game=Breakout)."),
+        click.option("--budgets", default=None, metavar="C1,C2,...", help="Keep only these FLOP budgets."),
+        click.option("--min-budget", default=None, type=float, help="Drop budgets below this."),
+        click.option("--max-budget", default=None, type=float, help="Drop budgets above this."),
+        click.option("--min-points-per-budget", default=d.min_points, show_default=True, type=int,
+                     help="Model sizes (in the window) a budget needs to be kept."),
+        click.option("--window", default=d.window, show_default=True, type=int,
+                     help="Sizes either side of the observed optimum each parabola uses (0: all)."),
+        click.option("--optimum", default=d.optimum, show_default=True, type=click.Choice(["vertex", "argmin"]),
+                     help="Per-budget optimum: parabola vertex or best observed run."),
+        click.option("--parametric-points", default=d.parametric_points, show_default=True,
+                     type=click.Choice(["window", "all"]),
+                     help="Runs the parametric fits use: inside kept parabola windows, or all."),
+        click.option("--flops-per-param-sample", default=d.flops_per_param_sample, show_default=True, type=float,
+                     help="k in C = k*N*D (6 for Transformers)."),
+        click.option("--ci", "ci_level", default=d.ci_level, show_default=True, type=float, help="CI level."),
+        click.option("--cv-folds", default=d.cv_folds, show_default=True, type=int,
+                     help="Rolling cross-validation: largest budgets held out one at a time."),
+        click.option("--no-return", is_flag=True, help="Skip the return fits."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def load_and_config(runs_path, cols, wheres, budgets, min_budget, max_budget, min_points_per_budget, window,
+                    optimum, parametric_points, flops_per_param_sample, ci_level, cv_folds, no_return,
+                    bootstrap=0, seed=0):
+    runs = load_runs(runs_path, _pairs(cols, "--col"), _pairs(wheres, "--where"))
+    chosen = parse_budgets(budgets)
+    if chosen is not None:
+        runs = runs.with_budgets(chosen)
+    lo, hi = min_budget or 0.0, max_budget or float("inf")
+    runs = runs.subset((runs.flops >= lo) & (runs.flops <= hi))
+    if len(runs) == 0:
+        raise ConfigError("no runs left after --min-budget/--max-budget")
+    cfg = FitConfig(optimum=optimum, window=window, min_points=min_points_per_budget,
+                    flops_per_param_sample=flops_per_param_sample, ci_level=ci_level, cv_folds=cv_folds,
+                    bootstrap=bootstrap, seed=seed, fit_return=not no_return, parametric_points=parametric_points)
+    return runs, cfg
+
+
+@click.group()
+def scaling():
+    """Fit imitation-learning scaling laws to a runs table and forecast compute-optimal runs."""
+
+
+@scaling.command("fit")
+@click.argument("runs_path", metavar="RUNS", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for fit.json and report.html.")
+@runs_options
+@click.option("--bootstrap", default=0, show_default=True, type=int, help="Bootstrap resamples (0: delta method only).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
+def fit_cmd(runs_path, out, bootstrap, seed, **opts):
+    """Fit isoFLOP profiles, parametric laws and return-vs-loss to RUNS (CSV or Parquet).
+
+    RUNS has one row per evaluated checkpoint: FLOPs, params, samples, loss (+ its SE),
+    optionally mean return (+ SE, episodes). Writes OUT/fit.json (every coefficient with CIs)
+    and OUT/report.html (self-contained, plots embedded).
+    """
+    from trajdata.scaling.report import write_report
+
+    runs, cfg = load_and_config(runs_path, bootstrap=bootstrap, seed=seed, **opts)
+    result = fit_all(runs, cfg, progress=True)
+    paths = write_report(result, out)
+    for key, e in result["summary"].items():
+        click.echo(f"{key:28s} {e['value']:8.3f}  ({e['ci'][0]:.3f}, {e['ci'][1]:.3f})")
+    kept = result["loss"]["isoflop"]["budgets_kept"]
+    click.echo(f"loss budgets kept: {len(kept)} of {len(result['budgets'])} ({min(kept):.3g} .. {max(kept):.3g})")
+    click.echo(f"wrote {paths['json']} and {paths['html']}")
+
+
+@scaling.command("forecast")
+@click.argument("source", metavar="FIT_JSON_OR_RUNS", type=click.Path(dir_okay=False))
+@click.option("--dataset-size", type=float, default=None, help="Samples D you have: solve C, then N.")
+@click.option("--compute", type=float, default=None, help="FLOP budget C: the optimal N and D.")
+@click.option("--params", type=float, default=None, help="Model size N: solve C, then D.")
+@click.option("--method", "methods", multiple=True, type=click.Choice(METHODS),
+              help="Fit(s) to forecast with (default: all present).")
+@click.option("--target", type=click.Choice(["loss", "return", "both"]), default="both", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@runs_options
+def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json, **opts):
+    """Compute-optimal N, D, C and predicted loss/return from a fit JSON (or a RUNS file, fitted first).
+
+    Give exactly one of --dataset-size, --compute, --params; e.g. `--dataset-size 40e9`.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"file not found: {path}")
+    if path.suffix.lower() == ".json":
+        try:
+            fit = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not valid JSON: {e.msg} (line {e.lineno})")
+        if not isinstance(fit, dict) or "loss" not in fit:
+            raise DataError(f"{path} is not a trajdata scaling fit (no 'loss' section)")
+    else:
+        runs, cfg = load_and_config(source, **opts)
+        fit = fit_all(runs, cfg)
+    targets = ("loss", "return") if target == "both" else (target,)
+    rows = forecast(fit, methods or None, targets, dataset_size=dataset_size, compute=compute, params=params)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo(f"{'target':7s} {'method':10s} {'FLOPs':>10s} {'params':>10s} {'samples':>10s} {'predicted':>10s}")
+    for r in rows:
+        click.echo(f"{r['target']:7s} {r['method']:10s} {r['flops']:10.3g} {r['params']:10.3g} "
+                   f"{r['samples']:10.3g} {r[r['target']]:10.4g}")
+
+
+def register(cli):
+    cli.add_command(scaling)

@@ -1,0 +1,214 @@
+"""Self-contained HTML report of a fit: tables plus matplotlib figures embedded as base64 PNG."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from trajdata.scaling.fits import allocation_n, predict_optimum, power_plus_const  # noqa: E402
+
+LABELS = {"loss": "validation loss", "return": "mean return"}
+METHOD_STYLE = {"quadratic": ("tab:orange", "--"), "chinchilla": ("tab:green", ":")}
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _budget_colors(budgets):
+    lc = np.log10(budgets)
+    span = max(lc.max() - lc.min(), 1e-9)
+    return {b: plt.cm.viridis((np.log10(b) - lc.min()) / span) for b in budgets}
+
+
+def plot_isoflop(res: dict, target: str):
+    profiles = res["profiles"]
+    colors = _budget_colors(np.array([p["flops"] for p in profiles]))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for p in profiles:
+        c = colors[p["flops"]]
+        N, y = np.array(p["params"]), np.array(p["value"])
+        ax.plot(N, y, "o", color=c, ms=5, mfc=c if p["kept"] else "none", alpha=1 if p["kept"] else 0.5)
+        if p["coef"] is not None and p["kept"]:
+            xs = np.linspace(np.log(p["window"][0]), np.log(p["window"][1]), 60)
+            ys = np.polyval(p["coef"], xs)
+            ax.plot(np.exp(xs), np.exp(ys) if p["log_target"] else ys, "-", color=c, lw=1.5)
+        if p["kept"]:
+            ax.plot(p["n_opt"], p["y_opt"], "*", color="crimson", ms=11, mec="k", mew=0.5, zorder=5)
+    ax.set_xscale("log")
+    if target == "loss":
+        ax.set_yscale("log")
+    sm = plt.cm.ScalarMappable(cmap="viridis", norm=matplotlib.colors.LogNorm(
+        min(colors), max(colors)))
+    fig.colorbar(sm, ax=ax, label="FLOP budget C")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel(LABELS[target])
+    ax.set_title(f"isoFLOP profiles ({target}): filled = kept, hollow = dropped, * = optimum")
+    return fig
+
+
+def _band(ax, fit: dict, C, color, label):
+    """Power-law line with its confidence band from the OLS covariance."""
+    cov = np.array(fit["cov"])
+    X = np.stack([np.ones_like(C), np.log(C)], 1)
+    mu = X @ [fit["intercept"]["value"], fit["exponent"]["value"]]
+    se = np.sqrt(np.einsum("ij,jk,ik->i", X, cov, X))
+    q = stats.t.ppf(0.975, max(fit["n"] - 2, 1))
+    ax.plot(C, np.exp(mu), "-", color=color, label=label)
+    ax.fill_between(C, np.exp(mu - q * se), np.exp(mu + q * se), color=color, alpha=0.2)
+
+
+def plot_allocation(fit: dict, target: str):
+    res = fit[target]
+    iso = res["isoflop"]
+    kept = [p for p in iso["profiles"] if p["kept"]]
+    Ck = np.array([p["flops"] for p in kept])
+    C = np.logspace(np.log10(min(fit["budgets"])), np.log10(max(fit["budgets"])) + 1, 100)
+    k = fit["config"]["flops_per_param_sample"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, pts, name in ((axes[0], "N_opt", [p["n_opt"] for p in kept], "N"),
+                               (axes[1], "D_opt", [p["d_opt"] for p in kept], "D")):
+        e = iso[key]["exponent"]
+        _band(ax, iso[key], C, "tab:blue",
+              f"isoFLOP: {name} ∝ C^{e['value']:.3f} ({e['ci'][0]:.2f}, {e['ci'][1]:.2f})")
+        ax.plot(Ck, pts, "o", color="tab:blue", mec="k")
+        for meth, (color, ls) in METHOD_STYLE.items():
+            if meth in res:
+                N = allocation_n(res[meth]["allocation"], C)
+                y = N if name == "N" else C / (k * N)
+                ex = res[meth]["a" if name == "N" else "b"]["value"]
+                ax.plot(C, y, ls, color=color, label=f"{meth}: {name} ∝ C^{ex:.3f}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("FLOPs C")
+        ax.set_ylabel(f"{target}-optimal {'parameters N' if name == 'N' else 'samples D'}")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"compute-optimal allocation ({target})")
+    return fig
+
+
+def plot_y_opt(fit: dict, target: str):
+    res = fit[target]
+    iso = res["isoflop"]
+    kept = [p for p in iso["profiles"] if p["kept"]]
+    C = np.logspace(np.log10(min(fit["budgets"])), np.log10(max(fit["budgets"])) + 1, 100)
+    k = fit["config"]["flops_per_param_sample"]
+    yf = iso["Y_opt"]
+    Y = power_plus_const(yf, C)
+    Y = 1 / Y if yf.get("inverse") else Y
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    form = "R = 1/(E + A·C^-k)" if yf.get("inverse") else "L = E + A·C^-k"
+    ax.plot(C, Y, "-", color="tab:blue",
+            label=f"isoFLOP {form}: E={yf['E']['value']:.3g}, k={yf['k']['value']:.3f}")
+    ax.plot([p["flops"] for p in kept], [p["y_opt"] for p in kept], "o", color="tab:blue", mec="k")
+    for meth, (color, ls) in METHOD_STYLE.items():
+        if meth in res:
+            ax.plot(C, predict_optimum(meth, res[meth], C, k)[1], ls, color=color, label=f"{meth} at its optimum")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("FLOPs C")
+    ax.set_ylabel(f"optimal {LABELS[target]}")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_return_vs_loss(fit: dict):
+    r = fit["return_vs_loss"]
+    L, R = np.array(r["points"]["loss"]), np.array(r["points"]["return"])
+    Ls = np.geomspace(L.min() * 0.8, L.max() * 1.1, 100)
+    d = r["delta"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(L, R, "o", color="tab:purple", mec="k")
+    ax.plot(Ls, np.exp(r["log_c"]["value"]) * Ls ** d["value"], "-", color="tab:purple",
+            label=f"R ∝ L^{d['value']:.2f} ({d['ci'][0]:.2f}, {d['ci'][1]:.2f})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("loss at each budget's loss-optimal size")
+    ax.set_ylabel("mean return")
+    ax.legend()
+    return fig
+
+
+def _fmt(e: dict) -> str:
+    return f"{e['value']:.3f} ({e['ci'][0]:.3f}, {e['ci'][1]:.3f})"
+
+
+def _table(rows, header) -> str:
+    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def build_figures(fit: dict) -> dict[str, str]:
+    figs = {"loss_isoflop": plot_isoflop(fit["loss"]["isoflop"], "loss"),
+            "loss_allocation": plot_allocation(fit, "loss"), "loss_optimum": plot_y_opt(fit, "loss")}
+    if "return" in fit:
+        figs.update(return_isoflop=plot_isoflop(fit["return"]["isoflop"], "return"),
+                    return_allocation=plot_allocation(fit, "return"), return_optimum=plot_y_opt(fit, "return"),
+                    return_vs_loss=plot_return_vs_loss(fit))
+    return {k: _png(f) for k, f in figs.items()}
+
+
+def render_html(fit: dict, figures: dict[str, str]) -> str:
+    cfg = fit["config"]
+    level = int(round(cfg["ci_level"] * 100))
+    parts = [f"<h1>Scaling-law fit</h1><p>source: <code>{html.escape(fit['source'])}</code>; "
+             f"{fit['n_runs']} runs, {len(fit['budgets'])} FLOP budgets; optimum = {cfg['optimum']}, "
+             f"window = ±{cfg['window']} sizes, C = {cfg['flops_per_param_sample']:g}·N·D "
+             f"(median C/(N·D) in the data: {fit['median_flops_per_param_sample']:.3g}); {level}% CIs.</p>"]
+    rows = []
+    for key, e in fit["summary"].items():
+        bs = fit.get("bootstrap", {}).get(key)
+        rows.append([key, _fmt(e), f"({bs['ci'][0]:.3f}, {bs['ci'][1]:.3f})" if bs else ""])
+    parts.append("<h2>Exponents</h2><p>a: N_opt ∝ C^a, b: D_opt ∝ C^b; delta: R ∝ L^delta; "
+                 "k: L_opt = E + A·C^-k.</p>" + _table(rows, ["quantity", f"estimate ({level}% CI)", "bootstrap CI"]))
+    for target in ("loss", "return"):
+        if target not in fit:
+            continue
+        res = fit[target]
+        prof = [[f"{p['flops']:.3g}", p["n_sizes"], "yes" if p["kept"] else "no", p["reason"],
+                 f"{p['n_opt']:.3g}" if p["kept"] else "", f"{p['y_opt']:.4g}" if p["kept"] else ""]
+                for p in res["isoflop"]["profiles"]]
+        parts.append(f"<h2>{target.capitalize()}</h2><h3>isoFLOP profiles</h3>"
+                     f"<img src='data:image/png;base64,{figures[target + '_isoflop']}'>"
+                     + _table(prof, ["budget C", "sizes", "kept", "why dropped", "N_opt", f"{target} at optimum"]))
+        parts.append(f"<h3>Optimal allocation</h3><img src='data:image/png;base64,{figures[target + '_allocation']}'>"
+                     f"<h3>Optimal {target} vs compute</h3>"
+                     f"<img src='data:image/png;base64,{figures[target + '_optimum']}'>")
+        coef_rows = [[m, name, _fmt(e)] for m in ("quadratic", "chinchilla") if m in res
+                     for name, e in res[m]["coef"].items()]
+        parts.append("<h3>Parametric fits</h3>" + _table(coef_rows, ["method", "coefficient", "estimate"]))
+        cv = res["crossval"]
+        cv_rows = [[m, f"{v['log10_n_opt']:.3f}" if v["log10_n_opt"] is not None else "",
+                    f"{v['rel_y_opt']:.3f}" if v["rel_y_opt"] is not None else ""] for m, v in cv["rmse"].items()]
+        held = ", ".join(f"{r['held_out']:.3g}" for r in cv["folds"])
+        parts.append(f"<h3>Rolling cross-validation</h3><p>each held-out budget ({held}) is predicted from "
+                     f"all smaller budgets; best by {target} RMSE: <b>{cv['best_by_y_opt']}</b></p>"
+                     + _table(cv_rows, ["method", "RMSE log10 N_opt", f"RMSE relative {target}"]))
+    if "return_vs_loss" in figures:
+        parts.append(f"<h2>Return vs loss</h2><img src='data:image/png;base64,{figures['return_vs_loss']}'>")
+    style = ("<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
+             "margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style>")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>trajdata scaling report</title>{style}</head>" \
+           f"<body>{''.join(parts)}</body></html>"
+
+
+def write_report(fit: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write fit.json and report.html into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fit.json").write_text(json.dumps(fit, indent=1))
+    (out / "report.html").write_text(render_html(fit, build_figures(fit)))
+    return {"json": out / "fit.json", "html": out / "report.html"}
