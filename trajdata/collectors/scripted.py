@@ -2,13 +2,14 @@
 
 Strategy, one decision per step, first rule that fires wins:
 
-1. Prompts: ``--More--`` -> Enter; menus and other waits -> Esc; yes/no and item/direction questions -> the answer
-   for what it is doing (eat, pray, kick), otherwise Esc. "Really attack?" -> Esc, and that monster
-   glyph is remembered as peaceful on this level.
+1. Prompts: ``--More--`` -> Enter; menus and other waits -> Esc; yes/no, item and direction
+   questions -> the answer for what it is doing (eat, pray, kick, engrave), otherwise Esc.
+   "Really attack?" -> Esc, and that monster glyph counts as peaceful on this level until one hurts us.
 2. Survival: pray when HP is low or weak from hunger (at most once per ~800 turns); when hurt
    with a hostile adjacent, engrave Elbereth in the dust and rest on it; eat fresh safe corpses of
    our kills and food from inventory; rest (search in place) when hurt and nothing hostile is near.
-3. Fight: attack an adjacent monster that is not a pet, not known peaceful, not a floating eye.
+3. Fight: attack an adjacent monster that is not a pet, not known peaceful, and not one that hurts
+   its attacker (floating eye, jellies, molds, acid blob, gas spore; those are walked around).
 4. Descend: standing on a known '>' -> press '>' (if the character's level is not too far behind
    the depth; stairs into the Gnomish Mines are climbed back and avoided).
 5. Move: breadth-first search over the remembered map (open doors orthogonal only, traps, water and
@@ -94,6 +95,7 @@ NEVER_ATTACK = {  # passive damage or explodes; none of them chase us
                                 "ochre jelly", "brown mold", "yellow mold", "green mold", "red mold")
 }
 MINES_DNUM = 2
+DOORWAY = nh.GLYPH_CMAP_OFF + 12  # empty or broken doorway: diagonal moves allowed
 SWALLOW_LO, SWALLOW_HI = nh.GLYPH_SWALLOW_OFF, nh.GLYPH_WARNING_OFF
 BODY_LO, BODY_HI = nh.GLYPH_BODY_OFF, nh.GLYPH_BODY_OFF + nh.NUMMONS
 
@@ -102,7 +104,8 @@ def _safe_corpses() -> set[bytes]:
     """Monsters whose fresh corpse is safe to eat: not poisonous, petrifying, were, cannibalism
     for any playable race, a pet species, or with nasty side effects."""
     bad_m1 = 0x10000000  # M1_POIS
-    bad_m2 = 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x00400000  # undead were human elf dwarf gnome orc domestic
+    bad_m2 = 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x00400000  # undead were human elf dwarf
+    # gnome orc domestic
     bad_names = {"cockatrice", "chickatrice", "Medusa", "green slime", "bat", "giant bat", "vampire bat",
                  "violet fungus", "small mimic", "large mimic", "giant mimic", "chameleon",
                  "quantum mechanic", "leprechaun", "water nymph", "wood nymph", "mountain nymph", "tengu"}
@@ -161,6 +164,7 @@ class _Level:
 
     def __init__(self):
         self.seen_adj = np.zeros((ROWS, COLS), bool)  # squares that were ever next to us
+        self.doors = np.zeros((ROWS, COLS), bool)  # seen as a door: no diagonal moves in or out
         self.searched = np.zeros(N_CELLS, np.int32)
         self.down: set[int] = set()
         self.locked: dict[int, int] = {}  # door cell -> kicks so far
@@ -276,6 +280,7 @@ class ScriptedNetHackExpert:
         glyphs = obs["glyphs"]
         flat_glyphs = glyphs.ravel()
         cat = GLYPH_CAT[glyphs]
+        lvl.doors = (lvl.doors | (cat == DOOR)) & (glyphs != DOORWAY)  # doors under monsters/objects
         for c in np.flatnonzero(cat == DOWNSTAIR).tolist():
             if c not in lvl.no_down:
                 lvl.down.add(c)
@@ -410,7 +415,10 @@ class ScriptedNetHackExpert:
             lvl.fresh[self.last_move_to] = turn
         if b"door is locked" in msg and self.last_move_to >= 0:
             lvl.locked.setdefault(self.last_move_to, 0)
-        elif (b"You try to move the boulder" in msg or b"can't move diagonally" in msg
+        elif b"can't move diagonally" in msg and self.last_move_to >= 0:
+            lvl.doors[divmod(pos, COLS)] = lvl.doors[divmod(self.last_move_to, COLS)] = True
+            self.path = []
+        elif (b"You try to move the boulder" in msg
               or b"carrying too much to get through" in msg) and self.last_move_to >= 0:
             lvl.blocked.add(self.last_move_to)
             self.path = []
@@ -455,7 +463,7 @@ class ScriptedNetHackExpert:
             g = int(flat_glyphs[c])
             if g in lvl.peaceful or g in NEVER_ATTACK:
                 passable[c] = False
-        return passable.tolist(), (cat == DOOR).ravel().tolist()
+        return passable.tolist(), lvl.doors.ravel().tolist()
 
     def _navigate(self, lvl: _Level, cat, flat_glyphs, pos: int) -> tuple[int, int] | None:
         passable, doors = self._walkable(lvl, cat, flat_glyphs)
