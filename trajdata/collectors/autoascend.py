@@ -245,7 +245,8 @@ class AutoAscendExpert(NetHackExpert):
         agent = self.agent
         out["panics"] = len(agent.all_panics) if agent is not None else 0
         out["experience_level"] = int(last_bl[nethack.NLE_BL_XP])
-        out["milestone"] = str(agent.global_logic.milestone) if agent is not None and hasattr(agent, "global_logic") else ""
+        milestone = getattr(getattr(agent, "global_logic", None), "milestone", None)
+        out["milestone"] = getattr(milestone, "name", str(milestone or ""))
         return out
 
     def describe(self) -> dict:
@@ -253,3 +254,36 @@ class AutoAscendExpert(NetHackExpert):
         d.update(commit=AUTOASCEND_COMMIT, no_progress_timeout=self.cfg.no_progress_timeout,
                  panic_on_errors=self.cfg.panic_on_errors, agent_seed=self.cfg.agent_seed)
         return d
+
+
+def replay_episode(root, episode_id: str) -> int:
+    """Replay a recorded NetHack episode's actions on its seeds in a fresh env; returns the steps checked.
+
+    Raises DataError at the first step whose recorded observation differs from the replayed one.
+    """
+    import json
+
+    from trajdata.collectors.nethack import CharacterEnv, seed_and_reset
+    from trajdata.errors import DataError
+    from trajdata.format.dataset import Dataset
+
+    ds = Dataset(root)
+    row = next((r for r in ds.index_rows() if r["id"] == episode_id), None)
+    if row is None:
+        raise DataError(f"{root}: no episode {episode_id!r}")
+    seeds = row["seeds"] if isinstance(row["seeds"], dict) else json.loads(row["seeds"])
+    env = CharacterEnv(row["character"], ds.info.get("expert", {}).get("fix_moon_phase", True))
+    try:
+        obs, _ = seed_and_reset(env, seeds["core"], seeds["disp"], seeds.get("lgen"))
+        names = ds.schema.observation_names
+        t = 0
+        for chunk in ds.episode(episode_id):
+            for i in range(chunk.steps):
+                for name in names:
+                    if not np.array_equal(chunk.fields[name][i], obs[name]):
+                        raise DataError(f"{episode_id}: step {t}: recorded {name} differs from the replay")
+                obs, *_ = env.step(int(chunk.fields["action"][i]))
+                t += 1
+        return t
+    finally:
+        env.close()
