@@ -9,7 +9,8 @@ Strategy, one decision per step, first rule that fires wins:
    with a hostile adjacent, engrave Elbereth in the dust and rest on it; eat fresh safe corpses of
    our kills and food from inventory; rest (search in place) when hurt and nothing hostile is near.
 3. Fight: attack an adjacent monster that is not a pet, not known peaceful, and not one that hurts
-   its attacker (floating eye, jellies, molds, acid blob, gas spore; those are walked around).
+   its attacker (floating eye, jellies, molds, acid blob, gas spore; those are walked around);
+   wizards cast force bolt at it while they have the power.
 4. Descend: standing on a known '>' -> press '>' (if the character's level is not too far behind
    the depth; stairs into the Gnomish Mines are climbed back and avoided).
 5. Move: breadth-first search over the remembered map (open doors orthogonal only, traps, water and
@@ -49,6 +50,8 @@ KICK = _KEY_TO_ACTION[4]
 PRAY = _KEY_TO_ACTION[ord("p") | 0x80]
 YES = _KEY_TO_ACTION[ord("y")]
 ENGRAVE = _KEY_TO_ACTION[ord("E")]
+CAST = _KEY_TO_ACTION[ord("Z")]
+SPELL_A = _KEY_TO_ACTION[ord("a")]
 FINGERS = _KEY_TO_ACTION[ord("-")]
 ELBERETH = [_KEY_TO_ACTION[c] for c in b"Elbereth"]
 NO = _KEY_TO_ACTION[ord("n")]
@@ -146,6 +149,7 @@ class ScriptedConfig:
     descend_hp_frac: float = 0.5  # rest on the stairs before descending below this
     search_per_spot: int = 15  # searches at one spot before moving on
     max_search_per_spot: int = 45
+    first_pray_turn: int = 120  # prayer timeout starts at 300 and must be <= 200 to be answered
     pray_every: int = 800  # turns between prayers
     max_kicks: int = 8  # per locked door
     goal_patience: int = 25  # extra steps allowed over the planned path length
@@ -154,7 +158,7 @@ class ScriptedConfig:
     depth_over_xl: int = 1  # deeper than experience level + this: explore the level before descending
     corpse_fresh_turns: int = 30  # eat corpses of our kills this young
     corpse_max_dist: int = 8
-    elbereth_hp_frac: float = 0.34  # engrave Elbereth below this HP fraction with a hostile adjacent
+    elbereth_hp_frac: float = 0.5  # engrave Elbereth below this HP fraction with a hostile adjacent
     elbereth_rest_frac: float = 0.7  # then rest on it up to this fraction
     avoid_mines: bool = True  # the Gnomish Mines kill low-level characters: take the main '>' only
 
@@ -213,6 +217,7 @@ class ScriptedNetHackExpert:
         self.engrave_at: tuple | None = None
         self.engrave_turn = -10**9
         self.went_down_from: tuple | None = None  # (level, cell) of the last '>' we took
+        self.force_bolt: bool | None = None  # a wizard: knows force bolt (spell a)
 
     # -- public --------------------------------------------------------------------------------
 
@@ -244,6 +249,8 @@ class ScriptedNetHackExpert:
         if b"--More--" in tty:
             return RETURN
         if MENU_RE.search(tty):
+            if self.intent and self.intent[0] == "cast" and b"Choose which spell" in tty:
+                return SPELL_A
             return ESC  # Enter does not close every menu
         misc = obs.get("misc")
         top = tty[:COLS + 1].rstrip()
@@ -292,7 +299,8 @@ class ScriptedNetHackExpert:
             return self.rng.choice(MOVES)  # engulfed: any direction hits the engulfer
 
         low_hp = hp <= 5 or hp * 7 <= hpmax
-        if (low_hp or hunger >= 3) and turn > 300 and turn - self.last_pray > self.cfg.pray_every:
+        if ((low_hp or hunger >= 3) and turn > self.cfg.first_pray_turn
+                and turn - self.last_pray > self.cfg.pray_every):
             self.last_pray = turn
             self.intent = ("pray",)
             return PRAY
@@ -321,6 +329,11 @@ class ScriptedNetHackExpert:
             n, a, g = target
             self.path = []
             self.last_move_to, self.last_move_glyph = n, g
+            if self.force_bolt is None:
+                self.force_bolt = any(b"spellbook of force bolt" in bytes(t) for t in obs["inv_strs"])
+            if self.force_bolt and int(bl[nh.NLE_BL_ENE]) >= 5:
+                self.intent = ("cast", a)
+                return CAST
             return a
 
         if hunger >= 1 and lvl.fresh:
@@ -378,7 +391,7 @@ class ScriptedNetHackExpert:
             self.path = []
             return ESC
         if b"direction" in top:
-            return intent[1] if intent[0] == "kick" else ESC
+            return intent[1] if intent[0] in ("kick", "cast") else ESC
         if b"Continue eating" in top:
             return NO
         if intent[0] == "eat_floor":
@@ -512,6 +525,9 @@ class ScriptedNetHackExpert:
                 if path:
                     return self._set_path(kind, path)
         path = self._search_spot(lvl, cat, pos, passable, doors, bad)
+        if path is None and lvl.searched.any():
+            lvl.searched[:] = 0  # searched everywhere in vain: start over (finding is random)
+            path = self._search_spot(lvl, cat, pos, passable, doors, bad)
         if path is not None:
             self._set_path("search", path)
             self.goal = path[-1][0] if path else pos
