@@ -10,30 +10,29 @@ import numpy as np
 
 from trajdata.collectors.base import Expert, RecordingEnv
 
-ROLES = {
-    "archeologist": "arc", "barbarian": "bar", "caveman": "cav", "cavewoman": "cav", "healer": "hea",
-    "knight": "kni", "monk": "mon", "priest": "pri", "priestess": "pri", "rogue": "rog", "ranger": "ran",
-    "samurai": "sam", "tourist": "tou", "valkyrie": "val", "wizard": "wiz",
+# NetHack 3.6 role -> (races, alignments); races constrain alignment too; valkyries are female.
+ROLE_OPTIONS = {
+    "arc": ("hum dwa gno", "law neu"), "bar": ("hum orc", "neu cha"), "cav": ("hum dwa gno", "law neu"),
+    "hea": ("hum gno", "neu"), "kni": ("hum", "law"), "mon": ("hum", "law neu cha"),
+    "pri": ("hum elf", "law neu cha"), "rog": ("hum orc", "cha"), "ran": ("hum elf gno orc", "neu cha"),
+    "sam": ("hum", "law"), "tou": ("hum", "neu"), "val": ("hum dwa", "law neu"), "wiz": ("hum elf gno orc", "neu cha"),
 }
-RACES = {"human": "hum", "elven": "elf", "elf": "elf", "dwarvish": "dwa", "dwarf": "dwa", "gnomish": "gno",
-         "gnome": "gno", "orcish": "orc", "orc": "orc"}
-ALIGNMENTS = {"lawful": "law", "neutral": "neu", "chaotic": "cha"}
-GENDERS = {"male": "mal", "female": "fem"}
-_WELCOME = re.compile(r"You are an? (\w+) (\w+) (\w+) (\w+)\.")
+RACE_ALIGNMENTS = {"hum": "law neu cha", "elf": "cha", "dwa": "law", "gno": "neu", "orc": "cha"}
 _CHARACTER = re.compile(r"^(@|[a-z]{3}(-[a-z]{3}){0,3})$")
+
+
+def random_character(seed: int) -> str:
+    """A valid role-race-alignment-gender, drawn like NetHack's own random pick (role first)."""
+    rng = np.random.default_rng([seed, 0xC4A7])
+    role = str(rng.choice(sorted(ROLE_OPTIONS)))
+    races, aligns = ROLE_OPTIONS[role]
+    race = str(rng.choice(races.split()))
+    align = str(rng.choice([a for a in aligns.split() if a in RACE_ALIGNMENTS[race]]))
+    gender = "fem" if role == "val" else str(rng.choice(["mal", "fem"]))
+    return f"{role}-{race}-{align}-{gender}"
+
+
 SEED_KEYS = ("core", "disp", "reseed", "lgen")
-
-
-def parse_character(message: str) -> str | None:
-    """'... You are a neutral male gnomish Wizard.' -> 'wiz-gno-neu-mal'."""
-    m = _WELCOME.search(message)
-    if not m:
-        return None
-    align, gender, race, role = (w.lower() for w in m.groups())
-    try:
-        return f"{ROLES[role]}-{RACES[race]}-{ALIGNMENTS[align]}-{GENDERS[gender]}"
-    except KeyError:
-        return None
 
 
 def obs_text(arr: np.ndarray) -> str:
@@ -48,8 +47,22 @@ def make_nethack_env(character: str = "@", fix_moon_phase: bool = True, **kwargs
     """NetHackChallenge-v0 without NLE's own ttyrec recording (trajdata records)."""
     import nle  # noqa: F401  (registers the envs)
 
-    return gym.make("NetHackChallenge-v0", character=character, save_ttyrec_every=0,
-                    fix_moon_phase=fix_moon_phase, **kwargs)
+    kwargs.setdefault("save_ttyrec_every", 0)
+    return gym.make("NetHackChallenge-v0", character=character, fix_moon_phase=fix_moon_phase, **kwargs)
+
+
+class CharacterEnv(gym.Wrapper):
+    """NetHackChallenge whose character can change between episodes (NLE fixes it at construction)."""
+
+    def __init__(self, character: str = "@", fix_moon_phase: bool = True):
+        self.character, self.fix_moon_phase = character, fix_moon_phase
+        super().__init__(make_nethack_env(character, fix_moon_phase))
+
+    def set_character(self, character: str) -> None:
+        if character != self.character:
+            self.env.close()
+            self.env = make_nethack_env(character, fix_moon_phase=self.fix_moon_phase)
+            self.character = character
 
 
 def allow_seeding(env: gym.Env) -> None:
@@ -85,21 +98,23 @@ class NetHackExpert(Expert):
 
             raise ConfigError(f"--character {character!r}: use '@' (random) or e.g. 'mon-hum-neu-mal'")
         self.character, self.fix_moon_phase = character, fix_moon_phase
-        self._character_seen: str | None = None
+        self.episode_character = character
 
-    def make_env(self) -> gym.Env:
-        return make_nethack_env(self.character, self.fix_moon_phase)
+    def make_env(self) -> CharacterEnv:
+        return CharacterEnv(self.character if self.character != "@" else "val-hum-law-fem", self.fix_moon_phase)
 
-    def reset_env(self, env, seed):
+    def reset_env(self, env: CharacterEnv, seed):
+        """Seeded reset; with character '@' the character is drawn from the episode seed."""
+        self.episode_character = random_character(seed) if self.character == "@" else self.character
+        env.set_character(self.episode_character)
         core, disp = seeds_from(seed)
         obs, info = seed_and_reset(env, core, disp)
-        self._character_seen = parse_character(obs_text(obs["message"]))
         return obs, info, {"core": core, "disp": disp, "reseed": False, "lgen": None}
 
     def summary(self, env: RecordingEnv) -> dict:
         from nle import nethack
 
-        bl = env.last_obs["blstats"]
+        bl = env.writer.last("blstats") if env.steps else env.last_obs["blstats"]
         end = "running"
         if env.terminated:
             status = env.last_info.get("end_status")
@@ -110,7 +125,7 @@ class NetHackExpert(Expert):
             "score": int(bl[nethack.NLE_BL_SCORE]),
             "turns": int(bl[nethack.NLE_BL_TIME]),
             "depth": int(bl[nethack.NLE_BL_DEPTH]),
-            "character": self._character_seen or self.character,
+            "character": self.episode_character,
             "end_reason": end,
         }
 

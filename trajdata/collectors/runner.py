@@ -26,6 +26,7 @@ from trajdata.collectors.base import EpisodeStalled, EpisodeTruncated, Expert, R
 from trajdata.errors import ConfigError, ExpertError, TrajdataError
 from trajdata.format.dataset import SHARD_DIR, build_index, create_or_check, shard_name
 from trajdata.format.schema import get_schema
+from trajdata.format.codec import DEFAULT_PROFILE, PROFILES
 from trajdata.format.shard import DEFAULT_CHUNK_STEPS, ShardWriter
 
 BACKENDS = ("local", "ray")
@@ -58,6 +59,7 @@ class CollectConfig:
     max_seconds: float | None = None
     stall_seconds: float | None = 60.0
     chunk_steps: int = DEFAULT_CHUNK_STEPS
+    codec: str = DEFAULT_PROFILE
     backend: str = "local"
     ray_address: str | None = None
 
@@ -67,6 +69,8 @@ class CollectConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max-steps must be at least 1 (got {self.max_steps})")
+        if self.codec not in PROFILES:
+            raise ConfigError(f"--codec {self.codec!r}: choose one of {', '.join(PROFILES)}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
 
@@ -122,7 +126,7 @@ def run_shard(cfg: CollectConfig, shard: int, report: Callable[[int], None] | No
     path = Path(cfg.out) / SHARD_DIR / shard_name(shard)
     versions = package_versions()
     rows = []
-    with ShardWriter(path, schema, cfg.chunk_steps) as sw:
+    with ShardWriter(path, schema, cfg.chunk_steps, cfg.codec) as sw:
         for ep in range(cfg.episodes_per_shard):
             seed = episode_seed(cfg.seed, shard, ep)
             t0 = time.monotonic()
@@ -240,7 +244,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
         "env": expert.describe().get("env", ""),
         "expert": expert.describe(),
         "collection": {"seed": cfg.seed, "episodes_per_shard": cfg.episodes_per_shard, "max_steps": cfg.max_steps,
-                       "max_seconds": cfg.max_seconds, "chunk_steps": cfg.chunk_steps},
+                       "max_seconds": cfg.max_seconds, "chunk_steps": cfg.chunk_steps, "codec": cfg.codec},
         "packages": package_versions(),
     }
     expert.close()

@@ -4,17 +4,23 @@ Each field is stored as one contiguous array for the whole chunk, zstd-compresse
 with a CRC32 of its compressed bytes. Fields that are (nearly) derivable from others are stored as
 a residual against their prediction, which is mostly zeros and costs almost nothing:
 
+- ``tty_colors``: XOR against the colour most often drawn with that character in the chunk;
+- ``message``: XOR against the terminal's top line;
 - ``chars`` / ``colors``: XOR against the map region of ``tty_chars`` / ``tty_colors``
   (they differ only where a menu or text window covers the map);
 - ``glyphs``: difference against the glyph most often seen with that (char, colour) in the chunk;
 - ``specials``: XOR against the value most often seen with that glyph in the chunk.
 
-Small per-step fields (blstats, cursor, inventory ids, scalars) are stored time-major per element
-(transposed) and narrowed to the smallest integer type holding their range, which makes each
-element a slowly changing series that zstd compresses well. tty fields are stored as they are, so
-reading only them decodes nothing else.
+Small per-step fields (blstats, cursor, inventory ids) are stored time-major per element
+(transposed), as differences from the previous step, narrowed to the smallest integer type holding
+their range: each element becomes a mostly-zero series. Storage stages: ``tty_chars`` and
+``tty_colors`` XORed with the previous step; ``inv_strs`` keeps only the steps where it changed.
 
-Blob layout: b"TDC1" | u32 header length | header JSON (utf-8) | field payloads.
+The derivations and stages used are a *profile* (``PROFILES``), recorded per field in each chunk
+header, so readers decode any profile: ``compact`` (all of the above, smallest) or ``fast`` (no
+table look-ups or prefix scans on decode; reading tty fields decodes nothing else).
+
+Blob layout: b"TDC1" | u32 header length | zstd(header JSON) | field payloads.
 """
 from __future__ import annotations
 
@@ -37,13 +43,33 @@ LUT_SAMPLE_STEPS = 256
 MAP_ROWS = slice(1, 22)
 MAP_COLS = slice(0, 79)
 
-# field -> (transform, source fields); sources are decoded first.
-DERIVATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "chars": ("xor_tty_map", ("tty_chars",)),
-    "colors": ("xor_tty_map", ("tty_colors",)),
-    "glyphs": ("pair_lut", ("chars", "colors")),
-    "specials": ("glyph_lut", ("glyphs",)),
+# Derivation kind -> the fields it predicts from (decoded first).
+SOURCES: dict[str, tuple[str, ...]] = {
+    "char_lut": ("tty_chars",),
+    "tty_topline": ("tty_chars",),
+    "xor_tty_chars": ("tty_chars",),
+    "xor_tty_colors": ("tty_colors",),
+    "pair_lut": ("chars", "colors"),
+    "glyph_lut": ("glyphs",),
 }
+
+# A profile picks, per field, a derivation and a storage stage: XOR with the previous step (frames
+# that change a little each step) or dedup (keep only steps that differ from the previous one).
+# "compact" is smallest; "fast" skips the table look-ups and prefix-XOR scans that cost decode time.
+PROFILES: dict[str, dict] = {
+    "compact": {
+        "derive": {"tty_colors": "char_lut", "message": "tty_topline", "chars": "xor_tty_chars",
+                   "colors": "xor_tty_colors", "glyphs": "pair_lut", "specials": "glyph_lut"},
+        "xor_previous": ("tty_chars", "tty_colors"),
+        "dedup": ("inv_strs",),
+    },
+    "fast": {
+        "derive": {"message": "tty_topline", "chars": "xor_tty_chars", "colors": "xor_tty_colors"},
+        "xor_previous": (),
+        "dedup": ("inv_strs",),
+    },
+}
+DEFAULT_PROFILE = "compact"
 
 _cctx_cache: dict[int, zstandard.ZstdCompressor] = {}
 _dctx = zstandard.ZstdDecompressor(max_window_size=2**ZSTD_WINDOW_LOG)
@@ -110,13 +136,43 @@ def _pair_key(chars: np.ndarray, colors: np.ndarray) -> np.ndarray:
 GLYPH_TABLE_SIZE = 1 << 16
 
 
-def _forward(name: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _topline_prediction(tty_chars: np.ndarray) -> np.ndarray:
+    """The message as the terminal's top line shows it: the row, zeroed after its last non-space."""
+    row = tty_chars[:, 0, :]
+    nonspace = row != 32
+    end = row.shape[1] - np.argmax(nonspace[:, ::-1], axis=1)
+    end[~nonspace.any(axis=1)] = 0
+    pred = np.zeros((len(row), 256), np.uint8)
+    pred[:, : row.shape[1]] = np.where(np.arange(row.shape[1])[None, :] < end[:, None], row, 0)
+    return pred
+
+
+def _xor_previous(a: np.ndarray) -> np.ndarray:
+    d = a.copy()
+    d[1:] ^= a[:-1]
+    return d
+
+
+def _undo_xor_previous(d: np.ndarray) -> np.ndarray:
+    flat = np.array(d).reshape(len(d), -1)
+    words = flat.view(np.uint64) if flat.shape[1] % 8 == 0 else flat
+    for t in range(1, len(words)):
+        np.bitwise_xor(words[t], words[t - 1], out=words[t])
+    return flat.reshape(d.shape)
+
+
+def _forward(name: str, kind: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Field array -> (array to store, auxiliary arrays)."""
     a = arrays[name]
-    kind = DERIVATIONS.get(name, (None, ()))[0]
-    if kind == "xor_tty_map":
-        src = arrays["tty_" + name]
+    if kind.startswith("xor_tty_"):
+        src = arrays[SOURCES[kind][0]]
         return a ^ src[:, MAP_ROWS, MAP_COLS].view(a.dtype), {}
+    if kind == "char_lut":
+        key = arrays["tty_chars"]
+        table = _most_frequent_map(key, a.view(np.uint8), 256)
+        return a ^ table[key].astype(np.uint8).view(a.dtype), {"lut": _lut_pack(table, a.dtype)}
+    if kind == "tty_topline":
+        return a ^ _topline_prediction(arrays["tty_chars"]), {}
     if kind == "pair_lut":
         key = _pair_key(arrays["chars"], arrays["colors"])
         table = _most_frequent_map(key, a, 1 << 16)
@@ -128,45 +184,64 @@ def _forward(name: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, dict
     return a, {}
 
 
-def _inverse(name: str, stored: np.ndarray, aux: dict[str, np.ndarray], done: dict[str, np.ndarray]) -> np.ndarray:
-    kind = DERIVATIONS.get(name, (None, ()))[0]
-    if kind == "xor_tty_map":
-        return stored ^ done["tty_" + name][:, MAP_ROWS, MAP_COLS].view(stored.dtype)
+def _inverse(kind: str, stored: np.ndarray, aux: dict[str, np.ndarray], done: dict[str, np.ndarray]) -> np.ndarray:
+    if kind.startswith("xor_tty_"):
+        return stored ^ done[SOURCES[kind][0]][:, MAP_ROWS, MAP_COLS].view(stored.dtype)
+    if kind == "char_lut":
+        table = _lut_unpack(aux["lut"], 256, np.uint8)
+        return stored ^ table[done["tty_chars"]].view(stored.dtype)
+    if kind == "tty_topline":
+        return stored ^ _topline_prediction(done["tty_chars"])
     if kind == "pair_lut":
         table = _lut_unpack(aux["lut"], 1 << 16, stored.dtype)
         return stored + table[_pair_key(done["chars"], done["colors"])]
     if kind == "glyph_lut":
         table = _lut_unpack(aux["lut"], GLYPH_TABLE_SIZE, stored.dtype)
         return stored ^ table[done["glyphs"].astype(np.uint16)]
-    return stored
+    raise DataError(f"unknown derivation {kind!r} (written by a newer trajdata?)")
 
 
-def _applies(name: str, schema: Schema) -> bool:
-    return name in DERIVATIONS and all(s in schema.names for s in DERIVATIONS[name][1])
-
-
-def encode_chunk(schema: Schema, arrays: dict[str, np.ndarray], meta: dict, level: int = ZSTD_LEVEL) -> bytes:
+def encode_chunk(schema: Schema, arrays: dict[str, np.ndarray], meta: dict, level: int = ZSTD_LEVEL,
+                 profile: str = DEFAULT_PROFILE) -> bytes:
     """Encode T steps (each ``arrays[f]`` shaped (T, *f.shape)) plus ``meta`` into one blob."""
     cctx = _compressor(level)
+    prof = PROFILES[profile]
     steps = len(arrays[schema.fields[0].name])
     entries, blobs, offset = {}, [], 0
     for f in schema.fields:
         a = np.ascontiguousarray(arrays[f.name])
         if a.shape != (steps, *f.shape) or a.dtype != f.np_dtype:
             raise ValueError(f"field {f.name}: got {a.dtype}{a.shape}, want {f.dtype}{(steps, *f.shape)}")
-        stored, aux = _forward(f.name, arrays) if _applies(f.name, schema) else (a, {})
+        kind = prof["derive"].get(f.name)
+        if kind and not all(src in schema.names for src in SOURCES[kind]):
+            kind = None
+        stored, aux = _forward(f.name, kind, arrays) if kind else (a, {})
+        stage = None
+        if f.name in prof["xor_previous"]:
+            stored, stage = _xor_previous(stored), "xor_previous"
+        elif f.name in prof["dedup"] and steps:
+            changed = np.ones(steps, bool)
+            changed[1:] = (stored[1:] != stored[:-1]).reshape(steps - 1, -1).any(axis=1)
+            stored, stage, aux = stored[changed], "dedup", dict(aux, changed=changed)
         parts = {"": stored, **{k: v for k, v in aux.items()}}
         entry = {}
         for part, arr in parts.items():
             transposed = arr.ndim >= 2 and part == "" and int(np.prod(arr.shape[1:])) <= TRANSPOSE_MAX_ELEMENTS
+            delta = transposed and arr.dtype.kind in "iu"
             if transposed:
-                arr = arr.reshape(steps, -1).T
+                arr = np.ascontiguousarray(arr.reshape(len(arr), -1).T)
+            if delta and steps > 1:
+                arr = arr.copy()
+                arr[:, 1:] -= arr[:, :-1].copy()
             arr = _narrow_int(np.ascontiguousarray(arr))
             blob = cctx.compress(arr.tobytes())
             entry[part or "data"] = {
                 "dtype": arr.dtype.str,
                 "shape": list(arr.shape),
                 "transposed": transposed,
+                "delta": delta,
+                "stage": stage if part == "" else None,
+                "derive": kind if part == "" else None,
                 "offset": offset,
                 "nbytes": len(blob),
                 "crc32": zlib.crc32(blob),
@@ -175,7 +250,7 @@ def encode_chunk(schema: Schema, arrays: dict[str, np.ndarray], meta: dict, leve
             offset += len(blob)
         entries[f.name] = entry
     header = dict(meta, steps=steps, schema=schema.name, schema_version=schema.version, fields=entries)
-    hjson = json.dumps(header, separators=(",", ":")).encode()
+    hjson = cctx.compress(json.dumps(header, separators=(",", ":")).encode())
     return b"".join([MAGIC, struct.pack("<I", len(hjson)), hjson, *blobs])
 
 
@@ -187,20 +262,22 @@ def read_header(blob_prefix: bytes, where: str) -> tuple[dict, int]:
     if len(blob_prefix) < 8 + n:
         raise DataError(f"{where}: chunk header truncated")
     try:
-        return json.loads(blob_prefix[8 : 8 + n]), 8 + n
-    except ValueError:
+        return json.loads(_dctx.decompress(blob_prefix[8 : 8 + n])), 8 + n
+    except (ValueError, zstandard.ZstdError):
         raise DataError(f"{where}: chunk header is not valid JSON") from None
 
 
-def _needed(schema: Schema, fields: Iterable[str]) -> list[str]:
+def _needed(schema: Schema, header: dict, fields: Iterable[str], where: str) -> list[str]:
     order: list[str] = []
 
     def visit(name: str):
         if name in order:
             return
-        if _applies(name, schema):
-            for src in DERIVATIONS[name][1]:
-                visit(src)
+        if name not in header["fields"]:
+            raise DataError(f"{where}: field {name!r} missing")
+        kind = header["fields"][name]["data"].get("derive")
+        for src in SOURCES.get(kind, ()) if kind else ():
+            visit(src)
         order.append(name)
 
     for name in fields:
@@ -216,10 +293,8 @@ def decode_chunk(
     want = list(fields) if fields is not None else list(schema.names)
     steps = header["steps"]
     out: dict[str, np.ndarray] = {}
-    for name in _needed(schema, want):
+    for name in _needed(schema, header, want, where):
         f = schema[name]
-        if name not in header["fields"]:
-            raise DataError(f"{where}: field {name!r} missing")
         parts = {}
         for part, e in header["fields"][name].items():
             blob = payload[e["offset"] : e["offset"] + e["nbytes"]]
@@ -230,14 +305,22 @@ def decode_chunk(
             except zstandard.ZstdError as err:
                 raise DataError(f"{where}: field {name!r}: {err}") from None
             arr = np.frombuffer(raw, dtype=np.dtype(e["dtype"])).reshape(e["shape"])
+            if e.get("delta"):
+                arr = np.cumsum(arr, axis=1, dtype=f.np_dtype)
             if e["transposed"]:
                 arr = arr.T
             parts[part] = arr
         data = parts.pop("data")
         if data.dtype != f.np_dtype:
             data = data.astype(f.np_dtype)
+        stage = header["fields"][name]["data"].get("stage")
+        if stage == "dedup":
+            data = data.reshape(-1, *f.shape)[np.cumsum(parts.pop("changed")) - 1]
         data = data.reshape(steps, *f.shape)
-        if _applies(name, schema):
-            data = _inverse(name, data, parts, out)
+        if stage == "xor_previous":
+            data = _undo_xor_previous(data)
+        kind = header["fields"][name]["data"].get("derive")
+        if kind:
+            data = _inverse(kind, data, parts, out)
         out[name] = np.ascontiguousarray(data)
     return {k: out[k] for k in want}

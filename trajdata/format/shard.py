@@ -10,7 +10,6 @@ partial shard.
 """
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 import time
@@ -68,6 +67,10 @@ class EpisodeWriter:
         self.buffers["reward"][self._fill - 1] = reward
         self.buffers["done"][self._fill - 1] = done
 
+    def last(self, name: str) -> np.ndarray:
+        """The most recently appended step's value of ``name``."""
+        return self.buffers[name][self._fill - 1]
+
     def _flush(self, last: bool, episode_row: dict | None = None) -> None:
         n = self._fill
         meta = {"episode_id": self.episode_id, "chunk": self.chunks, "start": self.steps - n, "last": last}
@@ -75,7 +78,8 @@ class EpisodeWriter:
             meta["episode_meta"] = self.meta
         if last:
             meta["episode"] = episode_row
-        blob = codec.encode_chunk(self.shard.schema, {k: v[:n] for k, v in self.buffers.items()}, meta)
+        blob = codec.encode_chunk(self.shard.schema, {k: v[:n] for k, v in self.buffers.items()}, meta,
+                                  profile=self.shard.profile)
         self.shard._add_member(f"{self.episode_id}-c{self.chunks:05d}.{CHUNK_EXT}", blob)
         self.chunks += 1
         self._fill = 0
@@ -92,8 +96,10 @@ class EpisodeWriter:
 class ShardWriter:
     """Context manager writing one shard atomically; an exception inside discards the partial file."""
 
-    def __init__(self, path: str | os.PathLike, schema: Schema, chunk_steps: int = DEFAULT_CHUNK_STEPS):
+    def __init__(self, path: str | os.PathLike, schema: Schema, chunk_steps: int = DEFAULT_CHUNK_STEPS,
+                 profile: str = codec.DEFAULT_PROFILE):
         self.path = Path(path)
+        self.profile = profile
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.schema, self.chunk_steps = schema, chunk_steps
         self.rows: list[dict] = []
@@ -101,7 +107,6 @@ class ShardWriter:
 
     def __enter__(self) -> "ShardWriter":
         self._f = open(self.tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
         return self
 
     def episode(self, episode_id: str, meta: dict) -> EpisodeWriter:
@@ -112,7 +117,8 @@ class ShardWriter:
     def _add_member(self, name: str, blob: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(blob), int(time.time()), 0o644
-        self._tar.addfile(info, io.BytesIO(blob))
+        pad = -len(blob) % tarfile.BLOCKSIZE
+        self._f.write(info.tobuf(tarfile.USTAR_FORMAT) + blob + tarfile.NUL * pad)
         self.bytes_written += len(blob)
 
     def add_episode_row(self, row: dict) -> None:
@@ -120,7 +126,7 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            self._tar.close()
+            self._f.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # end of archive, without tarfile's 10 KiB record padding
             self._f.flush()
             os.fsync(self._f.fileno())
         finally:

@@ -1,0 +1,173 @@
+"""Storage and decode benchmark, side by side on the same NLE games.
+
+1. Collect games with the scripted expert into a trajdata dataset (all NLD-AA-L fields).
+2. Replay each game's recorded actions from its recorded seeds in NLE with NLE's own ttyrec.bz2
+   recorder on (the NLD format), checking every tty frame matches ours: the same games.
+3. Report bytes/step (trajdata all fields, trajdata tty fields, NLE ttyrec.bz2), encode and decode
+   steps/s on one core, and the `nle.dataset.TtyrecDataset` loader's steps/s on those ttyrecs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from trajdata.collectors.nethack import allow_seeding, make_nethack_env
+from trajdata.collectors.runner import CollectConfig, ExpertSpec, collect
+from trajdata.format import codec
+from trajdata.format.codec import PROFILES
+from trajdata.format.dataset import Dataset
+from trajdata.format.schema import TTY_FIELDS
+
+
+def replay_to_ttyrec(ds: Dataset, savedir: Path) -> int:
+    """Replay every episode with NLE's ttyrec recorder on; returns frames checked against ours."""
+    from nle.env.base import NLE
+
+    checked = 0
+    for row in ds.index_rows():
+        seeds = json.loads(row["seeds"])
+        gamedir = savedir / row["id"]
+        gamedir.mkdir(parents=True, exist_ok=True)
+        env = make_nethack_env(row["character"], fix_moon_phase=True, save_ttyrec_every=1, savedir=str(gamedir))
+        allow_seeding(env)
+        NLE.seed(env.unwrapped, seeds["core"], seeds["disp"], False, seeds["lgen"])
+        obs, _ = env.reset()
+        for chunk in ds.episode(row["id"], fields=["tty_chars", "action"]):
+            for t in range(chunk.steps):
+                if not np.array_equal(obs["tty_chars"], chunk.fields["tty_chars"][t]):
+                    raise SystemExit(f"replay diverged: episode {row['id']} step {chunk.start + t}")
+                checked += 1
+                obs, _, term, trunc, _ = env.step(int(chunk.fields["action"][t]))
+        env.close()
+        _close_xlog(gamedir, row)
+    return checked
+
+
+_XLOG = ("version=3.6.7\tpoints={score}\tdeathdnum=0\tdeathlev={depth}\tmaxlvl={depth}\thp=1\tmaxhp=1\tdeaths=0\t"
+         "deathdate=20260101\tbirthdate=20260101\tuid=0\trole=Val\trace=Hum\tgender=Fem\talign=Law\tname=Agent\t"
+         "death=truncated\tconduct=0x0\tturns={turns}\tachieve=0x0\trealtime=0\tstarttime=0\tendtime=0\t"
+         "gender0=Fem\talign0=Law\tflags=0x4\tttyrecname={ttyrec}\n")
+
+
+def _close_xlog(gamedir: Path, row: dict) -> None:
+    """NLE writes an xlogfile line only for finished games; add one for truncated games so
+    `nle.dataset` indexes their ttyrecs too."""
+    xlog = next(gamedir.glob("*.xlogfile"))
+    if xlog.read_text().strip():
+        return
+    ttyrec = next(gamedir.glob("*.ttyrec*.bz2")).name
+    with open(xlog, "a") as f:
+        f.write(_XLOG.format(score=row["score"], depth=max(1, row["depth"]), turns=row["turns"], ttyrec=ttyrec))
+
+
+def nld_loader_rate(root: Path, name: str, total_steps: int, batch: int, seq: int, threads: int) -> dict:
+    import nle.dataset as nld
+    from concurrent.futures import ThreadPoolExecutor
+
+    db = str(root / "ttyrecs.db")
+    if not os.path.exists(db):
+        nld.db.create(db)
+        nld.add_nledata_directory(str(root), name, filename=db)
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    ds = nld.TtyrecDataset(name, batch_size=batch, seq_length=seq, dbfilename=db, threadpool=pool, shuffle=False)
+    t0 = time.perf_counter()
+    delivered = 0
+    for mb in ds:
+        delivered += int(mb["tty_chars"].shape[0] * mb["tty_chars"].shape[1])
+    dt = time.perf_counter() - t0
+    if pool:
+        pool.shutdown()
+    return {"batch": batch, "seq": seq, "threads": threads, "seconds": round(dt, 3),
+            "steps_per_s": round(total_steps / dt), "slots_delivered": delivered}
+
+
+def decode_rate(ds: Dataset, fields, repeat: int = 3) -> float:
+    best = 0.0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        steps = 0
+        for p in ds.shard_paths():
+            for c in ds.shard(p.name).chunks(fields):
+                steps += c.steps
+        best = max(best, steps / (time.perf_counter() - t0))
+    return best
+
+
+def encode_rate(ds: Dataset, profile: str) -> float:
+    chunks = [c for p in ds.shard_paths() for c in ds.shard(p.name).chunks(None)]
+    t0 = time.perf_counter()
+    for c in chunks:
+        codec.encode_chunk(ds.schema, c.fields, {"bench": True}, profile=profile)
+    return sum(c.steps for c in chunks) / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON result path")
+    ap.add_argument("--episodes", type=int, default=32, help="games (>= 32: the NLD loader needs a full batch)")
+    ap.add_argument("--max-steps", type=int, default=2500)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="trajdata-bench-"))
+    per_shard = 8
+    profiles = {}
+    for profile in PROFILES:
+        data = work / f"trajdata-{profile}"
+        res = collect(CollectConfig(out=str(data), expert=ExpertSpec("trajdata.collectors.nethack:ScriptedExpert"),
+                                    shards=-(-args.episodes // per_shard), episodes_per_shard=per_shard, workers=1,
+                                    seed=1234, max_steps=args.max_steps, codec=profile), progress=False)
+        ds = Dataset(data)
+        steps = sum(r["steps"] for r in ds.index_rows())
+        field_bytes: dict[str, int] = {}
+        for p in ds.shard_paths():
+            for h in ds.shard(p.name).headers():
+                for name, parts in h["fields"].items():
+                    field_bytes[name] = field_bytes.get(name, 0) + sum(x["nbytes"] for x in parts.values())
+        shard_bytes = sum(p.stat().st_size for p in ds.shard_paths())
+        profiles[profile] = {
+            "ds": ds, "steps": steps, "collect_steps_per_s": res["steps_per_second"],
+            "all_fields_shard_files": round(shard_bytes / steps, 3),
+            "tty_fields": round(sum(field_bytes[f] for f in TTY_FIELDS) / steps, 3),
+            "per_field": {k: round(v / steps, 3) for k, v in sorted(field_bytes.items(), key=lambda kv: -kv[1])},
+        }
+    ds = profiles["compact"]["ds"]
+    steps = profiles["compact"]["steps"]
+    ttydir = work / "nld"
+    checked = replay_to_ttyrec(ds, ttydir)
+    ttyrec_bytes = sum(f.stat().st_size for f in ttydir.rglob("*.ttyrec*.bz2"))
+    nld32 = nld_loader_rate(work / "nld", "bench", steps, 32, 32, 1)
+    nld4096 = nld_loader_rate(work / "nld", "bench", steps, 32, 4096, 1)
+    for name, p in profiles.items():
+        assert p["steps"] == steps, "profiles collected different games"
+        p["decode_tty_steps_per_s"] = round(decode_rate(p["ds"], list(TTY_FIELDS)))
+        p["decode_all_steps_per_s"] = round(decode_rate(p["ds"], None))
+        p["encode_all_steps_per_s"] = round(encode_rate(p["ds"], name))
+        p["decode_tty_speedup_vs_nld_s32"] = round(p["decode_tty_steps_per_s"] / nld32["steps_per_s"], 1)
+        p["all_fields_bytes_vs_nld_tty"] = round(p["all_fields_shard_files"] / (ttyrec_bytes / steps), 3)
+        del p["ds"]
+    out = {
+        "games": len(ds.index_rows()), "steps": steps, "frames_replayed_identical": checked,
+        "nle_ttyrec_bz2_bytes_per_step_tty_only": round(ttyrec_bytes / steps, 3),
+        "nld_TtyrecDataset_steps_per_s_1core": {"b32_s32": nld32["steps_per_s"], "b32_s4096": nld4096["steps_per_s"]},
+        "trajdata": profiles,
+        "targets": {
+            "compact_all_fields_bytes_le_nld_tty": profiles["compact"]["all_fields_bytes_vs_nld_tty"] <= 1.0,
+            "fast_tty_decode_ge_10x_nld": profiles["fast"]["decode_tty_speedup_vs_nld_s32"] >= 10,
+            "compact_tty_decode_ge_10x_nld": profiles["compact"]["decode_tty_speedup_vs_nld_s32"] >= 10,
+        },
+        "workdir": str(work),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""`trajdata collect scripted`, `inspect`, `verify`, `show`, `index`."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from trajdata.cli.common import collect_options, run_collect
+
+
+@click.command("scripted")
+@collect_options
+@click.option("--character", default="@", show_default=True, help="'@' for random, or e.g. mon-hum-neu-mal.")
+@click.option("--real-moon-phase", is_flag=True, help="Use the real date's moon phase (default: fixed, reproducible).")
+def collect_scripted(character, real_moon_phase, quiet, **opts):
+    """Collect NetHack games played by the built-in scripted expert (needs only nle)."""
+    run_collect("trajdata.collectors.nethack:ScriptedExpert",
+                {"character": character, "fix_moon_phase": not real_moon_phase}, quiet=quiet, **opts)
+
+
+@click.command()
+@click.argument("dataset", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(dataset, as_json):
+    """Episodes, steps, bytes/step overall and per field, score/length summary."""
+    from trajdata.format.inspect import summarize
+
+    s = summarize(dataset)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    click.echo(f"{s['dataset']}: schema {s['schema']}, expert {s['expert'].get('name')} {s['expert'].get('version')}")
+    click.echo(f"  shards {s['shards']}  episodes {s['episodes']}  steps {s['steps']:,}  "
+               f"bytes {s['bytes']:,}  status {s['status']}")
+    if s["steps"]:
+        click.echo(f"  bytes/step {s['bytes_per_step']:.2f} (raw {s['raw_bytes_per_step']:,}, "
+                   f"x{s['raw_bytes_per_step'] / s['bytes_per_step']:.0f} smaller)")
+        for k, v in sorted(s["field_bytes_per_step"].items(), key=lambda kv: -kv[1]):
+            click.echo(f"    {k:<14}{v:8.3f}")
+    for key in ("episode_steps", "score", "return"):
+        d = s.get(key)
+        if d:
+            click.echo(f"  {key:<14} mean {d['mean']:.1f}  median {d['median']:.1f}  min {d['min']:.0f}  max {d['max']:.0f}")
+
+
+@click.command()
+@click.argument("dataset", type=click.Path())
+def verify(dataset):
+    """Decode every chunk, check every checksum, and cross-check the index."""
+    from trajdata.format.inspect import verify as run
+
+    click.echo(json.dumps(run(dataset, progress=True)))
+
+
+@click.command()
+@click.argument("dataset", type=click.Path())
+def index(dataset):
+    """Rebuild index.parquet from the shards alone."""
+    from trajdata.format.dataset import build_index
+
+    t = build_index(dataset, progress=True)
+    click.echo(f"{dataset}: index of {t.num_rows} episodes written")
+
+
+@click.command()
+@click.argument("dataset", type=click.Path())
+@click.option("--episode", required=True, help="Episode id (see index.parquet / inspect).")
+@click.option("--step", default=0, show_default=True, type=int)
+@click.option("--no-color", is_flag=True)
+def show(dataset, episode, step, no_color):
+    """Render one step's screen (NetHack tty in colour, or the Atari frame) in the terminal."""
+    from trajdata.format.inspect import render_atari, render_tty, step_frame
+
+    f = step_frame(dataset, episode, step)
+    if "tty_chars" in f:
+        click.echo(render_tty(f["tty_chars"], f["tty_colors"], f["tty_cursor"], color=not no_color))
+    else:
+        click.echo(render_atari(f["frame"]))
+    click.echo(f"episode {episode} step {step}: action {int(f['action'])} reward {float(f['reward']):g} done {bool(f['done'])}")
+
+
+def register(cli):
+    cli.commands["collect"].add_command(collect_scripted)
+    for cmd in (inspect, verify, show, index):
+        cli.add_command(cmd)
