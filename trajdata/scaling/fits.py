@@ -329,14 +329,16 @@ def fit_chinchilla(runs: Runs, target: np.ndarray, cfg: FitConfig) -> dict:
         log_g = (np.log(al) + a - np.log(be) - b) / (al + be)
         return log_g - a_exp * np.log(k), a_exp
 
-    a_val, a_se = delta_method(lambda th: alloc(th)[1], theta, cov)
-    g_val = alloc(theta)[0]
+    ok = bool(theta[3] > 0 and theta[4] > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a_val, a_se = delta_method(lambda th: alloc(th)[1], theta, cov)
+        g_val = alloc(theta)[0] if ok else float("nan")
     names = ["log_E", "log_A", "log_B", "alpha", "beta"]
     return {"form": "L = E + A/N^alpha + B/D^beta", "theta": theta.tolist(), "cov": cov.tolist(),
             "coef": {n: estimate(v, np.sqrt(max(cov[i, i], 0.0)), lvl, dof) for i, (n, v) in enumerate(zip(names, theta))},
             "E": float(np.exp(theta[0])), "A": float(np.exp(theta[1])), "B": float(np.exp(theta[2])),
             "a": estimate(a_val, a_se, lvl, dof), "b": estimate(1 - a_val, a_se, lvl, dof),
-            "objective": float(best.fun), "converged": bool(best.success),
+            "objective": float(best.fun), "converged": bool(best.success), "optimum_exists": ok,
             "rmse_log": float(np.sqrt(np.mean(resid ** 2))), "n": int(len(t)),
             "allocation": {"log_gn": g_val, "a": a_val, "log_gd": -np.log(k) - g_val, "b": 1 - a_val}}
 
