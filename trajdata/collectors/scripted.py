@@ -106,16 +106,17 @@ BODY_LO, BODY_HI = nh.GLYPH_BODY_OFF, nh.GLYPH_BODY_OFF + nh.NUMMONS
 def _safe_corpses() -> set[bytes]:
     """Monsters whose fresh corpse is safe to eat: not poisonous, petrifying, were, cannibalism
     for any playable race, a pet species, or with nasty side effects."""
-    bad_m1 = 0x10000000  # M1_POIS
-    bad_m2 = 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x00400000  # undead were human elf dwarf
-    # gnome orc domestic
+    m1_pois = 0x10000000
+    m2_undead, m2_were, m2_human, m2_elf, m2_dwarf, m2_gnome, m2_orc = 0x2, 0x4, 0x8, 0x10, 0x20, 0x40, 0x80
+    m2_domestic = 0x00400000
+    bad_m2 = m2_undead | m2_were | m2_human | m2_elf | m2_dwarf | m2_gnome | m2_orc | m2_domestic
     bad_names = {"cockatrice", "chickatrice", "Medusa", "green slime", "bat", "giant bat", "vampire bat",
                  "violet fungus", "small mimic", "large mimic", "giant mimic", "chameleon",
                  "quantum mechanic", "leprechaun", "water nymph", "wood nymph", "mountain nymph", "tengu"}
     out = set()
     for i in range(nh.NUMMONS):
         p = nh.permonst(i)
-        if not (p.mflags1 & bad_m1 or p.mflags2 & bad_m2 or p.mname in bad_names):
+        if not (p.mflags1 & m1_pois or p.mflags2 & bad_m2 or p.mname in bad_names):
             out.add(p.mname.encode())
     return out
 
@@ -193,7 +194,8 @@ class ScriptedNetHackExpert:
         self.rng = random.Random(seed)
         self.levels: dict[tuple[int, int], _Level] = {}
         self.steps = 0
-        self.intent: tuple | None = None  # ("eat", letter) | ("pray",) | ("kick", dir)
+        self.intent: tuple | None = None  # what the next prompt is about: ("eat", letter), ("eat_floor",),
+        # ("pray",), ("kick", dir), ("cast", dir), ("engrave", chars typed)
         self.last_screen = None
         self.last_turn = -1
         self.stall = 0
@@ -348,8 +350,11 @@ class ScriptedNetHackExpert:
                 return EAT
 
         if hp < self.cfg.descend_hp_frac * hpmax and hunger < 3:
-            ys, xs = np.nonzero(cat == MONSTER)
-            hostile_near = bool(len(ys)) and int(np.maximum(abs(ys - y), abs(xs - x)).min()) <= 6
+            hostile_near = any(
+                max(abs(c // COLS - y), abs(c % COLS - x)) <= 6
+                for c in np.flatnonzero(cat == MONSTER).tolist()
+                if int(flat_glyphs[c]) not in lvl.peaceful and int(flat_glyphs[c]) not in NEVER_ATTACK
+            )
             want_rest = hp < self.cfg.rest_hp_frac * hpmax or pos in lvl.down
             if want_rest and not hostile_near and not hp_dropped and self.rest_turns < self.cfg.max_rest:
                 self.rest_turns += 1
