@@ -251,8 +251,7 @@ class PPOExpert(Expert):
         return {"name": self.name, "version": self.version, "env": env_id(self.game), "game": self.game,
                 "model_sha256": self.sha256, "model_file": self.model.name, "deterministic": self.deterministic,
                 "noop_max": self.noop_max, "frame_skip": self.frame_skip, "screen_size": SCREEN_SIZE,
-                "policy_frame_stack": FRAME_STACK, "reward": "real game score (unclipped)",
-                "episode": "full game (all lives); on a life loss the expert plays NOOP, FIRE, 2 as in training"}
+                "policy_frame_stack": FRAME_STACK, "reward": "unclipped", "episode": "full game"}
 
     def close(self) -> None:
         if getattr(self, "env", None) is not None:
