@@ -10,7 +10,7 @@ from nle import nethack as nh  # noqa: E402
 
 from trajdata.collectors.nethack import make_nethack_env, seed_and_reset, seeds_from  # noqa: E402
 from trajdata.collectors.scripted import (  # noqa: E402
-    ESC, RETURN, ScriptedConfig, ScriptedNetHackExpert,
+    FLOOR_FOOD_RE, MENU_RE, RETURN, SAFE_CORPSES, ScriptedConfig, ScriptedNetHackExpert,
 )
 
 SEEDS = (0, 1, 2, 3)
@@ -116,14 +116,22 @@ def test_closes_menus_and_refuses_unknown_questions(env):
         obs, *_ = env.step(RETURN)
     turn = int(obs["blstats"][nh.NLE_BL_TIME])
     obs, *_ = env.step(nh.ACTIONS.index(ord("i")))
-    assert b"Weapons" in obs["tty_chars"].tobytes()
+    assert MENU_RE.search(obs["tty_chars"].tobytes())
     obs, *_ = env.step(expert.act(obs))
-    assert b"Weapons" not in obs["tty_chars"].tobytes()
+    assert not MENU_RE.search(obs["tty_chars"].tobytes())
     obs, *_ = env.step(nh.ACTIONS.index(ord("p") | 0x80))
     assert b"Are you sure you want to pray?" in obs["tty_chars"].tobytes() and obs["misc"][0]
     obs, *_ = env.step(expert.act(obs))
     assert not obs["misc"].any()
     assert int(obs["blstats"][nh.NLE_BL_TIME]) == turn  # did not pray
+
+
+def test_corpse_rules():
+    assert {b"newt", b"jackal", b"floating eye"} <= SAFE_CORPSES
+    assert not {b"kobold", b"cockatrice", b"human zombie", b"werejackal", b"kitten", b"gnome lord"} & SAFE_CORPSES
+    m = FLOOR_FOOD_RE.search(b"There is a partly eaten jackal corpse here; eat it? [ynq] (n)")
+    assert m and m.group(1) == b"jackal"
+    assert FLOOR_FOOD_RE.search(b"There are 2 newt corpses here; eat one? [ynq] (n)").group(1) == b"newt"
 
 
 def test_act_time(games):
