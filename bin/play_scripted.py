@@ -1,6 +1,8 @@
 """Play NetHack games with the built-in scripted expert; print the final screen and figures.
 
-    python bin/play_scripted.py --seed 0 --steps 5000 [--games 3] [--quiet]
+    python bin/play_scripted.py --seed 0 --steps 5000 [--games 3] [--quiet] [--random]
+
+--random plays uniformly random actions instead (the anchor the expert must beat).
 """
 
 import argparse
@@ -11,6 +13,14 @@ from nle import nethack as nh
 
 from trajdata.collectors.nethack import make_nethack_env, seed_and_reset, seeds_from
 from trajdata.collectors.scripted import ScriptedNetHackExpert
+
+
+class RandomPolicy:
+    def reset(self, obs, seed):
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, obs):
+        return int(self.rng.integers(len(nh.ACTIONS)))
 
 
 def play(env, expert, seed: int, steps: int) -> dict:
@@ -44,8 +54,10 @@ def main():
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--games", type=int, default=1)
     p.add_argument("--quiet", action="store_true", help="don't print the final screens")
+    p.add_argument("--random", action="store_true", help="uniformly random actions instead")
     args = p.parse_args()
-    env, expert = make_nethack_env(), ScriptedNetHackExpert()
+    env = make_nethack_env()
+    expert = RandomPolicy() if args.random else ScriptedNetHackExpert()
     rows = []
     for s in range(args.seed, args.seed + args.games):
         r = play(env, expert, s, args.steps)
