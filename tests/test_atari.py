@@ -124,3 +124,20 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
     assert res.exit_code == 1 and res.output.strip().startswith("trajdata: error: unknown game 'Pong'")
     res = CliRunner().invoke(cli, ["collect", "ppo", "--model", str(run_dir), "--game", "Qbert", "--out", str(tmp_path / "d")])
     assert res.exit_code == 1 and "trained on Breakout" in res.output
+
+
+def test_player_restarts_stack_after_life_loss_like_training():
+    from trajdata.collectors.atari import AtariPlayer
+
+    p = AtariPlayer(None, n_actions=4, fire=True)
+    f = [np.full((84, 84, 1), i + 1, np.uint8) for i in range(7)]
+    p.begin(lives=5, seed=0)
+    p.act(f[0], 5)
+    assert list(p.stack[:, 0, 0]) == [0, 0, 0, 1]
+    p.act(f[1], 5)
+    assert list(p.stack[:, 0, 0]) == [0, 0, 1, 2]
+    assert [p.act(f[2], 4), p.act(f[3], 4), p.act(f[4], 4)] == [0, 1, 2]  # NOOP, FIRE, 2 as SB3's reset did
+    p.act(f[5], 4)
+    assert list(p.stack[:, 0, 0]) == [0, 0, 0, 6]
+    p.act(f[6], 0)  # game over is not a life loss to play through
+    assert list(p.stack[:, 0, 0]) == [0, 0, 6, 7]
