@@ -254,7 +254,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), desc=f"collect {cfg.expert.target.rpartition(':')[2]}", unit="shard",
-               disable=not progress, dynamic_ncols=True)
+               disable=None if progress else True, dynamic_ncols=True)
     stats = {"steps": 0, "episodes": 0, "t0": time.monotonic()}
 
     def on_steps(n: int) -> None:

@@ -121,7 +121,7 @@ def build_index(root: str | os.PathLike, write: bool = True, progress: bool = Fa
     if progress:
         from tqdm import tqdm
 
-        paths = tqdm(paths, desc="index", unit="shard")
+        paths = tqdm(paths, desc="index", unit="shard", disable=None)
     rows = [r for p in paths for r in ShardReader(p).episode_rows()]
     rows.sort(key=lambda r: r["id"])
     table = rows_to_table(rows)

@@ -48,7 +48,7 @@ def verify(root, progress: bool = False) -> dict:
     if progress:
         from tqdm import tqdm
 
-        paths = tqdm(paths, desc="verify", unit="shard")
+        paths = tqdm(paths, desc="verify", unit="shard", disable=None)
     steps = chunks = 0
     shard_rows = []
     for path in paths:

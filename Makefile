@@ -1,0 +1,37 @@
+# trajdata: `make demo` (set up + small collection), `make test`, `make bench`, `make scaling-report`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench scaling-report clean
+
+install: $(VENV)/.installed
+
+# torch is pinned (and installed first) so pip never pulls the CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[all]"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/trajdata collect scripted --out demo-data --shards 4 --episodes-per-shard 2 --workers 2 --max-steps 2000
+	$(BIN)/trajdata inspect demo-data
+	$(BIN)/trajdata verify demo-data
+	$(BIN)/trajdata show demo-data --episode 000000-0000 --step 200
+
+bench: install
+	mkdir -p bench-results
+	set -e; for f in bin/bench_*.py; do n=$$(basename $$f .py); n=$${n#bench_}; \
+	  echo "== $$f"; $(BIN)/python $$f --out bench-results/$$n.json; done
+
+scaling-report: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash bin/scaling_report.sh
+
+clean:
+	rm -rf demo-data bench-results scaling-report

@@ -1,0 +1,151 @@
+"""Codec and shard round trips on real NLE observations; corruption and truncation errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import webdataset
+
+from trajdata.errors import DataError
+from trajdata.format import codec
+from trajdata.format.schema import ATARI, NETHACK
+from trajdata.format.shard import ShardReader, ShardWriter
+
+
+@pytest.fixture(scope="module")
+def nle_steps():
+    """~700 consecutive real NetHackChallenge steps (mostly moves, some menus) incl. an episode end."""
+    from trajdata.collectors.nethack import make_nethack_env, seed_and_reset
+
+    env = make_nethack_env("val-hum-law-fem")
+    obs, _ = seed_and_reset(env, 1, 2)
+    rng = np.random.default_rng(0)
+    rows = {f.name: [] for f in NETHACK.fields}
+    for _ in range(700):
+        for k in NETHACK.observation_names:
+            rows[k].append(obs[k].copy())
+        a = int(rng.integers(8)) if rng.random() < 0.8 else int(rng.integers(121))
+        obs, r, term, trunc, _ = env.step(a)
+        rows["action"].append(a)
+        rows["reward"].append(r)
+        rows["done"].append(term or trunc)
+        if term or trunc:
+            obs, _ = env.reset()
+    env.close()
+    return {f.name: np.asarray(rows[f.name], f.np_dtype) for f in NETHACK.fields}
+
+
+@pytest.mark.parametrize("profile", sorted(codec.PROFILES))
+def test_chunk_round_trip_exact_every_field(nle_steps, profile):
+    blob = codec.encode_chunk(NETHACK, nle_steps, {"k": 1}, profile=profile)
+    header, start = codec.read_header(blob, "t")
+    assert header["k"] == 1 and header["steps"] == 700
+    out = codec.decode_chunk(NETHACK, header, memoryview(blob)[start:])
+    for f in NETHACK.fields:
+        assert out[f.name].dtype == f.np_dtype
+        np.testing.assert_array_equal(out[f.name], nle_steps[f.name], err_msg=f.name)
+    assert len(blob) < 0.01 * NETHACK.step_nbytes * 700
+
+
+def test_partial_decode_and_field_subset(nle_steps):
+    blob = codec.encode_chunk(NETHACK, nle_steps, {})
+    header, start = codec.read_header(blob, "t")
+    out = codec.decode_chunk(NETHACK, header, memoryview(blob)[start:], ["specials", "message"])
+    assert set(out) == {"specials", "message"}
+    np.testing.assert_array_equal(out["specials"], nle_steps["specials"])
+
+
+def test_extreme_values_round_trip():
+    rng = np.random.default_rng(1)
+    arrays = {f.name: rng.integers(0, 256, (50, *f.shape)).astype(f.np_dtype) for f in NETHACK.fields}
+    arrays["blstats"] = rng.integers(-2**62, 2**62, (50, 27))
+    arrays["glyphs"] = rng.integers(-32768, 32767, (50, 21, 79)).astype(np.int16)
+    arrays["reward"] = rng.normal(size=50).astype(np.float32)
+    for profile in codec.PROFILES:
+        blob = codec.encode_chunk(NETHACK, arrays, {}, profile=profile)
+        h, s = codec.read_header(blob, "t")
+        out = codec.decode_chunk(NETHACK, h, memoryview(blob)[s:])
+        for k in arrays:
+            np.testing.assert_array_equal(out[k], arrays[k], err_msg=f"{profile}/{k}")
+
+
+def _write_shard(path, nle_steps, chunk_steps=128, episodes=(("000000-0000", 300), ("000000-0001", 400))):
+    with ShardWriter(path, NETHACK, chunk_steps=chunk_steps) as sw:
+        offset = 0
+        for eid, n in episodes:
+            ew = sw.episode(eid, {"seed": 1})
+            for t in range(offset, offset + n):
+                ew.append({k: nle_steps[k][t] for k in NETHACK.names if k not in ("reward", "done")})
+                ew.set_outcome(nle_steps["reward"][t], nle_steps["done"][t])
+            ew.close({"status": "complete"})
+            offset += n
+
+
+def test_shard_streams_chunks_and_rows(tmp_path, nle_steps):
+    path = tmp_path / "shard-000000.tar"
+    _write_shard(path, nle_steps)
+    assert not (tmp_path / "shard-000000.tar.tmp").exists()
+    chunks = list(ShardReader(path).chunks())
+    assert [(c.episode_id, c.index, c.steps) for c in chunks][:4] == [
+        ("000000-0000", 0, 128), ("000000-0000", 1, 128), ("000000-0000", 2, 44), ("000000-0001", 0, 128)]
+    joined = {k: np.concatenate([c.fields[k] for c in chunks]) for k in NETHACK.names}
+    for k in NETHACK.names:
+        np.testing.assert_array_equal(joined[k], nle_steps[k][:700], err_msg=k)
+    rows = ShardReader(path).episode_rows()
+    assert [(r["id"], r["steps"], r["chunks"], r["seed"]) for r in rows] == [
+        ("000000-0000", 300, 3, 1), ("000000-0001", 400, 4, 1)]
+
+
+def test_plain_webdataset_iterates_shards(tmp_path, nle_steps):
+    path = tmp_path / "shard-000000.tar"
+    _write_shard(path, nle_steps)
+    samples = list(webdataset.WebDataset(str(path), shardshuffle=False))
+    assert [s["__key__"] for s in samples][:2] == ["000000-0000-c00000", "000000-0000-c00001"]
+    assert len(samples) == 7 and all(s["tdc"][:4] == codec.MAGIC for s in samples)
+
+
+def test_exception_inside_writer_leaves_no_shard(tmp_path, nle_steps):
+    path = tmp_path / "shard-000001.tar"
+    with pytest.raises(RuntimeError):
+        with ShardWriter(path, NETHACK) as sw:
+            ew = sw.episode("000001-0000", {})
+            ew.append({k: nle_steps[k][0] for k in NETHACK.names})
+            raise RuntimeError("expert crashed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flipped_byte_names_shard_episode_field(tmp_path, nle_steps):
+    path = tmp_path / "shard-000000.tar"
+    _write_shard(path, nle_steps)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"shard shard-000000.tar: (episode 000000-\d{4} chunk \d+: field '\w+'|chunk )"):
+        for _ in ShardReader(path).chunks():
+            pass
+
+
+def test_truncated_shard_is_reported(tmp_path, nle_steps):
+    path = tmp_path / "shard-000000.tar"
+    _write_shard(path, nle_steps)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(DataError, match="shard-000000.tar"):
+        for _ in ShardReader(path).chunks():
+            pass
+    with pytest.raises(DataError, match="shard-000000.tar"):
+        ShardReader(path).episode_rows()
+
+
+def test_atari_schema_round_trip():
+    rng = np.random.default_rng(2)
+    T = 300
+    frames = np.zeros((T, 84, 84), np.uint8)
+    frames[:, 10:20, :] = rng.integers(0, 255, (T, 1, 84))
+    arrays = {"frame": frames, "lives": np.repeat(np.arange(5, 0, -1), T // 5).astype(np.uint8),
+              "action": rng.integers(0, 18, T).astype(np.uint8), "reward": rng.integers(0, 2, T).astype(np.float32),
+              "done": np.zeros(T, bool)}
+    blob = codec.encode_chunk(ATARI, arrays, {})
+    h, s = codec.read_header(blob, "t")
+    out = codec.decode_chunk(ATARI, h, memoryview(blob)[s:])
+    for k in arrays:
+        np.testing.assert_array_equal(out[k], arrays[k])

@@ -1,0 +1,3 @@
+from trajdata.cli.main import cli
+
+cli(prog_name="trajdata")
