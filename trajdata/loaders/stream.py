@@ -1,0 +1,477 @@
+"""Streaming (B, T) batches from a trajdata dataset for recurrent / long-context BC.
+
+A pipeline of small stages, each one job:
+
+    select_episodes  index rows -> filtered, split (by hash of id) episode list
+    assign           episodes -> the (rank, worker) slot that owns each (whole episodes, by steps)
+    lane_plan        lanes mode: which episode segments fill each lane of each batch (index only)
+    window_plan      windows mode: random-phase T-step crops of each episode (index only)
+    shuffle          bounded shuffle buffer (windows)
+    batches          plan -> numpy (B, T, ...) batches, streaming chunks through EpisodeReaders
+    to_torch / pin   numpy -> tensors (optionally pinned)
+
+Plans are computed from the index alone, so resuming (``load_state_dict``) skips delivered batches
+without decoding them. Each batch carries ``mask`` (False on padding), ``reset`` (True on an
+episode's first step), ``episode`` (position in ``episode_ids``), ``step`` (step within the
+episode) plus the selected schema fields; ``slot`` / ``batch_index`` say who made it (for resume).
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import os
+import tarfile
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from trajdata.errors import ConfigError, DataError
+from trajdata.format import codec
+from trajdata.format.dataset import Dataset
+from trajdata.format.shard import CHUNK_EXT
+
+MODES = ("lanes", "windows")
+SPLITS = (None, "train", "val")
+EXTRA_FIELDS = ("mask", "reset", "episode", "step")
+FRAME_FIELD = "frame"
+
+
+@dataclass
+class LoaderConfig:
+    root: str
+    fields: tuple[str, ...] | None = None  # schema fields to load; None = all
+    batch_size: int = 32
+    seq_len: int = 4096
+    mode: str = "lanes"  # "lanes": continuous streams of whole episodes; "windows": random T-step crops
+    seed: int = 0
+    shuffle: bool = True
+    shuffle_buffer: int = 256  # windows mode: crops held for shuffling
+    split: str | None = None  # None (all), "train" or "val"
+    val_fraction: float = 0.05
+    where: dict = field(default_factory=dict)  # index column -> value, or list of accepted values
+    min_score: float | None = None
+    frame_stack: int = 1  # Atari: stack k frames (never across an episode start)
+    pin_memory: bool = False
+    rank: int | None = None  # default: torch.distributed if initialised, else 0
+    world_size: int | None = None
+    cache_chunks: int = 4  # windows mode: decoded chunks kept for neighbouring crops
+
+    def check(self, schema) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"loader mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"loader split {self.split!r}: choose train, val or None")
+        for name in ("batch_size", "seq_len", "frame_stack", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"loader {name} must be at least 1 (got {getattr(self, name)})")
+        if not 0.0 <= self.val_fraction <= 1.0:
+            raise ConfigError(f"loader val_fraction must be in [0, 1] (got {self.val_fraction})")
+        for f in self.fields or ():
+            if f not in schema.names:
+                raise ConfigError(f"field {f!r} is not in schema {schema.name!r} ({', '.join(schema.names)})")
+        if self.frame_stack > 1 and FRAME_FIELD not in schema.names:
+            raise ConfigError(f"frame_stack needs a {FRAME_FIELD!r} field; schema {schema.name!r} has none")
+
+
+# ---- stage 1: which episodes ---------------------------------------------------------------------
+
+def val_hash(episode_id: str) -> float:
+    """Stable uniform [0, 1) value of an episode id: the train/val split never moves as data grows."""
+    return int.from_bytes(hashlib.blake2b(episode_id.encode(), digest_size=8).digest(), "little") / 2.0**64
+
+
+def select_episodes(rows: list[dict], cfg: LoaderConfig) -> list[dict]:
+    """Index rows kept by the filters and the split, sorted by id."""
+    cols = set(rows[0]) if rows else set()
+    for col in cfg.where:
+        if rows and col not in cols:
+            raise ConfigError(f"filter column {col!r} is not in the index ({', '.join(sorted(cols))})")
+    out = []
+    for r in rows:
+        if any(not _accepts(want, r.get(col)) for col, want in cfg.where.items()):
+            continue
+        if cfg.min_score is not None and (r.get("score") is None or r["score"] < cfg.min_score):
+            continue
+        if cfg.split is not None and (val_hash(r["id"]) < cfg.val_fraction) != (cfg.split == "val"):
+            continue
+        if r["steps"] > 0:
+            out.append(r)
+    return sorted(out, key=lambda r: r["id"])
+
+
+def _accepts(want, value) -> bool:
+    return value in want if isinstance(want, (list, tuple, set, frozenset)) else value == want
+
+
+def assign(steps: list[int], slots: int, seed: int, epoch: int, shuffle: bool) -> list[list[int]]:
+    """Episode positions owned by each slot: a seeded permutation, each episode to the slot with
+    the fewest steps so far (whole episodes, no overlap, nothing left out)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(steps)) if shuffle else np.arange(len(steps))
+    heap = [(0, s) for s in range(slots)]
+    owned: list[list[int]] = [[] for _ in range(slots)]
+    for i in order:
+        total, s = heapq.heappop(heap)
+        owned[s].append(int(i))
+        heapq.heappush(heap, (total + steps[i], s))
+    return owned
+
+
+# ---- stage 2: plans (index only) ------------------------------------------------------------------
+# A plan item is a batch: one list per row of (episode position, start step, steps, column offset).
+
+def lane_plan(episodes: list[int], steps: list[int], B: int, T: int) -> Iterator[list[list[tuple]]]:
+    """Lanes: each row a stream of whole episodes end to end; lanes pull the next episode in order."""
+    queue = iter(episodes)
+    cur: list[list | None] = [None] * B  # [episode, offset]
+    live = [True] * B
+    while any(live):
+        batch = []
+        for lane in range(B):
+            segs, t = [], 0
+            while t < T and live[lane]:
+                if cur[lane] is None:
+                    e = next(queue, None)
+                    if e is None:
+                        live[lane] = False
+                        break
+                    cur[lane] = [e, 0]
+                e, off = cur[lane]
+                n = min(T - t, steps[e] - off)
+                segs.append((e, off, n, t))
+                t += n
+                cur[lane] = None if off + n == steps[e] else [e, off + n]
+            batch.append(segs)
+        if any(batch):
+            yield batch
+
+
+def window_plan(episodes: list[int], steps: list[int], T: int, rng: np.random.Generator | None) -> Iterator[tuple]:
+    """Windows: each episode cut into T-step crops at a random phase (every step in exactly one crop)."""
+    for e in episodes:
+        phase = int(rng.integers(0, T)) if rng is not None else 0
+        for s in range(-phase, steps[e], T):
+            a, b = max(s, 0), min(s + T, steps[e])
+            if b > a:
+                yield (e, a, b - a, 0)
+
+
+def shuffle(items: Iterator, size: int, rng: np.random.Generator | None) -> Iterator:
+    """Bounded shuffle buffer (webdataset style); ``rng=None`` passes items through."""
+    if rng is None:
+        yield from items
+        return
+    buf = []
+    for x in items:
+        if len(buf) < size:
+            buf.append(x)
+            continue
+        i = int(rng.integers(0, size))
+        yield buf[i]
+        buf[i] = x
+    rng.shuffle(buf)
+    yield from buf
+
+
+def window_batches(crops: Iterator[tuple], B: int) -> Iterator[list[list[tuple]]]:
+    batch = []
+    for c in crops:
+        batch.append([c])
+        if len(batch) == B:
+            yield batch
+            batch = []
+    if batch:
+        yield batch + [[] for _ in range(B - len(batch))]
+
+
+# ---- stage 3: reading ----------------------------------------------------------------------------
+
+class ChunkSource:
+    """Random access to episode chunks: per-shard member tables (lazy) and a small decoded-chunk cache."""
+
+    def __init__(self, root: Path, schema, fields: list[str], cache_chunks: int = 0):
+        self.root, self.schema, self.fields = root, schema, fields
+        self.cache_chunks = cache_chunks
+        self._tables: dict[str, dict[str, list[tuple]]] = {}
+        self._cache: OrderedDict = OrderedDict()
+        self._files: dict[str, object] = {}
+
+    def _file(self, shard: str):
+        if shard not in self._files:
+            path = self.root / "shards" / shard
+            if not path.is_file():
+                raise DataError(f"shard {path} does not exist (index out of date? run `trajdata index {self.root}`)")
+            if len(self._files) >= 8:
+                self._files.pop(next(iter(self._files))).close()
+            self._files[shard] = open(path, "rb")
+        return self._files[shard]
+
+    def chunks(self, shard: str, episode_id: str) -> list[tuple]:
+        """(offset, size, start, steps) of the episode's chunks, in order."""
+        if shard not in self._tables:
+            table: dict[str, list[tuple]] = {}
+            f = self._file(shard)
+            f.seek(0)
+            try:
+                tar = tarfile.open(fileobj=f, mode="r:")
+                for m in tar:
+                    if not m.isfile() or not m.name.endswith("." + CHUNK_EXT):
+                        continue
+                    f.seek(m.offset_data)
+                    header, _ = codec.read_header(f.read(min(m.size, 1 << 16)), f"shard {shard}: chunk {m.name}")
+                    table.setdefault(header["episode_id"], []).append(
+                        (m.offset_data, m.size, header["start"], header["steps"]))
+            except tarfile.ReadError as e:
+                raise DataError(f"shard {shard}: truncated or not a tar file ({e})") from None
+            self._tables[shard] = table
+        try:
+            return self._tables[shard][episode_id]
+        except KeyError:
+            raise DataError(f"shard {shard}: no episode {episode_id!r} (index out of date?)") from None
+
+    def decode(self, shard: str, episode_id: str, k: int) -> dict[str, np.ndarray]:
+        key = (shard, episode_id, k)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        offset, size, _, steps = self.chunks(shard, episode_id)[k]
+        f = self._file(shard)
+        f.seek(offset)
+        blob = f.read(size)
+        where = f"shard {shard}: episode {episode_id} chunk {k}"
+        if len(blob) != size:
+            raise DataError(f"{where}: truncated ({len(blob)} of {size} bytes)")
+        header, start = codec.read_header(blob, where)
+        data = codec.decode_chunk(self.schema, header, memoryview(blob)[start:], self.fields, where=where)
+        if self.cache_chunks:
+            self._cache[key] = data
+            while len(self._cache) > self.cache_chunks:
+                self._cache.popitem(last=False)
+        return data
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+class EpisodeReader:
+    """Sequential reader of one episode from step ``start``: holds one decoded chunk at a time
+    (plus ``frame_stack - 1`` frames of history)."""
+
+    def __init__(self, src: ChunkSource, shard: str, episode_id: str, start: int, frame_stack: int = 1):
+        self.src, self.shard, self.episode_id, self.k = src, shard, episode_id, frame_stack
+        self.table = src.chunks(shard, episode_id)
+        self.pos = max(0, start - (frame_stack - 1))
+        self.hist = None
+        self._chunk, self._data = -1, None
+        if self.pos < start:
+            self._advance(start - self.pos, None, 0, 0)
+
+    def _locate(self) -> tuple[dict, int, int]:
+        while self._chunk < 0 or self.pos >= self.table[self._chunk][2] + self.table[self._chunk][3]:
+            self._chunk = next(i for i, c in enumerate(self.table) if c[2] <= self.pos < c[2] + c[3])
+            self._data = self.src.decode(self.shard, self.episode_id, self._chunk)
+        _, _, cstart, csteps = self.table[self._chunk]
+        return self._data, self.pos - cstart, cstart + csteps - self.pos
+
+    def read_into(self, out: dict[str, np.ndarray], row: int, col: int, n: int) -> None:
+        self._advance(n, out, row, col)
+
+    def _advance(self, n: int, out, row: int, col: int) -> None:
+        while n > 0:
+            data, i, avail = self._locate()
+            m = min(n, avail)
+            if out is not None:
+                for name, arr in out.items():
+                    if name in data and not (name == FRAME_FIELD and self.k > 1):
+                        arr[row, col : col + m] = data[name][i : i + m]
+                if self.k > 1:
+                    self._stack(data[FRAME_FIELD][i : i + m], out.get(FRAME_FIELD), row, col)
+            elif self.k > 1:
+                self._stack(data[FRAME_FIELD][i : i + m], None, row, col)
+            self.pos += m
+            col += m
+            n -= m
+
+    def _stack(self, frames: np.ndarray, out, row: int, col: int) -> None:
+        k = self.k
+        hist = frames[:0] if self.hist is None else self.hist
+        pad = k - 1 - len(hist)
+        first = hist[:1] if len(hist) else frames[:1]
+        ext = np.concatenate([np.repeat(first, pad, axis=0), hist, frames]) if pad else np.concatenate([hist, frames])
+        if out is not None:
+            win = np.lib.stride_tricks.sliding_window_view(ext, k, axis=0)  # (m, ..., k)
+            out[row, col : col + len(frames)] = np.moveaxis(win, -1, 1)
+        self.hist = ext[-(k - 1):].copy()
+
+
+# ---- stage 4: assembling batches -----------------------------------------------------------------
+
+def batch_arrays(schema, fields: list[str], B: int, T: int, frame_stack: int) -> dict[str, np.ndarray]:
+    out = {}
+    for name in fields:
+        f = schema[name]
+        shape = (frame_stack, *f.shape) if name == FRAME_FIELD and frame_stack > 1 else f.shape
+        out[name] = np.zeros((B, T, *shape), f.np_dtype)
+    out["mask"] = np.zeros((B, T), bool)
+    out["reset"] = np.zeros((B, T), bool)
+    out["episode"] = np.full((B, T), -1, np.int64)
+    out["step"] = np.zeros((B, T), np.int64)
+    return out
+
+
+def _to_torch(batch: dict, pin: bool) -> dict:
+    out = {}
+    for k, v in batch.items():
+        t = torch.from_numpy(v) if isinstance(v, np.ndarray) else torch.tensor(v)
+        out[k] = t.pin_memory() if pin else t
+    return out
+
+
+class TrajectoryStream(IterableDataset):
+    """``IterableDataset`` of dict batches shaped (B, T, ...); use with ``DataLoader(batch_size=None)``
+    or ``make_dataloader``. Whole episodes go to each (rank, worker) slot; resumable."""
+
+    def __init__(self, cfg: LoaderConfig):
+        self.cfg = cfg
+        self.ds = Dataset(cfg.root)
+        self.schema = self.ds.schema
+        cfg.check(self.schema)
+        self.fields = list(cfg.fields) if cfg.fields is not None else list(self.schema.names)
+        if cfg.frame_stack > 1 and FRAME_FIELD not in self.fields:
+            self.fields.append(FRAME_FIELD)
+        self.rows = select_episodes(self.ds.index_rows(), cfg)
+        self.episode_ids = [r["id"] for r in self.rows]
+        self.steps = [int(r["steps"]) for r in self.rows]
+        self.epoch = 0
+        self.delivered: dict[int, int] = {}
+        self.slots: int | None = None
+        self._resume: dict[int, int] = {}
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.steps)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.delivered, self._resume = epoch, {}, {}
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.cfg.rank is not None or self.cfg.world_size is not None:
+            rank, world = self.cfg.rank or 0, self.cfg.world_size or 1
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world = 0, 1
+        if not 0 <= rank < world:
+            raise ConfigError(f"rank {rank} is not in [0, world_size={world})")
+        return rank, world
+
+    def slot(self) -> tuple[int, int]:
+        rank, world = self._rank_world()
+        info = get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info else (1, 0)
+        return rank * workers + wid, world * workers
+
+    def plan(self, slot: int, slots: int) -> Iterator[list[list[tuple]]]:
+        cfg = self.cfg
+        mine = assign(self.steps, slots, cfg.seed, self.epoch, cfg.shuffle)[slot]
+        if cfg.mode == "lanes":
+            return lane_plan(mine, self.steps, cfg.batch_size, cfg.seq_len)
+        rng = np.random.default_rng([cfg.seed, self.epoch, slot, 1]) if cfg.shuffle else None
+        crops = window_plan(mine, self.steps, cfg.seq_len, rng)
+        return window_batches(shuffle(crops, cfg.shuffle_buffer, rng), cfg.batch_size)
+
+    def numpy_batches(self, slot: int, slots: int, skip: int = 0) -> Iterator[dict]:
+        """The slot's batches as numpy dicts, after skipping ``skip`` already-delivered ones."""
+        cfg = self.cfg
+        src = ChunkSource(Path(cfg.root), self.schema, self.fields, cfg.cache_chunks if cfg.mode == "windows" else 0)
+        readers: dict[int, EpisodeReader] = {}  # lanes: row -> reader of its current episode
+        try:
+            for b, batch in enumerate(self.plan(slot, slots)):
+                if b < skip:
+                    continue
+                out = batch_arrays(self.schema, self.fields, cfg.batch_size, cfg.seq_len, cfg.frame_stack)
+                for row, segs in enumerate(batch):
+                    for e, start, n, col in segs:
+                        r = readers.get(row)
+                        if r is None or r.episode_id != self.episode_ids[e] or r.pos != start:
+                            r = readers[row] = EpisodeReader(src, self.rows[e]["shard"], self.episode_ids[e],
+                                                             start, cfg.frame_stack)
+                        r.read_into(out, row, col, n)
+                        out["mask"][row, col : col + n] = True
+                        out["episode"][row, col : col + n] = e
+                        out["step"][row, col : col + n] = np.arange(start, start + n)
+                        if start == 0:
+                            out["reset"][row, col] = True
+                    if cfg.mode == "windows":
+                        readers.pop(row, None)
+                out["slot"], out["batch_index"] = np.int64(slot), np.int64(b)
+                yield out
+        finally:
+            src.close()
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, slots = self.slot()
+        if self._resume and self.slots not in (None, slots):
+            raise ConfigError(f"cannot resume: state was saved with {self.slots} rank x worker slots, now {slots}")
+        self.slots = slots
+        pin = self.cfg.pin_memory and get_worker_info() is None and torch.cuda.is_available()
+        for batch in self.numpy_batches(slot, slots, self._resume.get(slot, 0)):
+            batch = _to_torch(batch, pin)
+            if get_worker_info() is None:
+                self.observe(batch)
+            yield batch
+
+    def observe(self, batch: dict) -> None:
+        """Record that a batch reached the consumer (``make_dataloader`` calls this for worker batches)."""
+        self.delivered[int(batch["slot"])] = int(batch["batch_index"]) + 1
+
+    def state_dict(self) -> dict:
+        done = dict(self._resume)
+        done.update(self.delivered)
+        return {"epoch": self.epoch, "slots": self.slots, "delivered": done, "config": asdict(self.cfg)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self.slots = state["slots"]
+        self._resume = {int(k): int(v) for k, v in state["delivered"].items()}
+        self.delivered = dict(self._resume)
+
+
+class StreamLoader:
+    """A ``DataLoader`` over a ``TrajectoryStream`` that keeps its resume state in the main process."""
+
+    def __init__(self, dataset: TrajectoryStream, num_workers: int = 0, **kwargs):
+        self.dataset, self.num_workers = dataset, num_workers
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                 pin_memory=dataset.cfg.pin_memory and torch.cuda.is_available(), **kwargs)
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world = self.dataset._rank_world()
+        slots = world * max(1, self.num_workers)
+        if self.dataset._resume and self.dataset.slots not in (None, slots):
+            raise ConfigError(f"cannot resume: state was saved with {self.dataset.slots} rank x worker slots, now {slots}")
+        self.dataset.slots = slots
+        for batch in self.loader:
+            if self.num_workers:
+                self.dataset.observe(batch)
+            yield batch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+
+
+def make_dataloader(cfg: LoaderConfig, num_workers: int = 0, **kwargs) -> StreamLoader:
+    """Streaming loader with ``num_workers`` processes; ``state_dict()`` resumes mid-epoch."""
+    return StreamLoader(TrajectoryStream(cfg), num_workers, **kwargs)
