@@ -149,7 +149,7 @@ def parse_xlog_line(line: str) -> dict:
 
 
 _TOPTEN = re.compile(
-    r"\b\d+\s+(?P<points>\d+)\s+\S+-\w+-\w+-\w+-\w+\s+(?P<how>.+?)\s+on\s+level\s+(?P<depth>\d+)"
+    r"(?:\b\d+\s+)?\b(?P<points>\d+)\s+\S+-\w+-\w+-\w+-\w+\s+(?P<how>.+?)\s+on\s+level\s+(?P<depth>\d+)"
     r"(?:\s+\[max\s+(?P<max>\d+)\])?\.(?:\s+(?P<death>[A-Z][^.]*(?:\.\w[^.]*)*)\.)?")
 
 

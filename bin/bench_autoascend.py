@@ -1,0 +1,177 @@
+"""AutoAscend collection benchmark: bare agent loop (the anchor) vs through trajdata, side by side.
+
+1. Overhead: the same seeded games (same character, same step cap, so identical keypresses) played
+   (a) bare: AutoAscend on the adapter over NetHackChallenge, nothing recorded, and
+   (b) through trajdata: RecordingEnv + shard writing (`runner.run_shard`), in the same process,
+   in ABBA order per game. overhead_wall = extra wall time of (b) over (a), as a fraction of (b)
+   (i.e. 1 - steps/s(b) / steps/s(a)); overhead_accounted = seconds inside trajdata's recording and
+   writing code (timed directly) / bare seconds, which a noisy shared machine disturbs far less.
+   Target <= 5%.
+2. Parallel efficiency: `collect` of the same shards with 1 and 2 workers; efficiency =
+   (steps/s with 2 workers) / (2 x steps/s with 1 worker), end to end (worker start-up included)
+   and per episode (each episode's steps / wall seconds; start-up excluded). Target >= 0.9.
+   On a 2-core machine shared with other jobs, 2 workers cannot get 2 free cores: read it as such.
+
+Needs AutoAscend installed (`trajdata experts install autoascend`); otherwise says so and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import gymnasium as gym
+
+
+class _Cap(Exception):
+    pass
+
+
+class _StepCap(gym.Wrapper):
+    def __init__(self, env, max_steps: int):
+        super().__init__(env)
+        self.max_steps, self.steps = max_steps, 0
+
+    def step(self, action):
+        if self.steps >= self.max_steps:
+            raise _Cap()
+        self.steps += 1
+        return self.env.step(action)
+
+
+def bare_game(expert, env, seed: int, max_steps: int) -> tuple[int, float]:
+    from trajdata.collectors.autoascend import AutoAscendEnv, import_autoascend
+
+    obs, info, _ = expert.reset_env(env, seed)
+    capped = _StepCap(env, max_steps)
+    agent = import_autoascend(expert.cfg.source).Agent(AutoAscendEnv(capped, obs, info))
+    t = time.perf_counter()
+    try:
+        agent.main()
+    except _Cap:
+        pass
+    return capped.steps, time.perf_counter() - t
+
+
+def trajdata_game(cfg, shard: int) -> tuple[int, float]:
+    from trajdata.collectors.runner import run_shard
+
+    t = time.perf_counter()
+    rows = run_shard(cfg, shard)
+    return sum(r["steps"] for r in rows), time.perf_counter() - t
+
+
+class _Timers:
+    """Seconds spent inside trajdata's recording and writing code (patched onto EpisodeWriter)."""
+
+    def __init__(self):
+        from trajdata.format import shard
+
+        self.seconds = 0.0
+        for name in ("append", "set_outcome", "_flush"):
+            setattr(shard.EpisodeWriter, name, self._timed(getattr(shard.EpisodeWriter, name)))
+
+    def _timed(self, fn):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds += time.perf_counter() - t
+        return wrapper
+
+
+def overhead(games: int, max_steps: int, character: str) -> dict:
+    from trajdata.collectors.runner import CollectConfig, ExpertSpec, _expert_and_env, episode_seed
+    from trajdata.format.dataset import create_or_check
+
+    timers = _Timers()
+    spec = ExpertSpec("trajdata.collectors.autoascend:AutoAscendExpert", {"character": character})
+    expert, env = _expert_and_env(spec)  # the runner's worker cache: run_shard reuses this expert and env
+    bare_game(expert, env, 12345, 1000)  # warm-up: imports, numba
+    rows = []
+    for g in range(games):
+        seed = episode_seed(0, g, 0)
+        bare, ours = [], []
+        for order in ("bare", "ours", "ours", "bare"):  # ABBA against drift on a shared machine
+            if order == "bare":
+                bare.append(bare_game(expert, env, seed, max_steps))
+                continue
+            tmp = tempfile.mkdtemp(prefix="bench-aa-")
+            cfg = CollectConfig(out=tmp, expert=spec, shards=games, max_steps=max_steps, stall_seconds=None)
+            create_or_check(tmp, {"schema": "nethack", "env": "NetHackChallenge-v0", "expert": expert.describe(), "collection": {}})
+            before = timers.seconds
+            ours.append(trajdata_game(cfg, g) + (timers.seconds - before,))
+        steps = bare[0][0]
+        b_sec = sum(x[1] for x in bare) / len(bare)
+        o_sec = sum(x[1] for x in ours) / len(ours)
+        rec_sec = sum(x[2] for x in ours) / len(ours)
+        rows.append({"seed": seed, "steps": steps, "bare_steps_s": round(steps / b_sec, 1),
+                     "trajdata_steps_s": round(steps / o_sec, 1), "recording_seconds": round(rec_sec, 3),
+                     "bare_seconds": round(b_sec, 3), "trajdata_seconds": round(o_sec, 3),
+                     "same_steps": all(x[0] == steps for x in bare + ours)})
+    b = sum(r["bare_seconds"] for r in rows)
+    o = sum(r["trajdata_seconds"] for r in rows)
+    rec = sum(r["recording_seconds"] for r in rows)
+    n = sum(r["steps"] for r in rows)
+    return {"games": rows, "bare_steps_per_s": round(n / b, 1), "trajdata_steps_per_s": round(n / o, 1),
+            "overhead_wall": round(1 - b / o, 4),
+            "overhead_accounted": round(rec / b, 4),
+            "recording_us_per_step": round(1e6 * rec / n, 1),
+            "all_runs_identical_length": all(r["same_steps"] for r in rows)}
+
+
+def parallel(shards: int, max_steps: int, character: str) -> dict:
+    from trajdata.collectors.runner import CollectConfig, ExpertSpec, collect
+    from trajdata.format.dataset import Dataset
+
+    out = {}
+    for workers in (1, 2):
+        tmp = tempfile.mkdtemp(prefix=f"bench-aa-w{workers}-")
+        spec = ExpertSpec("trajdata.collectors.autoascend:AutoAscendExpert", {"character": character})
+        cfg = CollectConfig(out=tmp, expert=spec, shards=shards, workers=workers, max_steps=max_steps)
+        t = time.perf_counter()
+        res = collect(cfg, progress=False)
+        sec = time.perf_counter() - t
+        rows = Dataset(tmp).index_rows()
+        out[workers] = {"steps": res["steps_written"], "seconds": round(sec, 2),
+                        "steps_per_s": round(res["steps_written"] / sec, 1),
+                        "episode_steps_per_s": round(statistics.mean(r["steps"] / r["wall_seconds"] for r in rows), 1)}
+    return {"workers_1": out[1], "workers_2": out[2],
+            "efficiency_end_to_end": round(out[2]["steps_per_s"] / (2 * out[1]["steps_per_s"]), 3),
+            "efficiency_per_episode": round(out[2]["episode_steps_per_s"] / out[1]["episode_steps_per_s"], 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON file for the figures")
+    ap.add_argument("--games", type=int, default=3, help="games for the overhead comparison")
+    ap.add_argument("--max-steps", type=int, default=4000, help="step cap per game")
+    ap.add_argument("--shards", type=int, default=4, help="shards for the parallel-efficiency run")
+    ap.add_argument("--character", default="val-hum-law-fem")
+    args = ap.parse_args()
+
+    from trajdata.collectors.install import installed_path
+
+    result: dict = {"bench": "autoascend", "cpu_count": os.cpu_count()}
+    if installed_path() is None:
+        result["skipped"] = "AutoAscend is not installed: run `trajdata experts install autoascend`"
+    else:
+        result["overhead"] = overhead(args.games, args.max_steps, args.character)
+        result["parallel"] = parallel(args.shards, args.max_steps, args.character)
+        result["targets"] = {"overhead_max": 0.05, "parallel_efficiency_min": 0.9}
+        result["reference"] = {"design_md_steps_per_s_per_core": 587}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    if "skipped" in result:
+        print(f"bench_autoascend: skipped: {result['skipped']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
