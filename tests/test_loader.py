@@ -1,0 +1,210 @@
+"""Streaming loader: exactly-once delivery across ranks x workers, lanes, windows, resume, split, filters, stacking."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from trajdata.collectors.runner import CollectConfig, ExpertSpec, collect
+from trajdata.errors import ConfigError
+from trajdata.format.dataset import Dataset, build_index, create_or_check
+from trajdata.format.schema import ATARI
+from trajdata.format.shard import ShardWriter
+from trajdata.loaders import LoaderConfig, TrajectoryStream, make_dataloader, select_episodes, val_hash
+
+ATARI_LENGTHS = [37, 300, 5, 129, 64, 1, 200, 90, 17]
+
+
+@pytest.fixture(scope="module")
+def nethack(tmp_path_factory):
+    """Real scripted NetHack games, stored in short chunks so episodes span several."""
+    out = tmp_path_factory.mktemp("nh") / "ds"
+    collect(CollectConfig(out=str(out), expert=ExpertSpec("trajdata.collectors.nethack:ScriptedExpert"), shards=3,
+                          episodes_per_shard=2, max_steps=400, chunk_steps=128, seed=7), progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def reference(nethack):
+    """(episode id, step) -> (action, tty_chars row sum) straight from the shards."""
+    ds = Dataset(nethack)
+    ref = {}
+    for p in ds.shard_paths():
+        for c in ds.shard(p.name).chunks(["action", "tty_chars"]):
+            for t in range(c.steps):
+                ref[(c.episode_id, c.start + t)] = (int(c.fields["action"][t]), int(c.fields["tty_chars"][t].sum()))
+    return ref
+
+
+@pytest.fixture(scope="module")
+def atari(tmp_path_factory):
+    """Atari-schema dataset of varied lengths; frame pixels encode (episode, step) for checks."""
+    root = tmp_path_factory.mktemp("at") / "ds"
+    create_or_check(root, {"schema": "atari", "env": "test", "expert": "test", "collection": {}})
+    for s in range(3):
+        with ShardWriter(Dataset(root).shard_dir / f"shard-{s:06d}.tar", ATARI, chunk_steps=64) as sw:
+            for e, n in enumerate(ATARI_LENGTHS[s::3]):
+                ep = s * 3 + e
+                w = sw.episode(f"ep{ep:03d}", {"character": "odd" if ep % 2 else "even"})
+                for t in range(n):
+                    frame = np.zeros((84, 84), np.uint8)
+                    frame[0, 0], frame[0, 1], frame[0, 2] = ep, t % 256, t // 256
+                    w.append({"frame": frame, "lives": 3, "action": t % 7})
+                    w.set_outcome(1.0, t == n - 1)
+                sw.add_episode_row(w.close({"status": "complete", "score": float(n)}))
+    build_index(root)
+    return str(root)
+
+
+def _steps(batch):
+    m = batch["mask"].numpy()
+    return list(zip(batch["episode"].numpy()[m].tolist(), batch["step"].numpy()[m].tolist())), m
+
+
+def _ids(stream):
+    return stream.episode_ids
+
+
+@pytest.mark.parametrize("mode", ["lanes", "windows"])
+def test_every_step_once_across_2_ranks_x_2_workers(nethack, reference, mode):
+    seen = []
+    for rank in range(2):
+        cfg = LoaderConfig(nethack, fields=("action", "tty_chars"), batch_size=2, seq_len=150, mode=mode,
+                           rank=rank, world_size=2, seed=3, shuffle_buffer=4)
+        loader = make_dataloader(cfg, num_workers=2)
+        for b in loader:
+            steps, m = _steps(b)
+            actions = b["action"].numpy()[m]
+            sums = b["tty_chars"].numpy()[m].reshape(len(steps), -1).sum(1)
+            for (e, t), a, s in zip(steps, actions, sums):
+                key = (loader.dataset.episode_ids[e], t)
+                assert reference[key] == (int(a), int(s)), key
+                seen.append(key)
+            assert (b["tty_chars"].numpy()[~m] == 0).all()
+    assert len(seen) == len(set(seen)) == len(reference)
+
+
+def test_lanes_contiguous_with_boundary_flags(nethack, reference):
+    s = TrajectoryStream(LoaderConfig(nethack, fields=("action", "done"), batch_size=2, seq_len=170, seed=1))
+    lanes = [[], []]
+    for b in s:
+        assert b["action"].shape == (2, 170)
+        for row in range(2):
+            m = b["mask"][row].numpy()
+            assert not m[np.argmin(m):].any() if not m.all() else True  # padding only at a lane's end
+            for t in np.flatnonzero(m):
+                lanes[row].append((int(b["episode"][row, t]), int(b["step"][row, t]), bool(b["reset"][row, t]),
+                                   bool(b["done"][row, t])))
+    steps = dict(zip(range(len(s.steps)), s.steps))
+    delivered = 0
+    for lane in lanes:
+        for prev, cur in zip(lane, lane[1:]):
+            if cur[0] == prev[0]:
+                assert cur[1] == prev[1] + 1 and not cur[2]
+            else:
+                assert prev[1] == steps[prev[0]] - 1 and cur[1] == 0 and cur[2]
+        assert lane[0][1] == 0 and lane[0][2]
+        delivered += len(lane)
+    assert delivered == len(reference)
+    assert sum(x[2] for lane in lanes for x in lane) == len(steps)
+
+
+@pytest.mark.parametrize("mode,workers", [("lanes", 0), ("windows", 0), ("lanes", 2)])
+def test_resume_continues_exactly(atari, mode, workers):
+    cfg = LoaderConfig(atari, batch_size=2, seq_len=40, mode=mode, seed=5, frame_stack=3, shuffle_buffer=3)
+    full = [b for b in make_dataloader(cfg, workers)]
+    assert len(full) > 6
+    first = make_dataloader(cfg, workers)
+    head = list(itertools.islice(iter(first), 4))
+    state = first.state_dict()
+    second = make_dataloader(cfg, workers)
+    second.load_state_dict(state)
+    rest = list(second)
+    assert len(head) + len(rest) == len(full)
+    key = lambda b: (int(b["slot"]), int(b["batch_index"]))
+    got = {key(b): b for b in head + rest}
+    assert set(got) == {key(b) for b in full}
+    for b in full:
+        for k, v in b.items():
+            assert torch.equal(v, got[key(b)][k]), k
+
+
+def test_windows_are_random_crops_within_one_episode(atari):
+    def crops(seed):
+        s = TrajectoryStream(LoaderConfig(atari, batch_size=4, seq_len=50, mode="windows", seed=seed))
+        out = []
+        for b in s:
+            assert b["frame"].shape == (4, 50, 84, 84)
+            for row in range(4):
+                m = b["mask"][row].numpy()
+                if not m.any():
+                    continue
+                n = int(m.sum())
+                assert m[:n].all()
+                e, t = b["episode"][row, :n].numpy(), b["step"][row, :n].numpy()
+                assert (e == e[0]).all() and (np.diff(t) == 1).all()
+                assert (b["frame"][row, :n, 0, 2].numpy().astype(int) * 256 + b["frame"][row, :n, 0, 1].numpy() == t).all()
+                assert bool(b["reset"][row, 0]) == (t[0] == 0)
+                out.append((int(e[0]), int(t[0]), n))
+        return out
+
+    a, b, c = crops(0), crops(0), crops(1)
+    assert a == b
+    assert a != c
+    assert sum(n for *_, n in a) == sum(ATARI_LENGTHS)
+    assert any(t % 50 for _, t, _ in a)  # random phase, not chunk-aligned crops
+
+
+def test_frame_stack_never_crosses_episode_start(atari):
+    k = 4
+    s = TrajectoryStream(LoaderConfig(atari, batch_size=3, seq_len=33, frame_stack=k, seed=2))
+    checked = 0
+    for b in s:
+        assert b["frame"].shape == (3, 33, k, 84, 84)
+        m = b["mask"].numpy()
+        st = b["step"].numpy()[m]
+        ep = b["episode"].numpy()[m]
+        fr = b["frame"].numpy()[m][:, :, 0, :3].astype(int)
+        for e, t, f in zip(ep, st, fr):
+            want = [max(0, t - k + 1 + j) for j in range(k)]
+            assert (f[:, 1] + 256 * f[:, 2]).tolist() == want
+            assert (f[:, 0] == int(s.episode_ids[e][2:])).all()
+            checked += 1
+    assert checked == sum(ATARI_LENGTHS)
+
+
+def test_filters_and_val_split_stable(atari):
+    rows = Dataset(atari).index_rows()
+    odd = TrajectoryStream(LoaderConfig(atari, where={"character": "odd"}))
+    assert odd.episode_ids and all(int(i[2:]) % 2 for i in odd.episode_ids)
+    big = TrajectoryStream(LoaderConfig(atari, min_score=100))
+    assert sorted(big.steps) == sorted(n for n in ATARI_LENGTHS if n >= 100)
+    both = TrajectoryStream(LoaderConfig(atari, where={"character": ["odd", "even"]}, min_score=10))
+    assert len(both.episode_ids) == sum(n >= 10 for n in ATARI_LENGTHS)
+    with pytest.raises(ConfigError, match="nope"):
+        TrajectoryStream(LoaderConfig(atari, where={"nope": 1}))
+
+    grown = rows + [dict(rows[0], id=f"new{i:04d}") for i in range(400)]
+    split = lambda rs, name: {r["id"] for r in select_episodes(rs, LoaderConfig(atari, split=name, val_fraction=0.3))}
+    val, train = split(grown, "val"), split(grown, "train")
+    assert not val & train and len(val | train) == len(grown)
+    assert 0.2 < len(val) / len(grown) < 0.4
+    assert split(rows, "val") == val & {r["id"] for r in rows}  # growing the dataset moves no episode
+    assert val_hash("ep001") == val_hash("ep001") and 0 <= val_hash("x") < 1
+
+
+def test_bad_config_is_one_line_error(atari):
+    with pytest.raises(ConfigError, match="tty_chars"):
+        TrajectoryStream(LoaderConfig(atari, fields=("tty_chars",)))
+    with pytest.raises(ConfigError, match="mode"):
+        TrajectoryStream(LoaderConfig(atari, mode="random"))
+    s = TrajectoryStream(LoaderConfig(atari, batch_size=2, seq_len=40))
+    head = list(itertools.islice(iter(s), 1))
+    state = s.state_dict()
+    other = TrajectoryStream(LoaderConfig(atari, batch_size=2, seq_len=40, rank=0, world_size=2))
+    other.load_state_dict(state)
+    with pytest.raises(ConfigError, match="slots"):
+        next(iter(other))
+    assert head
