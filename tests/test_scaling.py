@@ -197,11 +197,24 @@ def test_cli_parquet_budgets_and_columns(tmp_path):
 
 
 def test_cli_atari_game_subset(tmp_path):
-    r = _run("scaling", "fit", ATARI, "--where", "game=Breakout", "--out", tmp_path, "--cv-folds", "2")
+    # Boxing: returns go negative, so no log-space return fits; the rest still runs
+    r = _run("scaling", "fit", ATARI, "--where", "game=Boxing", "--out", tmp_path, "--cv-folds", "2")
     assert r.exit_code == 0, r.output
     fit = json.loads((tmp_path / "fit.json").read_text())
-    assert fit["n_runs"] == 133
+    assert fit["n_runs"] == 142
     assert 0.2 < fit["summary"]["loss.isoflop.a"]["value"] < 1.0
+    assert "isoflop" in fit["return"] and "quadratic" not in fit["return"]
+    assert (tmp_path / "report.html").stat().st_size > 50_000
+
+
+def test_missing_returns_are_dropped_from_return_fits():
+    df = pd.read_csv(NETHACK)
+    df.loc[::20, "mean_returns"] = np.nan
+    fit = fit_all(runs_from_frame(df), FitConfig(cv_folds=0))
+    assert fit["n_runs"] == len(df)
+    assert fit["n_runs_with_return"] == len(df) - len(df.loc[::20])
+    assert fit["return"]["isoflop"]["a"]["value"] > 0
+    assert fit["loss"]["crossval"]["folds"] == []
 
 
 @pytest.mark.parametrize("args, message", [

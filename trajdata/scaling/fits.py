@@ -92,11 +92,19 @@ def _cells(flops, params, target):
     return uniq[:, 0], uniq[:, 1], mean
 
 
-def isoflop_profiles(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = False) -> list[dict]:
-    """One parabola per budget in (ln N, target); its vertex is the budget's optimum."""
+def isoflop_profiles(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = False,
+                     se: np.ndarray | None = None) -> list[dict]:
+    """One parabola per budget in (ln N, target); its vertex is the budget's optimum.
+
+    Repeated runs of one (budget, size) are averaged; `se` (per run) only annotates the profile."""
     sign = -1.0 if maximize else 1.0
     use_log = cfg.log_target and bool((target > 0).all())
     C_all, N_all, y_all = _cells(runs.flops, runs.params, target)
+    se_all = None
+    if se is not None and np.isfinite(se).all():
+        _, _, var = _cells(runs.flops, runs.params, se ** 2)
+        _, _, cnt = _cells(runs.flops, runs.params, np.ones_like(se))
+        se_all = np.sqrt(var / cnt)  # mean of var / count = SE of the cell mean
     k = cfg.flops_per_param_sample
     out = []
     for C in np.unique(C_all):
@@ -107,6 +115,7 @@ def isoflop_profiles(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: b
         best = int(np.argmin(sign * t))
         lo, hi = (0, len(N)) if cfg.window <= 0 else (max(0, best - cfg.window), min(len(N), best + cfg.window + 1))
         prof = {"flops": float(C), "n_sizes": int(len(N)), "params": N.tolist(), "value": y.tolist(),
+                "se": None if se_all is None else se_all[m][order].tolist(),
                 "window": [float(N[lo]), float(N[hi - 1])], "log_target": use_log, "coef": None,
                 "kept": False, "reason": "", "n_opt": None, "d_opt": None, "y_opt": None}
         out.append(prof)
@@ -192,8 +201,9 @@ def power_plus_const(fit: dict, C) -> np.ndarray:
     return E + np.exp(a - k * (np.log(np.asarray(C, float)) - fit["log_c0"]))
 
 
-def fit_isoflop(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = False) -> dict:
-    profiles = isoflop_profiles(runs, target, cfg, maximize)
+def fit_isoflop(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = False,
+                se: np.ndarray | None = None) -> dict:
+    profiles = isoflop_profiles(runs, target, cfg, maximize, se)
     kept = [p for p in profiles if p["kept"]]
     if len(kept) < 3:
         raise DataError(f"only {len(kept)} FLOP budgets give an optimum (need >= 3); "
@@ -203,8 +213,11 @@ def fit_isoflop(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool =
     D = np.array([p["d_opt"] for p in kept])
     Y = np.array([p["y_opt"] for p in kept])
     n_fit, d_fit = fit_power_law(C, N, cfg.ci_level), fit_power_law(C, D, cfg.ci_level)
-    y_fit = fit_power_plus_const(C, 1.0 / Y if maximize else Y, cfg.ci_level)
-    y_fit["inverse"] = maximize
+    if (Y > 0).all():
+        y_fit = fit_power_plus_const(C, 1.0 / Y if maximize else Y, cfg.ci_level)
+        y_fit["inverse"] = maximize
+    else:
+        y_fit = None  # E + A·C^-k needs positive optima
     return {"profiles": profiles, "budgets_kept": C.tolist(),
             "N_opt": n_fit, "D_opt": d_fit, "Y_opt": y_fit,
             "a": n_fit["exponent"], "b": d_fit["exponent"],
@@ -377,6 +390,8 @@ def predict_optimum(method: str, fit: dict, C, k: float) -> tuple[np.ndarray, np
     N = allocation_n(fit["allocation"], C)
     D = C / (k * N)
     if method == "isoflop":
+        if fit["Y_opt"] is None:
+            return N, np.full_like(C, np.nan)
         Y = power_plus_const(fit["Y_opt"], C)
         return N, (1.0 / Y if fit["Y_opt"].get("inverse") else Y)
     if method == "quadratic":
@@ -439,26 +454,39 @@ def _fit_all(runs: Runs, cfg: FitConfig, progress: bool) -> dict:
     ratio = runs.flops / (runs.params * runs.samples)
     out = {"config": asdict(cfg), "source": runs.source, "n_runs": int(len(runs)),
            "budgets": runs.budgets.tolist(), "median_flops_per_param_sample": float(np.median(ratio))}
-    loss = {"isoflop": fit_isoflop(runs, runs.loss, cfg)}
+    loss = {"isoflop": fit_isoflop(runs, runs.loss, cfg, se=runs.loss_se)}
     pr, pt = near_optimum(runs, runs.loss, loss["isoflop"]["profiles"], cfg)
     loss["quadratic"] = fit_quadratic(pr, pt, cfg)
     loss["chinchilla"] = fit_chinchilla(pr, pt, cfg)
     loss["crossval"] = rolling_cv(runs, runs.loss, loss["isoflop"]["profiles"], cfg,
                                   ("isoflop", "quadratic", "chinchilla"))
     out["loss"] = loss
-    if cfg.fit_return and runs.ret is not None and np.isfinite(runs.ret).all():
-        ret = {"isoflop": fit_isoflop(runs, runs.ret, cfg, maximize=True)}
-        pr, pt = near_optimum(runs, runs.ret, ret["isoflop"]["profiles"], cfg)
-        methods = ("isoflop",)
-        if (pt > 0).all():
-            ret["quadratic"] = fit_quadratic(pr, pt, cfg, maximize=True)
-            methods += ("quadratic",)
-        ret["crossval"] = rolling_cv(runs, runs.ret, ret["isoflop"]["profiles"], cfg, methods, maximize=True)
-        out["return"] = ret
-        out["return_vs_loss"] = fit_return_vs_loss(runs, cfg)
+    has_ret = runs.ret is not None and np.isfinite(runs.ret).sum() >= 8
+    if cfg.fit_return and has_ret:
+        try:
+            out.update(_fit_return(runs.subset(np.isfinite(runs.ret)), cfg))
+        except DataError as e:
+            out["return_skipped"] = str(e)
     if cfg.bootstrap > 0:
         out["bootstrap"] = bootstrap(runs, cfg, progress)
     out["summary"] = summary(out)
+    return out
+
+
+def _fit_return(rr: Runs, cfg: FitConfig) -> dict:
+    """Return fits (maximised) on the runs that have a return."""
+    ret = {"isoflop": fit_isoflop(rr, rr.ret, cfg, maximize=True, se=rr.ret_se)}
+    pr, pt = near_optimum(rr, rr.ret, ret["isoflop"]["profiles"], cfg)
+    methods = ("isoflop",)
+    if (pt > 0).all():
+        ret["quadratic"] = fit_quadratic(pr, pt, cfg, maximize=True)
+        methods += ("quadratic",)
+    ret["crossval"] = rolling_cv(rr, rr.ret, ret["isoflop"]["profiles"], cfg, methods, maximize=True)
+    out = {"n_runs_with_return": int(len(rr)), "return": ret}
+    try:
+        out["return_vs_loss"] = fit_return_vs_loss(rr, cfg)
+    except DataError:
+        pass
     return out
 
 
@@ -473,7 +501,7 @@ def summary(fit: dict) -> dict:
                 s[f"{tgt}.{meth}.b"] = f["b"]
     if "return_vs_loss" in fit:
         s["return_vs_loss.delta"] = fit["return_vs_loss"]["delta"]
-    if "isoflop" in fit.get("loss", {}):
+    if fit.get("loss", {}).get("isoflop", {}).get("Y_opt"):
         s["loss.isoflop.k"] = fit["loss"]["isoflop"]["Y_opt"]["k"]
     return s
 
@@ -496,9 +524,10 @@ def bootstrap(runs: Runs, cfg: FitConfig, progress: bool = False) -> dict:
             fits["loss.chinchilla"] = fit_chinchilla(pr, pt, sub)["a"]["value"]
         except (DataError, np.linalg.LinAlgError, ValueError):
             pass
-        if r.ret is not None and sub.fit_return and np.isfinite(r.ret).all():
+        if r.ret is not None and sub.fit_return and np.isfinite(r.ret).sum() >= 8:
             try:
-                fits["return.isoflop"] = fit_isoflop(r, r.ret, sub, maximize=True)["a"]["value"]
+                rr = r.subset(np.isfinite(r.ret))
+                fits["return.isoflop"] = fit_isoflop(rr, rr.ret, sub, maximize=True)["a"]["value"]
             except (DataError, np.linalg.LinAlgError, ValueError):
                 pass
         for k, v in fits.items():

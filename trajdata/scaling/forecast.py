@@ -34,8 +34,11 @@ def forecast_one(fit: dict, target: str, method: str, **given) -> dict:
     N = float(np.exp(alloc["log_gn"]) * C ** alloc["a"])
     D = float(np.exp(alloc["log_gd"]) * C ** alloc["b"])
     if method == "isoflop":
-        y = float(power_plus_const(f["Y_opt"], C))
-        y = 1.0 / y if f["Y_opt"].get("inverse") else y
+        if f["Y_opt"] is None:
+            y = float("nan")
+        else:
+            y = float(power_plus_const(f["Y_opt"], C))
+            y = 1.0 / y if f["Y_opt"].get("inverse") else y
     elif method == "quadratic":
         y = float(quadratic_predict(f, N, D)[0])
     else:

@@ -40,7 +40,8 @@ def plot_isoflop(res: dict, target: str):
     for p in profiles:
         c = colors[p["flops"]]
         N, y = np.array(p["params"]), np.array(p["value"])
-        ax.plot(N, y, "o", color=c, ms=5, mfc=c if p["kept"] else "none", alpha=1 if p["kept"] else 0.5)
+        ax.errorbar(N, y, yerr=p.get("se"), fmt="o", color=c, ms=5, mfc=c if p["kept"] else "none",
+                    alpha=1 if p["kept"] else 0.5, capsize=2, elinewidth=0.8)
         if p["coef"] is not None and p["kept"]:
             xs = np.linspace(np.log(p["window"][0]), np.log(p["window"][1]), 60)
             ys = np.polyval(p["coef"], xs)
@@ -106,21 +107,24 @@ def plot_y_opt(fit: dict, target: str):
     C = np.logspace(np.log10(min(fit["budgets"])), np.log10(max(fit["budgets"])) + 1, 100)
     k = fit["config"]["flops_per_param_sample"]
     yf = iso["Y_opt"]
-    Y = power_plus_const(yf, C)
-    Y = 1 / Y if yf.get("inverse") else Y
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    form = "R = 1/(E + A·C^-k)" if yf.get("inverse") else "L = E + A·C^-k"
-    ax.plot(C, Y, "-", color="tab:blue",
-            label=f"isoFLOP {form}: E={yf['E']['value']:.3g}, k={yf['k']['value']:.3f}")
+    if yf is not None:
+        Y = power_plus_const(yf, C)
+        Y = 1 / Y if yf.get("inverse") else Y
+        form = "R = 1/(E + A·C^-k)" if yf.get("inverse") else "L = E + A·C^-k"
+        ax.plot(C, Y, "-", color="tab:blue",
+                label=f"isoFLOP {form}: E={yf['E']['value']:.3g}, k={yf['k']['value']:.3f}")
     ax.plot([p["flops"] for p in kept], [p["y_opt"] for p in kept], "o", color="tab:blue", mec="k")
     for meth, (color, ls) in METHOD_STYLE.items():
         if meth in res:
             ax.plot(C, predict_optimum(meth, res[meth], C, k)[1], ls, color=color, label=f"{meth} at its optimum")
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    if all(p["y_opt"] > 0 for p in kept):
+        ax.set_yscale("log")
     ax.set_xlabel("FLOPs C")
     ax.set_ylabel(f"optimal {LABELS[target]}")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     return fig
 
 
@@ -156,8 +160,9 @@ def build_figures(fit: dict) -> dict[str, str]:
             "loss_allocation": plot_allocation(fit, "loss"), "loss_optimum": plot_y_opt(fit, "loss")}
     if "return" in fit:
         figs.update(return_isoflop=plot_isoflop(fit["return"]["isoflop"], "return"),
-                    return_allocation=plot_allocation(fit, "return"), return_optimum=plot_y_opt(fit, "return"),
-                    return_vs_loss=plot_return_vs_loss(fit))
+                    return_allocation=plot_allocation(fit, "return"), return_optimum=plot_y_opt(fit, "return"))
+    if "return_vs_loss" in fit:
+        figs["return_vs_loss"] = plot_return_vs_loss(fit)
     return {k: _png(f) for k, f in figs.items()}
 
 

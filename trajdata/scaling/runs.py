@@ -128,7 +128,8 @@ def runs_from_frame(df: pd.DataFrame, columns: dict[str, str] | None = None, sou
         if (arrays[role][ok] <= 0).any():
             raise DataError(f"column {cols[role]!r} ({role}) has non-positive values")
     if ok.sum() == 0:
-        raise DataError(f"no usable runs in {source or 'runs table'}")
+        raise DataError(f"no usable runs in {source or 'runs table'} (every row lacks one of "
+                        f"{', '.join(cols[r] for r in REQUIRED)})")
     return Runs(
         flops=arrays["flops"], params=arrays["params"], samples=arrays["samples"],
         loss=arrays["loss"], loss_se=arrays.get("loss_se"), ret=arrays.get("return"),
