@@ -245,3 +245,17 @@ def test_cli_bad_tables(tmp_path):
     (tmp_path / "fit.json").write_text('{"hello": 1}')
     r = _run("scaling", "forecast", tmp_path / "fit.json", "--compute", "1e19")
     assert r.exit_code == 1 and "not a trajdata scaling fit" in r.output
+
+
+def test_report_json_strict_when_a_method_has_no_optimum(tmp_path):
+    from trajdata.scaling.report import write_report
+
+    df, _ = quadratic_frame()  # Chinchilla's form cannot describe it: a negative exponent, no optimum
+    fit = fit_all(runs_from_frame(df), FitConfig(parametric_points="all", cv_folds=0))
+    assert not fit["loss"]["chinchilla"]["optimum_exists"]
+    paths = write_report(fit, tmp_path)
+    saved = json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    rows = forecast(saved, compute=1e20)
+    assert {r["method"] for r in rows} == {"isoflop", "quadratic"}
+    with pytest.raises(DataError, match="no optimum"):
+        forecast(saved, ["chinchilla"], compute=1e20)

@@ -30,6 +30,8 @@ def forecast_one(fit: dict, target: str, method: str, **given) -> dict:
     if f is None:
         raise DataError(f"fit has no {target} {method} result")
     alloc = f["allocation"]
+    if any(v is None or not np.isfinite(v) for v in alloc.values()):
+        raise DataError(f"the {target} {method} fit has no optimum to forecast with")
     C = solve_compute(alloc, **given)
     N = float(np.exp(alloc["log_gn"]) * C ** alloc["a"])
     D = float(np.exp(alloc["log_gd"]) * C ** alloc["b"])
@@ -57,7 +59,16 @@ def forecast(fit: dict, methods=None, targets=("loss", "return"), **given) -> li
     bad = set(methods) - set(METHODS)
     if bad:
         raise ConfigError(f"unknown method(s) {', '.join(sorted(bad))} (choose from {', '.join(METHODS)})")
-    rows = [forecast_one(fit, t, m, **given) for t in targets for m in methods if m in fit.get(t, {})]
+    rows = []
+    for t in targets:
+        for m in methods:
+            if m not in fit.get(t, {}):
+                continue
+            try:
+                rows.append(forecast_one(fit, t, m, **given))
+            except DataError:
+                if len(methods) == 1:
+                    raise
     if not rows:
         raise DataError("fit has none of the requested methods")
     return rows

@@ -210,10 +210,21 @@ def render_html(fit: dict, figures: dict[str, str]) -> str:
            f"<body>{''.join(parts)}</body></html>"
 
 
+def strict_json(obj):
+    """NaN/inf -> null, so fit.json is valid JSON for any reader."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
 def write_report(fit: dict, out_dir: str | Path) -> dict[str, Path]:
     """Write fit.json and report.html into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fit.json").write_text(json.dumps(fit, indent=1))
+    (out / "fit.json").write_text(json.dumps(strict_json(fit), indent=1, allow_nan=False))
     (out / "report.html").write_text(render_html(fit, build_figures(fit)))
     return {"json": out / "fit.json", "html": out / "report.html"}
