@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from trajdata.cli.main import cli
 from trajdata.errors import ConfigError, DataError
 from trajdata.scaling import FitConfig, fit_all, forecast, load_runs
-from trajdata.scaling.fits import fit_chinchilla, fit_isoflop, fit_quadratic
+from trajdata.scaling.fits import fit_isoflop, fit_quadratic
 from trajdata.scaling.runs import runs_from_frame
 
 DATA = Path(__file__).parent / "data" / "il-scaling"

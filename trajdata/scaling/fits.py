@@ -96,15 +96,16 @@ def isoflop_profiles(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: b
                      se: np.ndarray | None = None) -> list[dict]:
     """One parabola per budget in (ln N, target); its vertex is the budget's optimum.
 
-    Repeated runs of one (budget, size) are averaged; `se` (per run) only annotates the profile."""
+    Repeated runs of one (budget, size) are averaged; D_opt = C / (k·N_opt); `se` (per run) only
+    annotates the profile (the fits are unweighted, as in the paper)."""
     sign = -1.0 if maximize else 1.0
     use_log = cfg.log_target and bool((target > 0).all())
     C_all, N_all, y_all = _cells(runs.flops, runs.params, target)
     se_all = None
     if se is not None and np.isfinite(se).all():
         _, _, var = _cells(runs.flops, runs.params, se ** 2)
-        _, _, cnt = _cells(runs.flops, runs.params, np.ones_like(se))
-        se_all = np.sqrt(var / cnt)  # mean of var / count = SE of the cell mean
+        cnt = np.unique(np.stack([runs.flops, runs.params], 1), axis=0, return_counts=True)[1]
+        se_all = np.sqrt(var / cnt)  # SE of a mean of cnt runs: sqrt(mean(se^2) / cnt)
     k = cfg.flops_per_param_sample
     out = []
     for C in np.unique(C_all):
@@ -253,7 +254,7 @@ def _quad_alloc(beta, k):
 
 
 def fit_quadratic(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = False) -> dict:
-    """ln target = b0 + b1 x + b2 y + b3 x² + b4 xy + b5 y², OLS on all runs (the paper's Eq. 3)."""
+    """ln target = b0 + b1 x + b2 y + b3 x² + b4 xy + b5 y² by OLS over the given runs (the paper's Eq. 3)."""
     if (target <= 0).any():
         raise DataError("quadratic parametric fit needs positive targets")
     x, y, t = np.log(runs.params), np.log(runs.samples), np.log(target)
