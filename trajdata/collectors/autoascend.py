@@ -21,6 +21,7 @@ import contextlib
 import os
 import re
 import sys
+import warnings
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,10 @@ def import_autoascend(path: str | os.PathLike | None = None):
     os.environ.setdefault("MPLBACKEND", "Agg")
     sys.path.insert(0, root)
     try:
-        import autoascend.agent as agent_lib
+        with warnings.catch_warnings():  # its regexes have invalid escapes (warned when compiled)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", SyntaxWarning)
+            import autoascend.agent as agent_lib
     except ImportError as e:
         raise ExpertError(f"AutoAscend's dependencies are missing ({e}); run `{INSTALL_HINT}`") from None
     finally:

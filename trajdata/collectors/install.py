@@ -97,7 +97,7 @@ def pip_install(packages: list[str]) -> None:
 
 
 def install_autoascend(source: str | os.PathLike | None = None, *, force: bool = False,
-                       deps: bool = True, commit: str = AUTOASCEND_COMMIT) -> Path:
+                       deps: bool = True, warm: bool = True, commit: str = AUTOASCEND_COMMIT) -> Path:
     """Install AutoAscend at `commit` into the cache (idempotent); returns its directory."""
     dest = autoascend_dir(commit)
     if installed_path(commit) is not None and not force:
@@ -119,12 +119,13 @@ def install_autoascend(source: str | os.PathLike | None = None, *, force: bool =
         shutil.rmtree(tmp, ignore_errors=True)
     if deps:
         pip_install(missing_requirements())
+    if warm and not missing_requirements():
         warm_up(dest)
     return dest
 
 
 def warm_up(path: Path) -> None:
     """Import AutoAscend once so numba writes its compile cache next to the source."""
-    code = "import sys; sys.path.insert(0, sys.argv[1]); import autoascend.agent"
+    code = "import sys, warnings; warnings.simplefilter('ignore'); sys.path.insert(0, sys.argv[1]); import autoascend.agent"
     env = dict(os.environ, MPLBACKEND="Agg")
     subprocess.run([sys.executable, "-c", code, str(path)], check=False, env=env, capture_output=True)
