@@ -173,3 +173,29 @@ def test_agent_exception_marks_episode_aborted(autoascend, tmp_path, monkeypatch
     assert 0 < rows[0]["steps"] < 120 and rows[0]["character"] == "sam-hum-law-mal"
     assert rows[1]["status"] == "truncated" and rows[1]["steps"] == 120
     assert replay_episode(tmp_path / "d", rows[0]["id"]) == rows[0]["steps"]
+
+
+def test_stalled_agent_is_cut_by_the_watchdog(autoascend, tmp_path, monkeypatch):
+    import time
+
+    from trajdata.collectors.autoascend import import_autoascend
+
+    agent_lib = import_autoascend()
+    real_step, calls = agent_lib.Agent.step, {"n": 0}
+
+    def step(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            time.sleep(60)  # inside AutoAscend's own loop, which catches BaseException and re-raises
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(agent_lib.Agent, "step", step)
+    t = time.monotonic()
+    r = _run(["collect", "autoascend", "--out", str(tmp_path / "d"), "--shards", "1", "--episodes-per-shard", "2",
+              "--max-steps", "100", "--stall-seconds", "1", "--character", "sam-hum-law-mal", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert time.monotonic() - t < 45
+    rows = sorted(Dataset(tmp_path / "d").index_rows(), key=lambda r: r["id"])
+    assert rows[0]["status"] == "truncated" and rows[0]["end_reason"].startswith("stalled")
+    assert 0 < rows[0]["steps"] < 100
+    assert rows[1]["status"] == "truncated" and rows[1]["steps"] == 100
