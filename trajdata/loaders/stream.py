@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import os
+import sys
 import tarfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -312,6 +313,33 @@ class EpisodeReader:
 
 # ---- stage 4: assembling batches -----------------------------------------------------------------
 
+class BatchPool:
+    """Reuses a batch's arrays once nothing outside the pool references them (first-touch page
+    faults on fresh multi-GB batches cost more than the decode); only the stale tail of each row
+    is re-zeroed."""
+
+    def __init__(self, make, size: int = 2):
+        self.make, self.size = make, size
+        self.free: list[tuple[dict, np.ndarray]] = []
+
+    def get(self) -> tuple[dict, np.ndarray]:
+        for i, (out, ends) in enumerate(self.free):
+            if all(sys.getrefcount(a) <= 3 for a in out.values()):  # dict, loop variable, argument
+                return out, ends
+        out = self.make()
+        if len(self.free) < self.size:
+            self.free.append((out, np.zeros(len(out["mask"]), np.int64)))
+            return self.free[-1]
+        return out, np.zeros(len(out["mask"]), np.int64)
+
+    @staticmethod
+    def clear_tails(out: dict, ends: np.ndarray, new_ends: np.ndarray) -> None:
+        for row in np.flatnonzero(ends > new_ends):
+            for name, arr in out.items():
+                arr[row, new_ends[row] : ends[row]] = -1 if name == "episode" else 0
+        ends[:] = new_ends
+
+
 def batch_arrays(schema, fields: list[str], B: int, T: int, frame_stack: int) -> dict[str, np.ndarray]:
     out = {}
     for name in fields:
@@ -391,11 +419,14 @@ class TrajectoryStream(IterableDataset):
         cfg = self.cfg
         src = ChunkSource(Path(cfg.root), self.schema, self.fields, cfg.cache_chunks if cfg.mode == "windows" else 0)
         readers: dict[int, EpisodeReader] = {}  # lanes: row -> reader of its current episode
+        pool = BatchPool(lambda: batch_arrays(self.schema, self.fields, cfg.batch_size, cfg.seq_len, cfg.frame_stack))
         try:
             for b, batch in enumerate(self.plan(slot, slots)):
                 if b < skip:
                     continue
-                out = batch_arrays(self.schema, self.fields, cfg.batch_size, cfg.seq_len, cfg.frame_stack)
+                out, ends = pool.get()
+                pool.clear_tails(out, ends, np.array([max((c + n for _, _, n, c in segs), default=0) for segs in batch]))
+                out["reset"][:] = False
                 for row, segs in enumerate(batch):
                     for e, start, n, col in segs:
                         r = readers.get(row)
@@ -410,8 +441,8 @@ class TrajectoryStream(IterableDataset):
                             out["reset"][row, col] = True
                     if cfg.mode == "windows":
                         readers.pop(row, None)
-                out["slot"], out["batch_index"] = np.int64(slot), np.int64(b)
-                yield out
+                yield dict(out, slot=np.int64(slot), batch_index=np.int64(b))
+                del out
         finally:
             src.close()
 
