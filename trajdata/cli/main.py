@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "trajdata.cli.atari",
     "trajdata.cli.experts",
     "trajdata.cli.scaling",
+    "trajdata.cli.loaders",
 ]
 
 

@@ -91,7 +91,18 @@ ATARI = Schema(
     + _OUTCOME,
 )
 
-SCHEMAS: dict[str, Schema] = {s.name: s for s in (NETHACK, ATARI)}
+NLD = Schema(
+    "nld",
+    tuple(NETHACK[n] for n in ("tty_chars", "tty_colors", "tty_cursor"))
+    + (
+        Field("timestamp", "int64", (), "ttyrec frame timestamp (as nle.dataset reports it)"),
+        Field("keypress", "uint8", (), "key pressed after this frame (ttyrec v2+; 0 if unknown)"),
+        Field("score", "int32", (), "in-game score at this frame (ttyrec v3; 0 if unknown)"),
+    )
+    + _OUTCOME,
+)
+
+SCHEMAS: dict[str, Schema] = {s.name: s for s in (NETHACK, ATARI, NLD)}
 
 TTY_FIELDS = ("tty_chars", "tty_colors", "tty_cursor")
 

@@ -1,0 +1,42 @@
+"""`trajdata import nld`: bring existing NLD data (NLD-AA, NLD-NAO, NLE ttyrecs) into trajdata shards."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from trajdata.format.codec import PROFILES
+
+
+@click.group("import")
+def import_group():
+    """Convert datasets in other formats into trajdata shards."""
+
+
+@import_group.command("nld")
+@click.option("--db", required=True, type=click.Path(dir_okay=False), help="nle.dataset sqlite database (ttyrecs.db).")
+@click.option("--name", required=True, help="Dataset name inside the database (e.g. nld-aa, nld-nao).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="trajdata dataset directory (created, or resumed).")
+@click.option("--episodes-per-shard", default=16, show_default=True, type=int, help="Games per shard.")
+@click.option("--chunk-steps", default=4096, show_default=True, type=int, help="Steps per stored chunk.")
+@click.option("--codec", default="compact", show_default=True, type=click.Choice(sorted(PROFILES)),
+              help="Storage profile: compact (smallest) or fast (quickest to decode).")
+@click.option("--max-games", default=None, type=int, help="Import only the first N games (by gameid).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def import_nld_cmd(db, name, out, episodes_per_shard, chunk_steps, codec, max_games, quiet):
+    """Import an NLD dataset indexed by nle.dataset into trajdata shards (schema "nld").
+
+    Stores tty_chars/tty_colors/tty_cursor exactly as nle.dataset.TtyrecDataset yields them, the
+    timestamp, keypress (ttyrec v2+) mapped to a NetHackChallenge action index (255: none), in-game
+    score and the reward (score change) of each keypress (v3), and done on each game's last frame.
+    Rerunning the same command skips finished shards.
+    """
+    from trajdata.loaders.nld import NldImportConfig, import_nld
+
+    cfg = NldImportConfig(db=db, name=name, out=out, episodes_per_shard=episodes_per_shard, chunk_steps=chunk_steps,
+                          codec=codec, max_games=max_games)
+    click.echo(json.dumps(import_nld(cfg, progress=not quiet)))
+
+
+def register(cli) -> None:
+    cli.add_command(import_group)
