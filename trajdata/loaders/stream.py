@@ -419,7 +419,10 @@ class TrajectoryStream(IterableDataset):
         cfg = self.cfg
         src = ChunkSource(Path(cfg.root), self.schema, self.fields, cfg.cache_chunks if cfg.mode == "windows" else 0)
         readers: dict[int, EpisodeReader] = {}  # lanes: row -> reader of its current episode
-        pool = BatchPool(lambda: batch_arrays(self.schema, self.fields, cfg.batch_size, cfg.seq_len, cfg.frame_stack))
+        if getattr(self, "_pool", None) is None:
+            self._pool = BatchPool(lambda: batch_arrays(self.schema, self.fields, cfg.batch_size, cfg.seq_len,
+                                                        cfg.frame_stack))
+        pool = self._pool
         try:
             for b, batch in enumerate(self.plan(slot, slots)):
                 if b < skip:
