@@ -69,21 +69,35 @@ def _ids(stream):
 
 @pytest.mark.parametrize("mode", ["lanes", "windows"])
 def test_every_step_once_across_2_ranks_x_2_workers(nethack, reference, mode):
-    seen = []
+    seen, batches = [], []
     for rank in range(2):
         cfg = LoaderConfig(nethack, fields=("action", "tty_chars"), batch_size=2, seq_len=150, mode=mode,
                            rank=rank, world_size=2, seed=3, shuffle_buffer=4)
         loader = make_dataloader(cfg, num_workers=2)
+        batches.append(0)
         for b in loader:
+            batches[-1] += 1
             steps, m = _steps(b)
             actions = b["action"].numpy()[m]
-            sums = b["tty_chars"].numpy()[m].reshape(len(steps), -1).sum(1)
+            sums = b["tty_chars"].numpy()[m].reshape(len(steps), -1).sum(1) if steps else []
             for (e, t), a, s in zip(steps, actions, sums):
                 key = (loader.dataset.episode_ids[e], t)
                 assert reference[key] == (int(a), int(s)), key
                 seen.append(key)
             assert (b["tty_chars"].numpy()[~m] == 0).all()
     assert len(seen) == len(set(seen)) == len(reference)
+    assert batches[0] == batches[1] > 0  # even batches per rank: DDP never waits on a finished rank
+    assert loader.dataset.epoch == 1  # a completed pass advances the epoch
+
+
+def test_epochs_reshuffle_and_deliver_everything(atari):
+    s = TrajectoryStream(LoaderConfig(atari, batch_size=2, seq_len=64, seed=0))
+    order = []
+    for _ in range(2):
+        order.append([x for b in s for x in _steps(b)[0]])
+    assert s.epoch == 2
+    assert sorted(order[0]) == sorted(order[1]) and len(order[0]) == sum(ATARI_LENGTHS)
+    assert order[0] != order[1]
 
 
 def test_lanes_contiguous_with_boundary_flags(nethack, reference):

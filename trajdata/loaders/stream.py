@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import os
 import sys
 import tarfile
@@ -61,6 +62,7 @@ class LoaderConfig:
     rank: int | None = None  # default: torch.distributed if initialised, else 0
     world_size: int | None = None
     cache_chunks: int = 4  # windows mode: decoded chunks kept for neighbouring crops
+    even_batches: bool = True  # every slot yields as many batches as the busiest (padding-only extras): DDP-safe
 
     def check(self, schema) -> None:
         if self.mode not in MODES:
@@ -386,6 +388,7 @@ class TrajectoryStream(IterableDataset):
         return sum(self.steps)
 
     def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` (its own shuffle); a completed pass advances the epoch by itself."""
         self.epoch, self.delivered, self._resume = epoch, {}, {}
 
     def _rank_world(self) -> tuple[int, int]:
@@ -423,8 +426,13 @@ class TrajectoryStream(IterableDataset):
             self._pool = BatchPool(lambda: batch_arrays(self.schema, self.fields, cfg.batch_size, cfg.seq_len,
                                                         cfg.frame_stack))
         pool = self._pool
+        plan = self.plan(slot, slots)
+        if cfg.even_batches and slots > 1:
+            most = max(sum(1 for _ in self.plan(s, slots)) for s in range(slots))
+            plan = itertools.chain(plan, itertools.repeat([[] for _ in range(cfg.batch_size)]))
+            plan = itertools.islice(plan, most)
         try:
-            for b, batch in enumerate(self.plan(slot, slots)):
+            for b, batch in enumerate(plan):
                 if b < skip:
                     continue
                 out, ends = pool.get()
@@ -460,6 +468,8 @@ class TrajectoryStream(IterableDataset):
             if get_worker_info() is None:
                 self.observe(batch)
             yield batch
+        if get_worker_info() is None:
+            self.set_epoch(self.epoch + 1)
 
     def observe(self, batch: dict) -> None:
         """Record that a batch reached the consumer (``make_dataloader`` calls this for worker batches)."""
@@ -495,6 +505,8 @@ class StreamLoader:
             if self.num_workers:
                 self.dataset.observe(batch)
             yield batch
+        if self.num_workers:
+            self.dataset.set_epoch(self.dataset.epoch + 1)
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
