@@ -222,3 +222,28 @@ def test_bad_config_is_one_line_error(atari):
     with pytest.raises(ConfigError, match="slots"):
         next(iter(other))
     assert head
+
+
+def _ddp_rank(rank, root, store, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"file://{store}")
+    try:
+        s = TrajectoryStream(LoaderConfig(root, fields=("action",), batch_size=2, seq_len=50, seed=4))
+        steps = [x for b in s for x in _steps(b)[0]]
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(repr([s.slot(), [(s.episode_ids[e], t) for e, t in steps]]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_split_follows_torch_distributed(atari, tmp_path):
+    import ast
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_rank, args=(atari, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    got = [ast.literal_eval((tmp_path / f"out.{r}").read_text()) for r in range(2)]
+    assert [g[0] for g in got] == [(0, 2), (1, 2)]
+    a, b = (set(g[1]) for g in got)
+    assert a and b and not a & b and len(a | b) == sum(ATARI_LENGTHS)
