@@ -9,16 +9,21 @@ from trajdata.collectors.runner import BACKENDS, CollectConfig, ExpertSpec, coll
 from trajdata.format.codec import PROFILES
 
 
-def collect_options(f):
-    """Decorate a collect command with --out/--shards/--episodes-per-shard/--workers/--seed/caps/--backend."""
+def collect_options(f=None, *, max_steps: int = 10_000, max_seconds: float | None = None):
+    """Decorate a collect command with --out/--shards/--episodes-per-shard/--workers/--seed/caps/--backend.
+
+    Use bare (``@collect_options``) or with per-expert cap defaults (``@collect_options(max_steps=...)``).
+    """
+    if f is None:
+        return lambda g: collect_options(g, max_steps=max_steps, max_seconds=max_seconds)
     options = [
         click.option("--out", required=True, type=click.Path(file_okay=False), help="Dataset directory (created, or resumed)."),
         click.option("--shards", default=4, show_default=True, type=int, help="Number of shards (units of work)."),
         click.option("--episodes-per-shard", default=1, show_default=True, type=int),
         click.option("--workers", default=1, show_default=True, type=int, help="Parallel worker processes."),
         click.option("--seed", default=0, show_default=True, type=int, help="Base seed; episode seeds derive from it."),
-        click.option("--max-steps", default=10_000, show_default=True, type=int, help="Per-episode step cap (episode kept, marked truncated)."),
-        click.option("--max-seconds", default=None, type=float, help="Per-episode wall-time cap."),
+        click.option("--max-steps", default=max_steps, show_default=True, type=int, help="Per-episode step cap (episode kept, marked truncated)."),
+        click.option("--max-seconds", default=max_seconds, show_default=True, type=float, help="Per-episode wall-time cap."),
         click.option("--stall-seconds", default=60.0, show_default=True, type=float, help="Watchdog: truncate an episode after this long without a step."),
         click.option("--chunk-steps", default=4096, show_default=True, type=int, help="Steps per stored chunk."),
         click.option("--codec", default="compact", show_default=True, type=click.Choice(sorted(PROFILES)),

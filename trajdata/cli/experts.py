@@ -39,7 +39,7 @@ def list_experts():
 
 
 @click.command("autoascend")
-@collect_options
+@collect_options(max_steps=200_000, max_seconds=3600.0)
 @click.option("--character", default="@", show_default=True,
               help="'@' for random per episode (like NLD-AA), or e.g. mon-hum-neu-mal.")
 @click.option("--real-moon-phase", is_flag=True, help="Use the real date's moon phase (default: fixed, reproducible).")
