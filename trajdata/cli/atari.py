@@ -51,7 +51,7 @@ def train_ppo_cmd(game, timesteps, n_envs, seed, out, eval_episodes, checkpoint_
 @click.option("--model", required=True, type=click.Path(), help="PPO model zip, or a `trajdata train ppo` run directory.")
 @click.option("--game", default=None, help=f"Game ({_GAMES_HELP}) [default: from the model's config.json].")
 @click.option("--deterministic", is_flag=True, help="Greedy actions instead of sampling from the policy.")
-@collect_options
+@collect_options(max_steps=27_000)  # ALE ends a game at 108k frames = 27k steps: keep whole games
 def collect_ppo_cmd(model, game, deterministic, **opts):
     """Roll out a PPO Atari expert into shards: 84x84 gray frames, action, real reward, done, lives.
 
@@ -63,11 +63,6 @@ def collect_ppo_cmd(model, game, deterministic, **opts):
     expert = PPOExpert(model, game, deterministic)
     run_collect("trajdata.collectors.atari:PPOExpert",
                 {"model": str(expert.model.resolve()), "game": expert.game, "deterministic": deterministic}, **opts)
-
-
-for _p in collect_ppo_cmd.params:  # ALE ends a game at 108k frames = 27k steps: keep whole games by default
-    if _p.name == "max_steps":
-        _p.default = 27_000
 
 
 def register(cli: click.Group) -> None:
