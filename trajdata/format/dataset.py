@@ -94,9 +94,7 @@ class Dataset:
         rows = [r for r in self.index_rows() if r["id"] == episode_id]
         if not rows:
             raise DataError(f"{self.root}: no episode {episode_id!r}")
-        for chunk in self.shard(rows[0]["shard"]).chunks(fields):
-            if chunk.episode_id == episode_id:
-                yield chunk
+        yield from self.shard(rows[0]["shard"]).chunks(fields, episode_id=episode_id)
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:

@@ -73,10 +73,9 @@ def verify(root, progress: bool = False) -> dict:
 def step_frame(root, episode_id: str, step: int) -> dict[str, np.ndarray]:
     """All fields of one step."""
     ds = Dataset(root)
-    for c in ds.episode(episode_id, fields=[]):
+    for c in ds.episode(episode_id):
         if c.start <= step < c.start + c.steps:
-            chunk = next(x for x in ds.shard(c.shard).chunks(None) if x.episode_id == episode_id and x.index == c.index)
-            return {k: v[step - c.start] for k, v in chunk.fields.items()}
+            return {k: v[step - c.start] for k, v in c.fields.items()}
     raise DataError(f"episode {episode_id} has no step {step}")
 
 

@@ -189,8 +189,9 @@ class ShardReader:
             )
         return header, start
 
-    def chunks(self, fields=None) -> Iterator[Chunk]:
-        """Decoded chunks in file order; ``fields=None`` decodes all, ``[]`` none (headers only)."""
+    def chunks(self, fields=None, episode_id: str | None = None) -> Iterator[Chunk]:
+        """Decoded chunks in file order (of one episode if ``episode_id``); ``fields=None`` decodes
+        all, ``[]`` none."""
         with open(self.path, "rb") as f:
             for m, off in self._members(f):
                 f.seek(off)
@@ -199,6 +200,8 @@ class ShardReader:
                 if len(blob) != m.size:
                     raise DataError(f"{where}: truncated ({len(blob)} of {m.size} bytes)")
                 header, start = self._header(blob, m)
+                if episode_id is not None and header["episode_id"] != episode_id:
+                    continue
                 where = f"shard {self.path.name}: episode {header['episode_id']} chunk {header['chunk']}"
                 schema = get_schema(header["schema"])
                 data = codec.decode_chunk(schema, header, memoryview(blob)[start:], fields, where=where)
