@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -25,8 +24,10 @@ SCRIPTED = ExpertSpec("trajdata.collectors.nethack:ScriptedExpert")
 TRAJDATA = [sys.executable, "-m", "trajdata.cli"]
 
 
-class CrashingExpert(ScriptedExpert):
-    """The scripted expert, except that it raises on its 50th action of every episode."""
+class _NthActionExpert(ScriptedExpert):
+    """The scripted expert, misbehaving (``on_nth``) at its ``nth`` action of every episode."""
+
+    nth = 0
 
     def begin(self, obs, seed):
         super().begin(obs, seed)
@@ -34,23 +35,25 @@ class CrashingExpert(ScriptedExpert):
 
     def act(self, obs):
         self.n += 1
-        if self.n == 50:
-            raise ValueError("expert blew up")
+        if self.n == self.nth:
+            self.on_nth()
         return super().act(obs)
 
 
-class StallingExpert(ScriptedExpert):
-    """Stops stepping (a long think) at its 30th action."""
+class CrashingExpert(_NthActionExpert):
+    nth = 50
 
-    def begin(self, obs, seed):
-        super().begin(obs, seed)
-        self.n = 0
+    def on_nth(self):
+        raise ValueError("expert blew up")
 
-    def act(self, obs):
-        self.n += 1
-        if self.n == 30:
-            time.sleep(30)
-        return super().act(obs)
+
+class StallingExpert(_NthActionExpert):
+    """Stops stepping (a long think)."""
+
+    nth = 30
+
+    def on_nth(self):
+        time.sleep(30)
 
 
 @pytest.fixture(scope="module")

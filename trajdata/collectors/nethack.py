@@ -3,7 +3,6 @@ base class every NetHack expert shares (environment, seeds, index columns)."""
 from __future__ import annotations
 
 import re
-from datetime import date
 
 import gymnasium as gym
 import numpy as np
@@ -32,15 +31,10 @@ def random_character(seed: int) -> str:
     return f"{role}-{race}-{align}-{gender}"
 
 
-SEED_KEYS = ("core", "disp", "reseed", "lgen")
 
 
-def obs_text(arr: np.ndarray) -> str:
-    return bytes(np.asarray(arr, np.uint8)).split(b"\0", 1)[0].decode("latin-1")
 
 
-def screen_text(tty_chars: np.ndarray) -> str:
-    return "\n".join(bytes(row).decode("latin-1") for row in np.asarray(tty_chars, np.uint8))
 
 
 def make_nethack_env(character: str = "@", fix_moon_phase: bool = True, **kwargs) -> gym.Env:
@@ -154,7 +148,3 @@ class ScriptedExpert(NetHackExpert):
 
     def act(self, obs):
         return self.policy.act(obs)
-
-
-def collection_date() -> str:
-    return date.today().isoformat()

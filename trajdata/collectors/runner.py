@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import os
 import queue
 import time
-import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -23,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from trajdata.collectors.base import EpisodeStalled, EpisodeTruncated, Expert, RecordingEnv, install_stall_handler
-from trajdata.errors import ConfigError, ExpertError, TrajdataError
+from trajdata.errors import ConfigError, ExpertError
 from trajdata.format.dataset import SHARD_DIR, build_index, create_or_check, shard_name
 from trajdata.format.schema import get_schema
 from trajdata.format.codec import DEFAULT_PROFILE, PROFILES

@@ -118,7 +118,7 @@ def _most_frequent_map(keys: np.ndarray, values: np.ndarray, nkeys: int) -> np.n
     return table
 
 
-def _lut_pack(table: np.ndarray, dtype) -> np.ndarray:
+def _lut_pack(table: np.ndarray) -> np.ndarray:
     nz = np.flatnonzero(table)
     return np.stack([nz, table[nz]]).astype(np.int64) if nz.size else np.zeros((2, 0), np.int64)
 
@@ -170,17 +170,17 @@ def _forward(name: str, kind: str, arrays: dict[str, np.ndarray]) -> tuple[np.nd
     if kind == "char_lut":
         key = arrays["tty_chars"]
         table = _most_frequent_map(key, a.view(np.uint8), 256)
-        return a ^ table[key].astype(np.uint8).view(a.dtype), {"lut": _lut_pack(table, a.dtype)}
+        return a ^ table[key].astype(np.uint8).view(a.dtype), {"lut": _lut_pack(table)}
     if kind == "tty_topline":
         return a ^ _topline_prediction(arrays["tty_chars"]), {}
     if kind == "pair_lut":
         key = _pair_key(arrays["chars"], arrays["colors"])
         table = _most_frequent_map(key, a, 1 << 16)
-        return (a - table[key].astype(a.dtype)), {"lut": _lut_pack(table, a.dtype)}
+        return (a - table[key].astype(a.dtype)), {"lut": _lut_pack(table)}
     if kind == "glyph_lut":
         key = arrays["glyphs"].astype(np.uint16)
         table = _most_frequent_map(key, a, GLYPH_TABLE_SIZE)
-        return a ^ table[key].astype(a.dtype), {"lut": _lut_pack(table, a.dtype)}
+        return a ^ table[key].astype(a.dtype), {"lut": _lut_pack(table)}
     return a, {}
 
 
