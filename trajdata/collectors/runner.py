@@ -253,16 +253,19 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
 
     bar = tqdm(total=len(todo), desc=f"collect {cfg.expert.target.rpartition(':')[2]}", unit="shard",
                disable=None if progress else True, dynamic_ncols=True)
-    stats = {"steps": 0, "episodes": 0, "t0": time.monotonic()}
+    stats = {"live": 0, "steps": 0, "episodes": 0, "t0": time.monotonic()}
 
     def on_steps(n: int) -> None:
-        stats["steps"] += n
+        stats["live"] += n
         dt = max(time.monotonic() - stats["t0"], 1e-9)
-        bar.set_postfix(steps=stats["steps"], steps_s=f"{stats['steps'] / dt:,.0f}", refresh=False)
+        bar.set_postfix(steps=stats["live"], steps_s=f"{stats['live'] / dt:,.0f}", refresh=False)
         bar.refresh()
 
     def on_shard(s: int, rows: list) -> None:
+        # Totals come from the shard's own rows: live progress reports are best-effort (a Ray task's
+        # last report may arrive after the driver's last poll, and a retried task reports twice).
         stats["episodes"] += len(rows)
+        stats["steps"] += sum(int(r["steps"]) for r in rows)
         bar.update(1)
 
     try:
