@@ -33,6 +33,7 @@ import numpy as np
 import zstandard
 
 from trajdata.errors import DataError
+from trajdata.format import kernels
 from trajdata.format.schema import Schema
 
 MAGIC = b"TDC1"
@@ -98,11 +99,10 @@ def _narrow_int(a: np.ndarray) -> np.ndarray:
 def _most_frequent_map(keys: np.ndarray, values: np.ndarray, nkeys: int) -> np.ndarray:
     """Dense table key -> most frequent value with that key, over a sample of steps (0 where unseen).
 
-    Only a predictor: residuals keep the round trip exact, so sampling trades a little size for speed.
+    Only a predictor: residuals keep the round trip exact, so callers pass a sample of steps
+    (``_sample``), trading a little size for speed.
     """
-    stride = max(1, len(keys) // LUT_SAMPLE_STEPS)
-    keys = keys[::stride].ravel().astype(np.int64)
-    values = values[::stride]
+    keys = keys.ravel().astype(np.int64)
     values = values.ravel().astype(np.int64)
     vmin = int(values.min()) if values.size else 0
     span = (int(values.max()) - vmin + 1) if values.size else 1
@@ -116,6 +116,10 @@ def _most_frequent_map(keys: np.ndarray, values: np.ndarray, nkeys: int) -> np.n
     table = np.zeros(nkeys, np.int64)
     table[ukeys[first]] = uvals[first]
     return table
+
+
+def _sample(a: np.ndarray) -> np.ndarray:
+    return a[:: max(1, len(a) // LUT_SAMPLE_STEPS)]
 
 
 def _lut_pack(table: np.ndarray) -> np.ndarray:
@@ -153,12 +157,6 @@ def _xor_previous(a: np.ndarray) -> np.ndarray:
     return d
 
 
-def _undo_xor_previous(d: np.ndarray) -> np.ndarray:
-    flat = np.array(d).reshape(len(d), -1)
-    words = flat.view(np.uint64) if flat.shape[1] % 8 == 0 else flat
-    for t in range(1, len(words)):
-        np.bitwise_xor(words[t], words[t - 1], out=words[t])
-    return flat.reshape(d.shape)
 
 
 def _forward(name: str, kind: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -169,18 +167,18 @@ def _forward(name: str, kind: str, arrays: dict[str, np.ndarray]) -> tuple[np.nd
         return a ^ src[:, MAP_ROWS, MAP_COLS].view(a.dtype), {}
     if kind == "char_lut":
         key = arrays["tty_chars"]
-        table = _most_frequent_map(key, a.view(np.uint8), 256)
-        return a ^ table[key].astype(np.uint8).view(a.dtype), {"lut": _lut_pack(table)}
+        table = _most_frequent_map(_sample(key), _sample(a).view(np.uint8), 256)
+        return kernels.lut(a, key, table.astype(np.uint8), kernels.XOR), {"lut": _lut_pack(table)}
     if kind == "tty_topline":
         return a ^ _topline_prediction(arrays["tty_chars"]), {}
     if kind == "pair_lut":
-        key = _pair_key(arrays["chars"], arrays["colors"])
-        table = _most_frequent_map(key, a, 1 << 16)
-        return (a - table[key].astype(a.dtype)), {"lut": _lut_pack(table)}
+        chars, colors = arrays["chars"], arrays["colors"]
+        table = _most_frequent_map(_pair_key(_sample(chars), _sample(colors)), _sample(a), 1 << 16)
+        return kernels.pair_lut(a, chars, colors, table, kernels.SUB), {"lut": _lut_pack(table)}
     if kind == "glyph_lut":
-        key = arrays["glyphs"].astype(np.uint16)
-        table = _most_frequent_map(key, a, GLYPH_TABLE_SIZE)
-        return a ^ table[key].astype(a.dtype), {"lut": _lut_pack(table)}
+        key = arrays["glyphs"]
+        table = _most_frequent_map(_sample(key).astype(np.uint16), _sample(a), GLYPH_TABLE_SIZE)
+        return kernels.lut(a, key, table, kernels.XOR), {"lut": _lut_pack(table)}
     return a, {}
 
 
@@ -189,15 +187,15 @@ def _inverse(kind: str, stored: np.ndarray, aux: dict[str, np.ndarray], done: di
         return stored ^ done[SOURCES[kind][0]][:, MAP_ROWS, MAP_COLS].view(stored.dtype)
     if kind == "char_lut":
         table = _lut_unpack(aux["lut"], 256, np.uint8)
-        return stored ^ table[done["tty_chars"]].view(stored.dtype)
+        return kernels.lut(stored, done["tty_chars"], table, kernels.XOR)
     if kind == "tty_topline":
         return stored ^ _topline_prediction(done["tty_chars"])
     if kind == "pair_lut":
         table = _lut_unpack(aux["lut"], 1 << 16, stored.dtype)
-        return stored + table[_pair_key(done["chars"], done["colors"])]
+        return kernels.pair_lut(stored, done["chars"], done["colors"], table, kernels.ADD)
     if kind == "glyph_lut":
         table = _lut_unpack(aux["lut"], GLYPH_TABLE_SIZE, stored.dtype)
-        return stored ^ table[done["glyphs"].astype(np.uint16)]
+        return kernels.lut(stored, done["glyphs"], table, kernels.XOR)
     raise DataError(f"unknown derivation {kind!r} (written by a newer trajdata?)")
 
 
@@ -318,7 +316,7 @@ def decode_chunk(
             data = data.reshape(-1, *f.shape)[np.cumsum(parts.pop("changed")) - 1]
         data = data.reshape(steps, *f.shape)
         if stage == "xor_previous":
-            data = _undo_xor_previous(data)
+            data = kernels.xor_prefix(data)
         kind = header["fields"][name]["data"].get("derive")
         if kind:
             data = _inverse(kind, data, parts, out)
