@@ -78,8 +78,9 @@ _dctx = zstandard.ZstdDecompressor(max_window_size=2**ZSTD_WINDOW_LOG)
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
     if level not in _cctx_cache:
+        # Long-distance matching off: on residual arrays it made chunks ~1% larger and encoding 2x slower.
         params = zstandard.ZstdCompressionParameters.from_level(
-            level, window_log=ZSTD_WINDOW_LOG, enable_ldm=True, write_checksum=True
+            level, window_log=ZSTD_WINDOW_LOG, enable_ldm=False, write_checksum=True
         )
         _cctx_cache[level] = zstandard.ZstdCompressor(compression_params=params)
     return _cctx_cache[level]
