@@ -170,6 +170,7 @@ def train_ppo(cfg: PPOConfig, out: str | os.PathLike, progress: bool = True) -> 
     """Train (or continue) into `out`; returns the evaluation dict (also written to out/eval.json)."""
     import torch
     from stable_baselines3 import PPO
+    from stable_baselines3.common.logger import configure
     from stable_baselines3.common.utils import LinearSchedule
 
     torch.set_num_threads(cfg.threads)
@@ -193,6 +194,7 @@ def train_ppo(cfg: PPOConfig, out: str | os.PathLike, progress: bool = True) -> 
             ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda,
             max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, device="cpu", verbose=0,
         )
+    model.set_logger(configure(str(out), []))  # no SB3 log files: progress.csv is ours (and no /tmp/SB3-* litter)
     start = model.num_timesteps
     t0 = time.time()
     if start < cfg.timesteps:
