@@ -25,6 +25,11 @@ def collect_options(f=None, *, max_steps: int = 10_000, max_seconds: float | Non
         click.option("--max-steps", default=max_steps, show_default=True, type=int, help="Per-episode step cap (episode kept, marked truncated)."),
         click.option("--max-seconds", default=max_seconds, show_default=True, type=float, help="Per-episode wall-time cap."),
         click.option("--stall-seconds", default=60.0, show_default=True, type=float, help="Watchdog: truncate an episode after this long without a step."),
+        click.option("--hard-stall-seconds", default=None, type=float,
+                     help="Backstop for hangs inside C code: dump the stack and kill the worker after this long "
+                          "without a step (its shard is retried). Default: max(2 x stall, stall + 30); 0 = off."),
+        click.option("--max-shard-retries", default=2, show_default=True, type=int,
+                     help="Rerun a shard whose worker died (crash, out of memory, hang) this many times, then give it up."),
         click.option("--chunk-steps", default=4096, show_default=True, type=int, help="Steps per stored chunk."),
         click.option("--codec", default="compact", show_default=True, type=click.Choice(sorted(PROFILES)),
                      help="Storage profile: compact (smallest) or fast (quickest to decode)."),

@@ -9,6 +9,7 @@ in the reward and done flag the step produced.
 from __future__ import annotations
 
 import abc
+import faulthandler
 import signal
 import time
 from typing import Any
@@ -80,10 +81,12 @@ class RecordingEnv(gym.Wrapper):
     """Records every step into an ``EpisodeWriter``; enforces step, wall-time and stall caps."""
 
     def __init__(self, env: gym.Env, expert: Expert, writer: EpisodeWriter, max_steps: int | None = None,
-                 max_seconds: float | None = None, stall_seconds: float | None = None):
+                 max_seconds: float | None = None, stall_seconds: float | None = None,
+                 backstop: "HardWatchdog | None" = None):
         super().__init__(env)
         self.expert, self.writer = expert, writer
         self.max_steps, self.max_seconds, self.stall_seconds = max_steps, max_seconds, stall_seconds
+        self.backstop = backstop
         self.steps = 0
         self.episode_return = 0.0
         self.terminated = self.truncated = False
@@ -120,10 +123,39 @@ class RecordingEnv(gym.Wrapper):
     def _arm(self) -> None:
         if self.stall_seconds:
             signal.setitimer(signal.ITIMER_REAL, self.stall_seconds)
+        if self.backstop is not None:
+            self.backstop.kick()
 
     def disarm(self) -> None:
         if self.stall_seconds:
             signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+class HardWatchdog:
+    """Backstop for hangs SIGALRM cannot interrupt (inside C code, or with SIGALRM blocked).
+
+    ``seconds`` after the last arm, faulthandler's watchdog thread dumps every thread's Python stack
+    to stderr and exits the process (the runner then retries the shard in a fresh worker). Arming
+    starts a thread, so ``kick`` re-arms only when more than ``seconds / 4`` passed since the last
+    arm: it fires between ``0.75 * seconds`` and ``seconds`` after the last kick (~0.1 µs per kick).
+    """
+
+    def __init__(self, seconds: float | None):
+        self.seconds = float(seconds or 0)
+        self.every = self.seconds / 4
+        self.armed_at = -float("inf")
+
+    def kick(self, force: bool = False) -> None:
+        if self.seconds:
+            now = time.monotonic()
+            if force or now - self.armed_at > self.every:
+                faulthandler.dump_traceback_later(self.seconds, exit=True, file=2)
+                self.armed_at = now
+
+    def cancel(self) -> None:
+        if self.seconds and self.armed_at > -float("inf"):
+            faulthandler.cancel_dump_traceback_later()
+            self.armed_at = -float("inf")
 
 
 def _on_alarm(signum, frame):

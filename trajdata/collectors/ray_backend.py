@@ -4,6 +4,9 @@ Output is identical to the local backend: each task writes one whole shard under
 multi-node cluster `--out` must be on a filesystem every node sees. At most `cfg.workers` shards run
 at once. Without `--ray-address` a private local Ray instance with `cfg.workers` CPUs is started and
 shut down afterwards; with one (e.g. `auto` or `ray://host:10001`) the existing cluster is used.
+
+A task whose worker dies is retried by Ray (`max_retries=cfg.max_shard_retries`); a task that still
+fails does not stop the others: its shard is reported as failed when all other shards are done.
 """
 from __future__ import annotations
 
@@ -30,32 +33,41 @@ def _shard_task(cfg, shard: int, progress) -> list[dict]:
     def report(n: int) -> None:
         pending["n"] += n
         if time.monotonic() - pending["t"] > 1.0:
-            progress.add.remote(pending["n"])
+            progress.add.remote(shard, pending["n"])
             pending.update(n=0, t=time.monotonic())
 
+    progress.restart.remote(shard)
     try:
         return run_shard(cfg, shard, report=report)
     finally:
         if pending["n"]:
-            progress.add.remote(pending["n"])
+            progress.add.remote(shard, pending["n"])
 
 
 class _Progress:
-    """Step counts reported by running tasks, collected by the driver."""
+    """Step counts reported by running tasks, collected by the driver (a retried task's steps so far
+    are taken back when it restarts)."""
 
     def __init__(self):
-        self.n = 0
+        self.n, self.per_shard = 0, {}
 
-    def add(self, n: int) -> None:
+    def add(self, shard: int, n: int) -> None:
         self.n += n
+        self.per_shard[shard] = self.per_shard.get(shard, 0) + n
+
+    def restart(self, shard: int) -> None:
+        self.n -= self.per_shard.pop(shard, 0)
 
     def take(self) -> int:
         n, self.n = self.n, 0
         return n
 
 
-def run_ray(cfg, todo: list[int], on_steps: Callable[[int], None], on_shard: Callable[[int, list], None]) -> None:
-    """Run `runner.run_shard(cfg, s)` for every shard `s` in `todo` as Ray tasks."""
+def run_ray(cfg, todo: list[int], on_steps: Callable[[int], None],
+            on_shard: Callable[[int, list], None]) -> dict[int, str]:
+    """Run `runner.run_shard(cfg, s)` for every shard `s` in `todo` as Ray tasks; returns {shard: why it failed}."""
+    from trajdata.collectors.runner import WORKER_DIED
+
     ray = _ray()
     started = False
     if not ray.is_initialized():
@@ -67,8 +79,8 @@ def run_ray(cfg, todo: list[int], on_steps: Callable[[int], None], on_shard: Cal
         started = True
     try:
         progress = ray.remote(num_cpus=0)(_Progress).remote()
-        task = ray.remote(num_cpus=1, max_retries=2)(_shard_task)
-        queue, running = list(todo), {}
+        task = ray.remote(num_cpus=1, max_retries=cfg.max_shard_retries)(_shard_task)
+        queue, running, failed = list(todo), {}, {}
     except BaseException:
         if started:
             ray.shutdown()
@@ -91,12 +103,20 @@ def run_ray(cfg, todo: list[int], on_steps: Callable[[int], None], on_shard: Cal
                     if isinstance(cause, TrajdataError):
                         raise cause from None
                     raise ExpertError(f"Ray task for shard {s} failed: {cause or e}".splitlines()[0]) from None
+                except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
+                        ray.exceptions.NodeDiedError):
+                    failed[s] = WORKER_DIED.format(n=cfg.max_shard_retries + 1)
+                    progress.restart.remote(s)
+                    continue
                 except ray.exceptions.RayError as e:
-                    raise ExpertError(f"Ray task for shard {s} failed: {type(e).__name__}; finished shards are kept, rerun to resume") from None
+                    failed[s] = f"Ray task failed ({type(e).__name__})"
+                    progress.restart.remote(s)
+                    continue
                 on_shard(s, rows)
         n = ray.get(progress.take.remote())
         if n:
             on_steps(n)
+        return failed
     finally:
         for ref in running:
             ray.cancel(ref, force=True)

@@ -4,6 +4,16 @@
 on a backend (``local`` process pool, or ``ray``), shows tqdm progress with steps/s, and finally
 rebuilds ``index.parquet`` from the shards. Episode ``e`` of shard ``s`` always gets the same id
 (``SSSSSS-EEEE``) and seed, so a shard redone after a crash holds the same episodes.
+
+Two watchdogs guard each worker: a Python-level stall (``stall_seconds`` without a step) raises
+``EpisodeStalled`` and the episode is kept as truncated; a hang SIGALRM cannot interrupt (inside C)
+trips the hard backstop (``hard_stall_seconds``), which dumps the stack and exits the worker. A worker
+that dies (backstop, segfault, OOM kill) costs only its own shard: the shard is rerun in a fresh worker,
+up to ``max_shard_retries`` times, then given up while every other shard completes, and ``collect``
+raises one ``ExpertError`` naming the failed shards (a rerun retries them). The local backend gives
+each worker its own one-process pool, so a death is attributed to exactly one shard and never
+disturbs the other workers. With ``workers=1`` shards run in this process: nothing survives a crash
+there, and the hard backstop exits this process.
 """
 from __future__ import annotations
 
@@ -20,7 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from trajdata.collectors.base import EpisodeStalled, EpisodeTruncated, Expert, RecordingEnv, install_stall_handler
+from trajdata.collectors.base import (EpisodeStalled, EpisodeTruncated, Expert, HardWatchdog, RecordingEnv,
+                                      install_stall_handler)
 from trajdata.errors import ConfigError, ExpertError
 from trajdata.format.dataset import SHARD_DIR, build_index, create_or_check, shard_name
 from trajdata.format.schema import get_schema
@@ -56,6 +67,8 @@ class CollectConfig:
     max_steps: int | None = 10_000
     max_seconds: float | None = None
     stall_seconds: float | None = 60.0
+    hard_stall_seconds: float | None = None
+    max_shard_retries: int = 2
     chunk_steps: int = DEFAULT_CHUNK_STEPS
     codec: str = DEFAULT_PROFILE
     backend: str = "local"
@@ -67,10 +80,24 @@ class CollectConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max-steps must be at least 1 (got {self.max_steps})")
+        if self.max_shard_retries < 0:
+            raise ConfigError(f"--max-shard-retries must be at least 0 (got {self.max_shard_retries})")
+        hard = self.hard_seconds()
+        if self.hard_stall_seconds is not None and self.hard_stall_seconds < 0:
+            raise ConfigError(f"--hard-stall-seconds must be 0 (off) or positive (got {self.hard_stall_seconds:g})")
+        if hard and self.stall_seconds and hard < 2 * self.stall_seconds:
+            raise ConfigError(f"--hard-stall-seconds ({hard:g}) must be at least twice --stall-seconds "
+                              f"({self.stall_seconds:g}), or 0 (off)")
         if self.codec not in PROFILES:
             raise ConfigError(f"--codec {self.codec!r}: choose one of {', '.join(PROFILES)}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+
+    def hard_seconds(self) -> float:
+        """The hard backstop's timeout: ``hard_stall_seconds``, else max(2 * stall, stall + 30); 0 = off."""
+        if self.hard_stall_seconds is not None:
+            return float(self.hard_stall_seconds)
+        return max(2 * self.stall_seconds, self.stall_seconds + 30) if self.stall_seconds else 0.0
 
 
 def episode_seed(base: int, shard: int, episode: int) -> int:
@@ -123,45 +150,51 @@ def run_shard(cfg: CollectConfig, shard: int, report: Callable[[int], None] | No
     schema = get_schema(expert.schema)
     path = Path(cfg.out) / SHARD_DIR / shard_name(shard)
     versions = package_versions()
+    backstop = HardWatchdog(cfg.hard_seconds())
     rows = []
-    with ShardWriter(path, schema, cfg.chunk_steps, cfg.codec) as sw:
-        for ep in range(cfg.episodes_per_shard):
-            seed = episode_seed(cfg.seed, shard, ep)
-            t0 = time.monotonic()
-            obs, info, seeds = expert.reset_env(env, seed)
-            meta = {"seed": seed, "seeds": seeds, "expert": expert.name, "expert_version": expert.version,
-                    "env": expert.describe().get("env", ""), "env_version": versions.get(_env_package(expert), ""),
-                    "packages": versions, "collection_date": time.strftime("%Y-%m-%d")}
-            ew = sw.episode(f"{shard:06d}-{ep:04d}", meta)
-            rec = RecordingEnv(env, expert, ew, cfg.max_steps, cfg.max_seconds, cfg.stall_seconds)
-            rec.start(obs, info)
-            status, reason, broken = "complete", None, False
-            try:
-                if report is None:
-                    expert.run_episode(rec, obs, info, seed)
-                else:
-                    _run_with_reports(expert, rec, obs, info, seed, report)
-                if rec.truncated:
-                    status, reason = "truncated", "env_truncated"
-            except EpisodeTruncated as e:
-                status, reason = "truncated", e.reason
-            except EpisodeStalled:
-                status, reason = "truncated", f"stalled ({cfg.stall_seconds:g}s without a step)"
-                broken = True
-            except Exception as e:
-                status, reason, broken = "aborted", _one_line(e), True
-            finally:
-                rec.disarm()
-            try:
-                summary = expert.summary(rec)
-            except Exception as e:
-                summary = {"summary_error": _one_line(e)}
-            if reason is not None:
-                summary["end_reason"] = reason if status != "complete" else summary.get("end_reason")
-            summary.update(status=status, wall_seconds=round(time.monotonic() - t0, 3), **{"return": rec.episode_return})
-            rows.append(ew.close(summary))
-            if broken:
-                env = _fresh_env()
+    try:
+        with ShardWriter(path, schema, cfg.chunk_steps, cfg.codec) as sw:
+            for ep in range(cfg.episodes_per_shard):
+                backstop.kick(force=True)
+                seed = episode_seed(cfg.seed, shard, ep)
+                t0 = time.monotonic()
+                obs, info, seeds = expert.reset_env(env, seed)
+                meta = {"seed": seed, "seeds": seeds, "expert": expert.name, "expert_version": expert.version,
+                        "env": expert.describe().get("env", ""), "env_version": versions.get(_env_package(expert), ""),
+                        "packages": versions, "collection_date": time.strftime("%Y-%m-%d")}
+                ew = sw.episode(f"{shard:06d}-{ep:04d}", meta)
+                rec = RecordingEnv(env, expert, ew, cfg.max_steps, cfg.max_seconds, cfg.stall_seconds, backstop)
+                rec.start(obs, info)
+                status, reason, broken = "complete", None, False
+                try:
+                    if report is None:
+                        expert.run_episode(rec, obs, info, seed)
+                    else:
+                        _run_with_reports(expert, rec, obs, info, seed, report)
+                    if rec.truncated:
+                        status, reason = "truncated", "env_truncated"
+                except EpisodeTruncated as e:
+                    status, reason = "truncated", e.reason
+                except EpisodeStalled:
+                    status, reason = "truncated", f"stalled ({cfg.stall_seconds:g}s without a step)"
+                    broken = True
+                except Exception as e:
+                    status, reason, broken = "aborted", _one_line(e), True
+                finally:
+                    rec.disarm()
+                try:
+                    summary = expert.summary(rec)
+                except Exception as e:
+                    summary = {"summary_error": _one_line(e)}
+                if reason is not None:
+                    summary["end_reason"] = reason if status != "complete" else summary.get("end_reason")
+                summary.update(status=status, wall_seconds=round(time.monotonic() - t0, 3), **{"return": rec.episode_return})
+                rows.append(ew.close(summary))
+                if broken:
+                    backstop.kick(force=True)
+                    env = _fresh_env()
+    finally:
+        backstop.cancel()
     return [dict(r, shard=path.name) for r in rows]
 
 
@@ -191,7 +224,7 @@ def _run_with_reports(expert, rec: RecordingEnv, obs, info, seed, report) -> Non
 
 
 def _shard_worker(cfg: CollectConfig, shard: int, q) -> list[dict]:
-    return run_shard(cfg, shard, report=q.put if q is not None else None)
+    return run_shard(cfg, shard, report=(lambda n: q.put((shard, n))) if q is not None else None)
 
 
 def pending_shards(cfg: CollectConfig) -> list[int]:
@@ -199,38 +232,80 @@ def pending_shards(cfg: CollectConfig) -> list[int]:
     return [i for i in range(cfg.shards) if not (shard_dir / shard_name(i)).exists()]
 
 
-def _run_local(cfg: CollectConfig, todo: list[int], on_steps: Callable[[int], None], on_shard: Callable[[int, list], None]) -> None:
+WORKER_DIED = "worker died {n} times (crash, out of memory or hang)"
+
+
+def _run_local(cfg: CollectConfig, todo: list[int], on_steps: Callable[[int], None],
+               on_shard: Callable[[int, list], None]) -> dict[int, str]:
+    """Run the shards in ``todo``; returns {shard: why it failed} for shards given up on."""
     if cfg.workers == 1:
         for s in todo:
             on_shard(s, run_shard(cfg, s, report=on_steps))
-        return
+        return {}
     ctx = get_context("spawn")
+    todo, deaths, failed, live = list(todo), {}, {}, {}
+    idle: list[ProcessPoolExecutor | None] = [None] * min(cfg.workers, len(todo))
+    pools, running = [], {}
+
+    def steps(item) -> None:
+        s, n = item
+        live[s] = live.get(s, 0) + n
+        on_steps(n)
+
     with ctx.Manager() as manager:
         q = manager.Queue()
-        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
-            futures = {pool.submit(_shard_worker, cfg, s, q): s for s in todo}
-            try:
-                while futures:
-                    done, _ = wait(futures, timeout=0.25, return_when=FIRST_COMPLETED)
-                    _drain(q, on_steps)
-                    for fut in done:
-                        s = futures.pop(fut)
-                        on_shard(s, fut.result())
-                _drain(q, on_steps)
-            except BrokenProcessPool:
-                raise ExpertError("a collection worker died (crash or out of memory); finished shards are kept, rerun to resume") from None
-            except BaseException:
-                for fut in futures:
-                    fut.cancel()
-                raise
+        try:
+            while todo or running:
+                while todo and idle:
+                    pool = idle.pop()
+                    if pool is None:
+                        pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+                        pools.append(pool)
+                    s = todo.pop(0)
+                    running[pool.submit(_shard_worker, cfg, s, q)] = (pool, s)
+                done, _ = wait(running, timeout=0.25, return_when=FIRST_COMPLETED)
+                _drain(q, steps)
+                for fut in done:
+                    pool, s = running.pop(fut)
+                    try:
+                        rows = fut.result()
+                    except BrokenProcessPool:
+                        pool.shutdown(wait=False)
+                        idle.append(None)
+                        on_steps(-live.pop(s, 0))
+                        deaths[s] = deaths.get(s, 0) + 1
+                        if deaths[s] > cfg.max_shard_retries:
+                            failed[s] = WORKER_DIED.format(n=deaths[s])
+                        else:
+                            todo.append(s)
+                        continue
+                    idle.append(pool)
+                    live.pop(s, None)
+                    on_shard(s, rows)
+            _drain(q, steps)
+        finally:
+            for fut in running:
+                fut.cancel()
+            for pool in pools:
+                pool.shutdown(wait=True, cancel_futures=True)
+    return failed
 
 
-def _drain(q, on_steps) -> None:
+def _drain(q, on_item) -> None:
     while True:
         try:
-            on_steps(q.get_nowait())
+            on_item(q.get_nowait())
         except queue.Empty:
             return
+
+
+def failure_message(failed: dict[int, str]) -> str:
+    """One line naming the failed shards, grouped by why they failed."""
+    by_reason: dict[str, list[int]] = {}
+    for s, why in sorted(failed.items()):
+        by_reason.setdefault(why, []).append(s)
+    parts = [f"shard{'s' if len(ss) > 1 else ''} {', '.join(map(str, ss))} failed: {why}" for why, ss in by_reason.items()]
+    return "; ".join(parts) + "; finished shards are kept, rerun to retry them"
 
 
 def collect(cfg: CollectConfig, progress: bool = True) -> dict:
@@ -272,12 +347,14 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
         if cfg.backend == "ray":
             from trajdata.collectors.ray_backend import run_ray
 
-            run_ray(cfg, todo, on_steps, on_shard)
+            failed = run_ray(cfg, todo, on_steps, on_shard)
         else:
-            _run_local(cfg, todo, on_steps, on_shard)
+            failed = _run_local(cfg, todo, on_steps, on_shard)
     finally:
         bar.close()
     table = build_index(cfg.out)
+    if failed:
+        raise ExpertError(failure_message(failed))
     elapsed = time.monotonic() - stats["t0"]
     return {"out": cfg.out, "shards_written": len(todo), "shards_skipped": skipped,
             "episodes_written": stats["episodes"], "steps_written": stats["steps"],
