@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from trajdata.cli.common import collect_options, run_collect
 from trajdata.cli.main import cli
 from trajdata.collectors.nethack import ScriptedExpert
-from trajdata.collectors.runner import CollectConfig, ExpertSpec, collect, episode_seed
+from trajdata.collectors.runner import WORKER_DIED, CollectConfig, ExpertSpec, collect, episode_seed, failure_message
 from trajdata.errors import ExpertError
 from trajdata.format.dataset import Dataset
 from trajdata.format.inspect import verify
@@ -120,6 +120,12 @@ def test_hang_in_c_is_killed_by_hard_watchdog(tmp_path, capfd):
     assert verify(tmp_path / "d")["episodes"] == 2
     err = capfd.readouterr().err
     assert "Timeout (0:00:03)!" in err and "in act" in err  # faulthandler dumped the hung stack
+
+
+def test_failure_message_is_one_line_naming_the_shards():
+    msg = failure_message({7: WORKER_DIED.format(n=3), 3: WORKER_DIED.format(n=3)})
+    assert msg == ("shards 3, 7 failed: worker died 3 times (crash, out of memory or hang); "
+                   "finished shards are kept, rerun to retry them")
 
 
 def test_hard_watchdog_config_checks():

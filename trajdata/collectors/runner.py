@@ -252,17 +252,23 @@ def _run_local(cfg: CollectConfig, todo: list[int], on_steps: Callable[[int], No
         live[s] = live.get(s, 0) + n
         on_steps(n)
 
+    def new_pool() -> ProcessPoolExecutor:
+        pools.append(ProcessPoolExecutor(max_workers=1, mp_context=ctx))
+        return pools[-1]
+
     with ctx.Manager() as manager:
         q = manager.Queue()
         try:
             while todo or running:
                 while todo and idle:
-                    pool = idle.pop()
-                    if pool is None:
-                        pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
-                        pools.append(pool)
-                    s = todo.pop(0)
-                    running[pool.submit(_shard_worker, cfg, s, q)] = (pool, s)
+                    pool, s = idle.pop() or new_pool(), todo.pop(0)
+                    try:
+                        fut = pool.submit(_shard_worker, cfg, s, q)
+                    except BrokenProcessPool:  # its worker died while idle
+                        pool.shutdown(wait=False)
+                        pool = new_pool()
+                        fut = pool.submit(_shard_worker, cfg, s, q)
+                    running[fut] = (pool, s)
                 done, _ = wait(running, timeout=0.25, return_when=FIRST_COMPLETED)
                 _drain(q, steps)
                 for fut in done:
