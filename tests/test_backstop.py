@@ -98,6 +98,10 @@ def test_dying_shard_fails_alone_one_line_exit_1(tmp_path, doomed_cli):
     assert v.exit_code == 0, v.output
     assert [r["id"] for r in Dataset(out).index_rows()] == ["000000-0000", "000002-0000"]
     assert verify(out)["steps"] == 120
+    res = CliRunner().invoke(doomed_cli, ["collect", "doomed", "--out", str(out), "--shards", "3", "--workers", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert '"shards_written": 1, "shards_skipped": 2' in res.output
+    assert verify(out)["steps"] == 180
 
 
 def test_transient_death_is_retried_and_data_is_identical(tmp_path):
