@@ -17,8 +17,10 @@ there, and the hard backstop exits this process.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
+import os
 import queue
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -243,6 +245,27 @@ def _run_local(cfg: CollectConfig, todo: list[int], on_steps: Callable[[int], No
             on_shard(s, run_shard(cfg, s, report=on_steps))
         return {}
     ctx = get_context("spawn")
+    with _one_thread_per_worker():
+        return _run_pools(cfg, ctx, todo, on_steps, on_shard)
+
+
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _one_thread_per_worker():
+    """Workers are one per core: keep BLAS/OpenMP/numba pools in them to one thread (spawned
+    processes inherit the environment; a value the user set is kept)."""
+    added = [k for k in THREAD_ENV if k not in os.environ]
+    os.environ.update({k: "1" for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _run_pools(cfg: CollectConfig, ctx, todo: list[int], on_steps, on_shard) -> dict[int, str]:
     todo, deaths, failed, live = list(todo), {}, {}, {}
     idle: list[ProcessPoolExecutor | None] = [None] * min(cfg.workers, len(todo))
     pools, running = [], {}
