@@ -110,7 +110,7 @@ class RecordingEnv(gym.Wrapper):
         if self.max_seconds is not None and time.monotonic() - self.start_time > self.max_seconds:
             raise EpisodeTruncated(f"max_seconds ({self.max_seconds:g})")
         fields = self.expert.step_fields(self.last_obs, self.last_info)
-        self.writer.append({**fields, "action": int(action)})
+        self.writer.append(fields, action=int(action))
         obs, reward, terminated, truncated, info = self.env.step(action)
         self._arm()
         self.steps += 1

@@ -87,7 +87,7 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 
 
 def _narrow_int(a: np.ndarray) -> np.ndarray:
-    if a.dtype.kind not in "iu" or a.size == 0:
+    if a.dtype.kind not in "iu" or a.size == 0 or a.dtype.itemsize == 1:
         return a
     lo, hi = int(a.min()), int(a.max())
     for t in (np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32):
@@ -233,7 +233,7 @@ def encode_chunk(schema: Schema, arrays: dict[str, np.ndarray], meta: dict, leve
                 arr = arr.copy()
                 arr[:, 1:] -= arr[:, :-1].copy()
             arr = _narrow_int(np.ascontiguousarray(arr))
-            blob = cctx.compress(arr.tobytes())
+            blob = cctx.compress(arr.reshape(-1).view(np.uint8))
             entry[part or "data"] = {
                 "dtype": arr.dtype.str,
                 "shape": list(arr.shape),

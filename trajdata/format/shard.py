@@ -35,30 +35,40 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_spare_buffers: dict[tuple, list[dict]] = {}  # (schema, chunk_steps) -> chunk buffers of closed episodes
+
+
+def _chunk_buffers(schema: Schema, n: int) -> dict[str, np.ndarray]:
+    """Reuses a closed episode's buffers: a fresh ~70 MB NetHack chunk buffer costs page faults on
+    every step it is first written at."""
+    spare = _spare_buffers.get((schema.name, schema.version, n))
+    return spare.pop() if spare else {f.name: np.zeros((n, *f.shape), f.np_dtype) for f in schema.fields}
+
+
 class EpisodeWriter:
     """Buffers steps of one episode and writes them out chunk by chunk."""
 
     def __init__(self, shard: "ShardWriter", episode_id: str, meta: dict):
         self.shard, self.episode_id, self.meta = shard, episode_id, dict(meta)
-        schema, n = shard.schema, shard.chunk_steps
-        self.buffers = {f.name: np.zeros((n, *f.shape), f.np_dtype) for f in schema.fields}
+        self.buffers = _chunk_buffers(shard.schema, shard.chunk_steps)
         self.steps = 0
         self.chunks = 0
         self._fill = 0
         self.closed = False
 
-    def append(self, fields: dict) -> None:
-        """Copy one step's fields (observation + action; reward/done default 0/False) into the buffer."""
+    def append(self, fields: dict, action=None) -> None:
+        """Copy one step's fields (observation + action, which may be passed apart; reward/done
+        default 0/False) into the buffer."""
         if self._fill == self.shard.chunk_steps:
             self._flush(last=False)
         i = self._fill
         for name, buf in self.buffers.items():
-            if name in fields:
-                buf[i] = fields[name]
-            elif name in ("reward", "done"):
-                buf[i] = 0
-            else:
-                raise KeyError(f"step is missing field {name!r}")
+            v = action if action is not None and name == "action" else fields.get(name)
+            if v is None:
+                if name not in ("reward", "done"):
+                    raise KeyError(f"step is missing field {name!r}")
+                v = 0
+            buf[i] = v
         self._fill += 1
         self.steps += 1
 
@@ -89,6 +99,9 @@ class EpisodeWriter:
         row = dict(self.meta, **summary, id=self.episode_id, steps=self.steps, chunks=self.chunks + 1)
         self._flush(last=True, episode_row=row)
         self.closed = True
+        spare = _spare_buffers.setdefault((self.shard.schema.name, self.shard.schema.version, self.shard.chunk_steps), [])
+        if not spare:
+            spare.append(self.buffers)
         self.buffers = {}
         return row
 
