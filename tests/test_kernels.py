@@ -47,3 +47,20 @@ def test_xor_prefix_undoes_xor_with_previous(dtype, shape):
     got = kernels.xor_prefix(d)
     np.testing.assert_array_equal(got, a)
     assert got.dtype == a.dtype and not np.shares_memory(got, d)
+
+
+def test_map_or_prev_round_trip_and_picks_previous_under_an_overlay():
+    T = 40
+    tty = _ints(np.uint8, (T, 24, 80))
+    x = np.ascontiguousarray(tty[:, 1:22, :79]).copy()
+    x[10:20] = x[9]  # a text window covers the map in the terminal for steps 10..19: the map is unchanged
+    x[15, 3, 4] ^= 1  # ... except one cell
+    stored, use = kernels.map_or_prev_forward(x, tty, 1, 0)
+    assert use.dtype == np.uint8 and use[0] == 0
+    assert use[10:20].all() and not use[1:10].any() and not use[20:].any()
+    assert np.count_nonzero(stored[10:20]) == 2  # the changed cell, and it changing back
+    np.testing.assert_array_equal(kernels.map_or_prev_inverse(stored, tty, 1, 0, use), x)
+    x8 = x.view(np.int8)
+    s8, u8 = kernels.map_or_prev_forward(x8, tty.view(np.int8), 1, 0)
+    assert s8.dtype == np.int8
+    np.testing.assert_array_equal(kernels.map_or_prev_inverse(s8, tty.view(np.int8), 1, 0, u8), x8)

@@ -6,8 +6,8 @@ a residual against their prediction, which is mostly zeros and costs almost noth
 
 - ``tty_colors``: XOR against the colour most often drawn with that character in the chunk;
 - ``message``: XOR against the terminal's top line;
-- ``chars`` / ``colors``: XOR against the map region of ``tty_chars`` / ``tty_colors``
-  (they differ only where a menu or text window covers the map);
+- ``chars`` / ``colors``: XOR against, per step, the map region of ``tty_chars`` / ``tty_colors``,
+  or their own previous step while a menu or text window covers the map (a 1-byte flag per step);
 - ``glyphs``: difference against the glyph most often seen with that (char, colour) in the chunk;
 - ``specials``: XOR against the value most often seen with that glyph in the chunk.
 
@@ -50,6 +50,8 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "tty_topline": ("tty_chars",),
     "xor_tty_chars": ("tty_chars",),
     "xor_tty_colors": ("tty_colors",),
+    "tty_or_prev_chars": ("tty_chars",),
+    "tty_or_prev_colors": ("tty_colors",),
     "pair_lut": ("chars", "colors"),
     "glyph_lut": ("glyphs",),
 }
@@ -59,13 +61,13 @@ SOURCES: dict[str, tuple[str, ...]] = {
 # "compact" is smallest; "fast" skips the table look-ups and prefix-XOR scans that cost decode time.
 PROFILES: dict[str, dict] = {
     "compact": {
-        "derive": {"tty_colors": "char_lut", "message": "tty_topline", "chars": "xor_tty_chars",
-                   "colors": "xor_tty_colors", "glyphs": "pair_lut", "specials": "glyph_lut"},
+        "derive": {"tty_colors": "char_lut", "message": "tty_topline", "chars": "tty_or_prev_chars",
+                   "colors": "tty_or_prev_colors", "glyphs": "pair_lut", "specials": "glyph_lut"},
         "xor_previous": ("tty_chars", "tty_colors"),
         "dedup": ("inv_strs",),
     },
     "fast": {
-        "derive": {"message": "tty_topline", "chars": "xor_tty_chars", "colors": "xor_tty_colors"},
+        "derive": {"message": "tty_topline", "chars": "tty_or_prev_chars", "colors": "tty_or_prev_colors"},
         "xor_previous": (),
         "dedup": ("inv_strs",),
     },
@@ -166,6 +168,9 @@ def _forward(name: str, kind: str, arrays: dict[str, np.ndarray]) -> tuple[np.nd
     if kind.startswith("xor_tty_"):
         src = arrays[SOURCES[kind][0]]
         return a ^ src[:, MAP_ROWS, MAP_COLS].view(a.dtype), {}
+    if kind.startswith("tty_or_prev_"):
+        stored, use = kernels.map_or_prev_forward(a, arrays[SOURCES[kind][0]], MAP_ROWS.start, MAP_COLS.start)
+        return stored, {"prev": use}
     if kind == "char_lut":
         key = arrays["tty_chars"]
         table = _most_frequent_map(_sample(key), _sample(a).view(np.uint8), 256)
@@ -186,6 +191,8 @@ def _forward(name: str, kind: str, arrays: dict[str, np.ndarray]) -> tuple[np.nd
 def _inverse(kind: str, stored: np.ndarray, aux: dict[str, np.ndarray], done: dict[str, np.ndarray]) -> np.ndarray:
     if kind.startswith("xor_tty_"):
         return stored ^ done[SOURCES[kind][0]][:, MAP_ROWS, MAP_COLS].view(stored.dtype)
+    if kind.startswith("tty_or_prev_"):
+        return kernels.map_or_prev_inverse(stored, done[SOURCES[kind][0]], MAP_ROWS.start, MAP_COLS.start, aux["prev"])
     if kind == "char_lut":
         table = _lut_unpack(aux["lut"], 256, np.uint8)
         return kernels.lut(stored, done["tty_chars"], table, kernels.XOR)

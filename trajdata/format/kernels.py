@@ -48,6 +48,61 @@ def _xor_prefix(d, out):
             out[t, j] = out[t - 1, j] ^ d[t, j]
 
 
+@njit(cache=True, nogil=True)
+def _map_or_prev_forward(x, tty, r0, c0, stored, use):
+    T, H, W = x.shape
+    for t in range(T):
+        miss_map = 0
+        miss_prev = 0
+        for i in range(H):
+            for j in range(W):
+                v = x[t, i, j]
+                if v != tty[t, r0 + i, c0 + j]:
+                    miss_map += 1
+                if t > 0 and v != x[t - 1, i, j]:
+                    miss_prev += 1
+        u = t > 0 and miss_prev < miss_map
+        use[t] = u
+        for i in range(H):
+            for j in range(W):
+                stored[t, i, j] = x[t, i, j] ^ (x[t - 1, i, j] if u else tty[t, r0 + i, c0 + j])
+
+
+@njit(cache=True, nogil=True)
+def _map_or_prev_inverse(stored, tty, r0, c0, use, out):
+    T, H, W = stored.shape
+    for t in range(T):
+        if use[t] and t > 0:
+            for i in range(H):
+                for j in range(W):
+                    out[t, i, j] = stored[t, i, j] ^ out[t - 1, i, j]
+        else:
+            for i in range(H):
+                for j in range(W):
+                    out[t, i, j] = stored[t, i, j] ^ tty[t, r0 + i, c0 + j]
+
+
+def _u8(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+def map_or_prev_forward(x: np.ndarray, tty: np.ndarray, r0: int, c0: int) -> tuple[np.ndarray, np.ndarray]:
+    """Residual of the map field ``x`` (T, H, W) against, per step, whichever predicts it better: the
+    terminal's map region ``tty[:, r0:r0+H, c0:c0+W]``, or ``x`` at the previous step (better while a
+    menu or text window covers the map). Returns (residual, use_previous flags as uint8)."""
+    stored = np.empty(x.shape, np.uint8)
+    use = np.zeros(len(x), np.uint8)
+    _map_or_prev_forward(_u8(x), _u8(tty), r0, c0, stored, use)
+    return stored.view(x.dtype), use
+
+
+def map_or_prev_inverse(stored: np.ndarray, tty: np.ndarray, r0: int, c0: int, use: np.ndarray) -> np.ndarray:
+    """Undo ``map_or_prev_forward`` (sequential in time: a step may predict from the previous one)."""
+    out = np.empty(stored.shape, np.uint8)
+    _map_or_prev_inverse(_u8(stored), _u8(tty), r0, c0, np.ascontiguousarray(use, np.uint8), out)
+    return out.view(stored.dtype)
+
+
 def _as(table: np.ndarray, dtype) -> np.ndarray:
     return table.view(dtype) if table.dtype.itemsize == np.dtype(dtype).itemsize else table.astype(dtype)
 
