@@ -12,6 +12,8 @@
    and per episode (each episode's steps / wall seconds; start-up excluded). Target >= 0.9.
    Anchor, side by side: the same for bare AutoAscend games in 1 vs 2 processes (nothing recorded),
    i.e. how far this machine itself lets two games scale.
+3. Storage on AutoAscend games (busier than the scripted ones: menus, overlays): bytes/step of the
+   parallel run's dataset vs NLE's ttyrec.bz2 recording of the same games.
 
 Needs AutoAscend installed (`trajdata experts install autoascend`); otherwise says so and exits 0.
 """
@@ -27,6 +29,8 @@ import time
 from pathlib import Path
 
 import gymnasium as gym
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 class _Cap(Exception):
@@ -187,7 +191,30 @@ def parallel(shards: int, max_steps: int, character: str) -> dict:
                         "episode_steps_per_s": round(statistics.median(r["steps"] / r["wall_seconds"] for r in rows), 1)}
     return {"workers_1": out[1], "workers_2": out[2],
             "efficiency_end_to_end": round(out[2]["steps_per_s"] / (2 * out[1]["steps_per_s"]), 3),
-            "efficiency_per_episode": round(out[2]["episode_steps_per_s"] / out[1]["episode_steps_per_s"], 3)}
+            "efficiency_per_episode": round(out[2]["episode_steps_per_s"] / out[1]["episode_steps_per_s"], 3),
+            "dataset": tmp}
+
+
+def storage(root: str) -> dict:
+    """Bytes/step on these AutoAscend games: trajdata (all fields, and tty fields) vs NLE's own
+    ttyrec.bz2 recording of the same games (replayed from the recorded seeds and actions, every
+    frame checked), the format NLD-AA is distributed in."""
+    from bench_format import replay_to_ttyrec
+
+    from trajdata.format.dataset import Dataset
+    from trajdata.format.inspect import summarize
+
+    ds = Dataset(root)
+    with tempfile.TemporaryDirectory() as d:
+        frames = replay_to_ttyrec(ds, Path(d))
+        bz2 = sum(p.stat().st_size for p in Path(d).rglob("*.ttyrec*.bz2"))
+    s = summarize(root)
+    tty = sum(s["field_bytes_per_step"].get(f, 0) for f in ("tty_chars", "tty_colors", "tty_cursor"))
+    return {"steps": s["steps"], "frames_replayed_identical": frames, "codec": ds.info["collection"]["codec"],
+            "trajdata_all_fields_bytes_per_step": round(s["bytes_per_step"], 3),
+            "trajdata_tty_fields_bytes_per_step": round(tty, 3),
+            "nle_ttyrec_bz2_bytes_per_step_tty_only": round(bz2 / frames, 3),
+            "all_fields_bytes_vs_nld_tty": round(s["bytes_per_step"] / (bz2 / frames), 3)}
 
 
 def main() -> None:
@@ -210,6 +237,7 @@ def main() -> None:
         result["overhead"] = overhead(args.games, args.max_steps, args.character)
         result["parallel"] = parallel(args.shards, args.parallel_max_steps, args.character)
         result["parallel"]["anchor_bare_autoascend"] = bare_parallel(args.games, args.max_steps, args.character)
+        result["storage"] = storage(result["parallel"].pop("dataset"))
         result["targets"] = {"overhead_max": 0.05, "parallel_efficiency_min": 0.9}
         result["reference"] = {"design_md_steps_per_s_per_core": 587}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
