@@ -69,17 +69,11 @@ def _map_or_prev_forward(x, tty, r0, c0, stored, use):
 
 
 @njit(cache=True, nogil=True)
-def _map_or_prev_inverse(stored, tty, r0, c0, use, out):
-    T, H, W = stored.shape
-    for t in range(T):
-        if use[t] and t > 0:
-            for i in range(H):
-                for j in range(W):
-                    out[t, i, j] = stored[t, i, j] ^ out[t - 1, i, j]
-        else:
-            for i in range(H):
-                for j in range(W):
-                    out[t, i, j] = stored[t, i, j] ^ tty[t, r0 + i, c0 + j]
+def _prev_fixup(stored, use, out):
+    for t in range(1, stored.shape[0]):
+        if use[t]:
+            for k in range(stored.shape[1]):
+                out[t, k] = stored[t, k] ^ out[t - 1, k]
 
 
 def _u8(a: np.ndarray) -> np.ndarray:
@@ -97,9 +91,13 @@ def map_or_prev_forward(x: np.ndarray, tty: np.ndarray, r0: int, c0: int) -> tup
 
 
 def map_or_prev_inverse(stored: np.ndarray, tty: np.ndarray, r0: int, c0: int, use: np.ndarray) -> np.ndarray:
-    """Undo ``map_or_prev_forward`` (sequential in time: a step may predict from the previous one)."""
-    out = np.empty(stored.shape, np.uint8)
-    _map_or_prev_inverse(_u8(stored), _u8(tty), r0, c0, np.ascontiguousarray(use, np.uint8), out)
+    """Undo ``map_or_prev_forward``: XOR with the map everywhere (vectorised), then redo the flagged
+    steps in time order from their previous step."""
+    T, H, W = stored.shape
+    out = _u8(stored) ^ _u8(tty)[:, r0 : r0 + H, c0 : c0 + W]
+    use = np.ascontiguousarray(use, np.uint8)
+    if use[1:].any():
+        _prev_fixup(_u8(stored).reshape(T, H * W), use, out.reshape(T, H * W))
     return out.view(stored.dtype)
 
 
