@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sqlite3
 import tempfile
 import time
@@ -26,8 +27,15 @@ from trajdata.format.dataset import Dataset
 from trajdata.format.schema import TTY_FIELDS
 
 
+ROUNDS = 3
+
+
 def replay_to_ttyrec(ds: Dataset, savedir: Path) -> int:
-    """Replay every episode with NLE's ttyrec recorder on; returns frames checked against ours."""
+    """Replay every episode with NLE's ttyrec recorder on; returns frames checked against ours.
+
+    Run it soon after collecting: NetHack names shopkeepers from the wall-clock time the game started
+    (``u.ubirthday / 257``), which nle 1.3.0's ``fix_moon_phase`` does not pin, so a game that shows a
+    shopkeeper's name replays exactly only within the same ~4-minute window (mod ~4.6 hours)."""
     from nle.env.base import NLE
 
     checked = 0
@@ -132,7 +140,7 @@ def main():
                     field_bytes[name] = field_bytes.get(name, 0) + sum(x["nbytes"] for x in parts.values())
         shard_bytes = sum(p.stat().st_size for p in ds.shard_paths())
         profiles[profile] = {
-            "ds": ds, "steps": steps, "collect_steps_per_s": res["steps_per_second"],
+            "ds": ds, "steps": steps, "collect_steps_per_s": res["steps_per_second"] if res["shards_written"] else None,
             "all_fields_shard_files": round(shard_bytes / steps, 3),
             "tty_fields": round(sum(field_bytes[f] for f in TTY_FIELDS) / steps, 3),
             "per_field": {k: round(v / steps, 3) for k, v in sorted(field_bytes.items(), key=lambda kv: -kv[1])},
@@ -140,15 +148,32 @@ def main():
     ds = profiles["compact"]["ds"]
     steps = profiles["compact"]["steps"]
     ttydir = work / "nld"
-    checked = replay_to_ttyrec(ds, ttydir)
+    if (ttydir / "ttyrecs.db").is_file():  # a reused workdir: keep its checked ttyrecs (see replay_to_ttyrec)
+        checked = "reused"
+    else:
+        shutil.rmtree(ttydir, ignore_errors=True)
+        checked = replay_to_ttyrec(ds, ttydir)
+        nld_loader_rate(ttydir, "bench", steps, 32, 32, 1)  # creates ttyrecs.db: marks the replay complete
     ttyrec_bytes = sum(f.stat().st_size for f in ttydir.rglob("*.ttyrec*.bz2"))
-    nld32 = nld_loader_rate(work / "nld", "bench", steps, 32, 32, 1)
-    nld4096 = nld_loader_rate(work / "nld", "bench", steps, 32, 4096, 1)
+    # Rounds interleave NLD and trajdata; each figure is its best round (this machine is noisy).
+    best: dict[str, float] = {}
+
+    def keep(key: str, value: float) -> None:
+        best[key] = max(best.get(key, 0.0), value)
+
+    for _ in range(ROUNDS):
+        keep("nld32", nld_loader_rate(ttydir, "bench", steps, 32, 32, 1)["steps_per_s"])
+        keep("nld4096", nld_loader_rate(ttydir, "bench", steps, 32, 4096, 1)["steps_per_s"])
+        for name, p in profiles.items():
+            keep(f"{name}/tty", decode_rate(p["ds"], list(TTY_FIELDS), repeat=1))
+            keep(f"{name}/all", decode_rate(p["ds"], None, repeat=1))
+            keep(f"{name}/encode", encode_rate(p["ds"], name))
+    nld32, nld4096 = {"steps_per_s": round(best["nld32"])}, {"steps_per_s": round(best["nld4096"])}
     for name, p in profiles.items():
         assert p["steps"] == steps, "profiles collected different games"
-        p["decode_tty_steps_per_s"] = round(decode_rate(p["ds"], list(TTY_FIELDS)))
-        p["decode_all_steps_per_s"] = round(decode_rate(p["ds"], None))
-        p["encode_all_steps_per_s"] = round(encode_rate(p["ds"], name))
+        p["decode_tty_steps_per_s"] = round(best[f"{name}/tty"])
+        p["decode_all_steps_per_s"] = round(best[f"{name}/all"])
+        p["encode_all_steps_per_s"] = round(best[f"{name}/encode"])
         p["decode_tty_speedup_vs_nld_s32"] = round(p["decode_tty_steps_per_s"] / nld32["steps_per_s"], 1)
         p["all_fields_bytes_vs_nld_tty"] = round(p["all_fields_shard_files"] / (ttyrec_bytes / steps), 3)
         del p["ds"]
