@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trajdata.collectors.nethack import allow_seeding, make_nethack_env
+from trajdata.collectors.nethack import make_nethack_env, seed_and_reset
 from trajdata.collectors.runner import CollectConfig, ExpertSpec, collect
 from trajdata.format import codec
 from trajdata.format.codec import PROFILES
@@ -31,22 +31,14 @@ ROUNDS = 3
 
 
 def replay_to_ttyrec(ds: Dataset, savedir: Path) -> int:
-    """Replay every episode with NLE's ttyrec recorder on; returns frames checked against ours.
-
-    Run it soon after collecting: NetHack names shopkeepers from the wall-clock time the game started
-    (``u.ubirthday / 257``), which nle 1.3.0's ``fix_moon_phase`` does not pin, so a game that shows a
-    shopkeeper's name replays exactly only within the same ~4-minute window (mod ~4.6 hours)."""
-    from nle.env.base import NLE
-
+    """Replay every episode with NLE's ttyrec recorder on; returns frames checked against ours."""
     checked = 0
     for row in ds.index_rows():
         seeds = json.loads(row["seeds"])
         gamedir = savedir / row["id"]
         gamedir.mkdir(parents=True, exist_ok=True)
         env = make_nethack_env(row["character"], fix_moon_phase=True, save_ttyrec_every=1, savedir=str(gamedir))
-        allow_seeding(env)
-        NLE.seed(env.unwrapped, seeds["core"], seeds["disp"], False, seeds["lgen"])
-        obs, _ = env.reset()
+        obs, _ = seed_and_reset(env, seeds["core"], seeds["disp"], seeds["lgen"])
         for chunk in ds.episode(row["id"], fields=["tty_chars", "action"]):
             for t in range(chunk.steps):
                 if not np.array_equal(obs["tty_chars"], chunk.fields["tty_chars"][t]):

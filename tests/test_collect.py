@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from trajdata.cli.main import cli
-from trajdata.collectors.nethack import ScriptedExpert, allow_seeding, make_nethack_env
+from trajdata.collectors.nethack import ScriptedExpert, make_nethack_env, seed_and_reset, start_time
 from trajdata.collectors.runner import CollectConfig, ExpertSpec, collect
 from trajdata.format.dataset import Dataset, build_index
 from trajdata.format.inspect import verify
@@ -77,15 +77,11 @@ def test_collect_writes_index_and_verifies(small):
 
 
 def test_replay_from_recorded_seeds_reproduces_every_field(small):
-    from nle.env.base import NLE
-
     ds = Dataset(small)
     for row in ds.index_rows()[:2]:
         seeds = json.loads(row["seeds"])
         env = make_nethack_env(row["character"])
-        allow_seeding(env)
-        NLE.seed(env.unwrapped, seeds["core"], seeds["disp"], False, seeds["lgen"])
-        obs, _ = env.reset()
+        obs, _ = seed_and_reset(env, seeds["core"], seeds["disp"], seeds["lgen"])
         n = 0
         for chunk in ds.episode(row["id"]):
             for t in range(chunk.steps):
@@ -221,3 +217,33 @@ def test_inspect_and_show(small):
     assert len(lines) == 25 and "Dlvl:" in lines[23] and "step 3" in lines[24]
     res = runner.invoke(cli, ["show", str(small), "--episode", "000000-0000", "--step", "99999"])
     assert res.exit_code == 1
+
+
+def _replay_until_mismatch(ds, row, shift_start_time: int = 0):
+    """Replay ``row``'s tty frames; returns the first step that differs (None: all equal)."""
+    seeds = json.loads(row["seeds"])
+    env = make_nethack_env(row["character"])
+    obs, _ = seed_and_reset(env, seeds["core"], seeds["disp"], seeds["lgen"])
+    if shift_start_time:
+        start_time(env, start_time(env) + shift_start_time)
+    try:
+        for chunk in ds.episode(row["id"], fields=["tty_chars", "action"]):
+            for t in range(chunk.steps):
+                if not np.array_equal(obs["tty_chars"], chunk.fields["tty_chars"][t]):
+                    return chunk.start + t, bytes(obs["tty_chars"][0]).decode("latin-1")
+                obs, *_ = env.step(int(chunk.fields["action"][t]))
+        return None
+    finally:
+        env.close()
+
+
+def test_game_start_time_is_pinned_so_shopkeeper_names_replay(tmp_path):
+    """NetHack names shopkeepers from the game's start time; it is pinned per seed (not the clock)."""
+    cfg = CollectConfig(out=str(tmp_path / "d"), expert=ExpertSpec("trajdata.collectors.nethack:ScriptedExpert"),
+                        shards=1, episodes_per_shard=4, seed=1234, max_steps=600)
+    collect(cfg, progress=False)
+    ds = Dataset(tmp_path / "d")
+    row = next(r for r in ds.index_rows() if r["id"] == "000000-0003")  # enters a shop at step 552
+    assert _replay_until_mismatch(ds, row) is None
+    step, top_line = _replay_until_mismatch(ds, row, shift_start_time=5 * 257)  # as if started 21 min later
+    assert 500 < step < 600 and "Welcome to" in top_line  # ... the shopkeeper's name differs

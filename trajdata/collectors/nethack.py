@@ -31,12 +31,6 @@ def random_character(seed: int) -> str:
     return f"{role}-{race}-{align}-{gender}"
 
 
-
-
-
-
-
-
 def make_nethack_env(character: str = "@", fix_moon_phase: bool = True, **kwargs) -> gym.Env:
     """NetHackChallenge-v0 without NLE's own ttyrec recording (trajdata records)."""
     import nle  # noqa: F401  (registers the envs)
@@ -78,7 +72,76 @@ def seed_and_reset(env: gym.Env, core: int, disp: int, lgen: int | None = None):
     allow_seeding(env)
     NLE.seed(env.unwrapped, core, disp, False, lgen)
     obs, info = env.reset()
+    pin_start_time(env, core)
     return obs, info
+
+
+_symbol_offsets: dict[str, int] = {}
+
+
+def _load_base(inode: int) -> int:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 5 and parts[2] == "00000000" and int(parts[4]) == inode:
+                return int(parts[0].split("-")[0], 16)
+    raise RuntimeError(f"no mapping of inode {inode} in /proc/self/maps")
+
+
+def _symbol_offset(name: str) -> int:
+    """Offset of a global of nle's libnethack.so from its load address (same in every copy)."""
+    if name not in _symbol_offsets:
+        import _ctypes
+        import ctypes
+        import os
+
+        from nle.nethack.nethack import DLPATH
+
+        lib = ctypes.CDLL(DLPATH)
+        try:
+            addr = ctypes.addressof(ctypes.c_char.in_dll(lib, name))
+            _symbol_offsets[name] = addr - _load_base(os.stat(DLPATH).st_ino)
+        finally:
+            _ctypes.dlclose(lib._handle)
+    return _symbol_offsets[name]
+
+
+def _start_time_cell(env: gym.Env):
+    import ctypes
+    import os
+
+    nethack = env.unwrapped.nethack
+    base = _load_base(os.fstat(nethack._dl.fileno()).st_ino)
+    return ctypes.c_int64.from_address(base + _symbol_offset("ubirthday"))
+
+
+def pin_start_time(env: gym.Env, core: int) -> bool:
+    """Set NetHack's game start time (the global ``ubirthday``) from the core seed, right after reset.
+
+    NetHack 3.6 names shopkeepers from ``ubirthday / 257`` (wall-clock seconds at game start), which
+    nle 1.3.0's ``fix_moon_phase`` leaves alone, so replays of a game that meets a shopkeeper diverge
+    once the clock has moved on. Shops never appear on dungeon level 1, so every shop is created after
+    this and gets its name from the pinned time (which still varies from game to game, by seed).
+    Linux only (reads /proc/self/maps); returns whether the time was pinned.
+    """
+    import sys
+    import time
+
+    if not sys.platform.startswith("linux"):
+        return False
+    cell = _start_time_cell(env)
+    if abs(cell.value - time.time()) > 86400:
+        raise RuntimeError(f"nle's ubirthday reads {cell.value}, not the current time: unknown libnethack layout")
+    cell.value = 257 * (1_700_000_000 // 257 + core % 65)
+    return True
+
+
+def start_time(env: gym.Env, value: int | None = None) -> int:
+    """NetHack's game start time (``ubirthday``) of ``env``'s current game; sets it first if ``value``."""
+    cell = _start_time_cell(env)
+    if value is not None:
+        cell.value = value
+    return cell.value
 
 
 class NetHackExpert(Expert):
