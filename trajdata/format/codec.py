@@ -160,8 +160,6 @@ def _xor_previous(a: np.ndarray) -> np.ndarray:
     return d
 
 
-
-
 def _forward(name: str, kind: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Field array -> (array to store, auxiliary arrays)."""
     a = arrays[name]

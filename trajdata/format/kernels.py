@@ -14,29 +14,26 @@ from numba import njit
 XOR, ADD, SUB = 0, 1, 2
 
 
+@njit(inline="always")
+def _apply(s, v, op):
+    if op == 0:
+        return s ^ v
+    if op == 1:
+        return s + v
+    return s - v
+
+
 @njit(cache=True, nogil=True)
 def _lut(stored, key, table, out, op):
     mask = table.size - 1
     for i in range(stored.size):
-        v = table[np.int64(key[i]) & mask]
-        if op == 0:
-            out[i] = stored[i] ^ v
-        elif op == 1:
-            out[i] = stored[i] + v
-        else:
-            out[i] = stored[i] - v
+        out[i] = _apply(stored[i], table[np.int64(key[i]) & mask], op)
 
 
 @njit(cache=True, nogil=True)
 def _pair_lut(stored, hi, lo, table, out, op):
     for i in range(stored.size):
-        v = table[(np.int64(hi[i]) << 8) | np.int64(lo[i])]
-        if op == 0:
-            out[i] = stored[i] ^ v
-        elif op == 1:
-            out[i] = stored[i] + v
-        else:
-            out[i] = stored[i] - v
+        out[i] = _apply(stored[i], table[(np.int64(hi[i]) << 8) | np.int64(lo[i])], op)
 
 
 @njit(cache=True, nogil=True)

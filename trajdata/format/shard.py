@@ -38,10 +38,14 @@ def _fsync_dir(path: Path) -> None:
 _spare_buffers: dict[tuple, list[dict]] = {}  # (schema, chunk_steps) -> chunk buffers of closed episodes
 
 
+def _spare(schema: Schema, n: int) -> list[dict[str, np.ndarray]]:
+    return _spare_buffers.setdefault((schema.name, schema.version, n), [])
+
+
 def _chunk_buffers(schema: Schema, n: int) -> dict[str, np.ndarray]:
     """Reuses a closed episode's buffers: a fresh ~70 MB NetHack chunk buffer costs page faults on
     every step it is first written at."""
-    spare = _spare_buffers.get((schema.name, schema.version, n))
+    spare = _spare(schema, n)
     return spare.pop() if spare else {f.name: np.zeros((n, *f.shape), f.np_dtype) for f in schema.fields}
 
 
@@ -99,8 +103,8 @@ class EpisodeWriter:
         row = dict(self.meta, **summary, id=self.episode_id, steps=self.steps, chunks=self.chunks + 1)
         self._flush(last=True, episode_row=row)
         self.closed = True
-        spare = _spare_buffers.setdefault((self.shard.schema.name, self.shard.schema.version, self.shard.chunk_steps), [])
-        if not spare:
+        spare = _spare(self.shard.schema, self.shard.chunk_steps)
+        if not spare:  # one spare set is enough: a process writes one episode at a time
             spare.append(self.buffers)
         self.buffers = {}
         return row
