@@ -6,7 +6,7 @@ import json
 import click
 
 from trajdata.collectors.runner import BACKENDS, CollectConfig, ExpertSpec, collect
-from trajdata.format.codec import PROFILES
+from trajdata.format.codec import DEFAULT_PROFILE, PROFILES
 
 
 def collect_options(f=None, *, max_steps: int = 10_000, max_seconds: float | None = None):
@@ -31,8 +31,9 @@ def collect_options(f=None, *, max_steps: int = 10_000, max_seconds: float | Non
         click.option("--max-shard-retries", default=2, show_default=True, type=int,
                      help="Rerun a shard whose worker died (crash, out of memory, hang) this many times, then give it up."),
         click.option("--chunk-steps", default=4096, show_default=True, type=int, help="Steps per stored chunk."),
-        click.option("--codec", default="compact", show_default=True, type=click.Choice(sorted(PROFILES)),
-                     help="Storage profile: compact (smallest) or fast (quickest to decode)."),
+        click.option("--codec", default=DEFAULT_PROFILE, show_default=True, type=click.Choice(sorted(PROFILES)),
+                     help="Storage profile: stream (smallest; the loader decodes it straight into batches), "
+                          "compact or fast (older profiles; kept for comparison)."),
         click.option("--backend", default="local", show_default=True, type=click.Choice(BACKENDS)),
         click.option("--ray-address", default=None, help="Ray cluster address (with --backend ray; default: start local Ray)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from trajdata.format.codec import PROFILES
+from trajdata.format.codec import DEFAULT_PROFILE, PROFILES
 
 
 @click.group("import")
@@ -19,8 +19,9 @@ def import_group():
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="trajdata dataset directory (created, or resumed).")
 @click.option("--episodes-per-shard", default=16, show_default=True, type=int, help="Games per shard.")
 @click.option("--chunk-steps", default=4096, show_default=True, type=int, help="Steps per stored chunk.")
-@click.option("--codec", default="compact", show_default=True, type=click.Choice(sorted(PROFILES)),
-              help="Storage profile: compact (smallest) or fast (quickest to decode).")
+@click.option("--codec", default=DEFAULT_PROFILE, show_default=True, type=click.Choice(sorted(PROFILES)),
+              help="Storage profile: stream (smallest; the loader decodes it straight into batches), "
+                          "compact or fast (older profiles; kept for comparison).")
 @click.option("--max-games", default=None, type=int, help="Import only the first N games (by gameid).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def import_nld_cmd(db, name, out, episodes_per_shard, chunk_steps, codec, max_games, quiet):

@@ -33,7 +33,7 @@ import numpy as np
 import zstandard
 
 from trajdata.errors import DataError
-from trajdata.format import kernels
+from trajdata.format import kernels, sparse
 from trajdata.format.schema import Schema
 
 MAGIC = b"TDC1"
@@ -71,8 +71,25 @@ PROFILES: dict[str, dict] = {
         "xor_previous": (),
         "dedup": ("inv_strs",),
     },
+    "stream": {
+        "derive": {},
+        "xor_previous": (),
+        "dedup": (),
+        "sparse": {
+            "tty_chars": {},
+            "tty_colors": {"from": ("tty_chars",), "table": "lut"},
+            "chars": {"from": ("tty_chars",), "rect": (1, 0), "table": "identity"},
+            "colors": {"from": ("tty_colors",), "rect": (1, 0), "table": "identity"},
+            "glyphs": {"from": ("chars", "colors"), "table": "lut"},
+            "specials": {"from": ("glyphs",), "table": "lut"},
+            "message": {"from": ("tty_chars",), "table": "topline"},
+            **{name: {} for name in ("inv_glyphs", "inv_letters", "inv_oclasses", "inv_strs", "action", "reward",
+                                     "done", "keypress", "lives")},
+            **{name: {"values": "delta"} for name in ("tty_cursor", "blstats", "misc", "timestamp", "score")},
+        },
+    },
 }
-DEFAULT_PROFILE = "compact"
+DEFAULT_PROFILE = "stream"
 
 _cctx_cache: dict[int, zstandard.ZstdCompressor] = {}
 _dctx = zstandard.ZstdDecompressor(max_window_size=2**ZSTD_WINDOW_LOG)
@@ -205,23 +222,73 @@ def _inverse(kind: str, stored: np.ndarray, aux: dict[str, np.ndarray], done: di
     raise DataError(f"unknown derivation {kind!r} (written by a newer trajdata?)")
 
 
+def _sparse_specs(schema: Schema, prof: dict) -> dict[str, dict]:
+    """The profile's sparse fields present in ``schema`` (a follower whose sources are missing
+    stores its own changes only), in dependency order."""
+    specs = {}
+    for name, follow in prof.get("sparse", {}).items():
+        if name in schema.names:
+            ok = all(src in schema.names for src in follow.get("from", ()))
+            specs[name] = dict(follow) if ok else {}
+    order: list[str] = []
+
+    def visit(name):
+        if name not in order:
+            for src in specs[name].get("from", ()):
+                visit(src)
+            order.append(name)
+
+    for name in specs:
+        visit(name)
+    return {n: specs[n] for n in order}
+
+
+def _sparse_forward(schema: Schema, prof: dict, arrays: dict[str, np.ndarray]) -> dict[str, tuple[dict, dict]]:
+    """field -> (parts to store, header ``follow`` entry) for the profile's sparse fields."""
+    out, wls = {}, {}
+    for name, follow in _sparse_specs(schema, prof).items():
+        srcs = list(follow.get("from", ()))
+        kind = follow.get("table")
+        x = arrays[name]
+        table = None
+        if kind == "lut":
+            table = sparse.fit_table(x, [arrays[s] for s in srcs], _sample)
+        elif kind:
+            table = sparse.fixed_table(kind, x.dtype)
+        parts, wls[name] = sparse.encode(x, follow, [(arrays[s], wls[s]) for s in srcs], table)
+        if kind == "lut":
+            parts["lut"] = _lut_pack(table)
+        entry = {"from": srcs, "rect": list(follow.get("rect", (0, 0))), "table": kind} if srcs else {}
+        if follow.get("values"):
+            entry["values"] = follow["values"]
+        out[name] = (parts, entry)
+    return out
+
+
 def encode_chunk(schema: Schema, arrays: dict[str, np.ndarray], meta: dict, level: int = ZSTD_LEVEL,
                  profile: str = DEFAULT_PROFILE) -> bytes:
     """Encode T steps (each ``arrays[f]`` shaped (T, *f.shape)) plus ``meta`` into one blob."""
     cctx = _compressor(level)
     prof = PROFILES[profile]
     steps = len(arrays[schema.fields[0].name])
+    for f in schema.fields:
+        a = arrays[f.name]
+        if a.shape != (steps, *f.shape) or a.dtype != f.np_dtype:
+            raise ValueError(f"field {f.name}: got {a.dtype}{a.shape}, want {f.dtype}{(steps, *f.shape)}")
+    sparse_parts = _sparse_forward(schema, prof, arrays)
     entries, blobs, offset = {}, [], 0
     for f in schema.fields:
         a = np.ascontiguousarray(arrays[f.name])
-        if a.shape != (steps, *f.shape) or a.dtype != f.np_dtype:
-            raise ValueError(f"field {f.name}: got {a.dtype}{a.shape}, want {f.dtype}{(steps, *f.shape)}")
         kind = prof["derive"].get(f.name)
         if kind and not all(src in schema.names for src in SOURCES[kind]):
             kind = None
         stored, aux = _forward(f.name, kind, arrays) if kind else (a, {})
         stage = None
-        if f.name in prof["xor_previous"]:
+        follow = None
+        if f.name in sparse_parts:
+            (aux, follow), stage = sparse_parts[f.name], "sparse"
+            stored = aux.pop("")
+        elif f.name in prof["xor_previous"]:
             stored, stage = _xor_previous(stored), "xor_previous"
         elif f.name in prof["dedup"] and steps:
             changed = np.ones(steps, bool)
@@ -246,6 +313,7 @@ def encode_chunk(schema: Schema, arrays: dict[str, np.ndarray], meta: dict, leve
                 "delta": delta,
                 "stage": stage if part == "" else None,
                 "derive": kind if part == "" else None,
+                **({"follow": follow} if part == "" and stage == "sparse" else {}),
                 "offset": offset,
                 "nbytes": len(blob),
                 "crc32": zlib.crc32(blob),
@@ -279,8 +347,9 @@ def _needed(schema: Schema, header: dict, fields: Iterable[str], where: str) -> 
             return
         if name not in header["fields"]:
             raise DataError(f"{where}: field {name!r} missing")
-        kind = header["fields"][name]["data"].get("derive")
-        for src in SOURCES.get(kind, ()) if kind else ():
+        e = header["fields"][name]["data"]
+        kind = e.get("derive")
+        for src in list(SOURCES.get(kind, ()) if kind else ()) + list(e.get("follow", {}).get("from", ())):
             visit(src)
         order.append(name)
 
@@ -290,6 +359,45 @@ def _needed(schema: Schema, header: dict, fields: Iterable[str], where: str) -> 
     return order
 
 
+def read_parts(schema: Schema, header: dict, payload, name: str, where: str) -> dict[str, np.ndarray]:
+    """Decompress (checking CRCs) the stored parts of one field: ``data`` plus any auxiliaries."""
+    f = schema[name]
+    parts = {}
+    for part, e in header["fields"][name].items():
+        blob = payload[e["offset"] : e["offset"] + e["nbytes"]]
+        if len(blob) != e["nbytes"] or zlib.crc32(blob) != e["crc32"]:
+            raise DataError(f"{where}: field {name!r}: checksum mismatch (corrupt data)")
+        try:
+            raw = _dctx.decompress(blob)
+        except zstandard.ZstdError as err:
+            raise DataError(f"{where}: field {name!r}: {err}") from None
+        arr = np.frombuffer(raw, dtype=np.dtype(e["dtype"])).reshape(e["shape"])
+        if e.get("delta"):
+            arr = np.cumsum(arr, axis=1, dtype=f.np_dtype)
+        if e["transposed"]:
+            arr = arr.T
+        parts[part] = arr
+    return parts
+
+
+def sparse_field(schema: Schema, header: dict, name: str, parts: dict[str, np.ndarray]) -> sparse.Field:
+    """A sparse-stage field of a chunk, from its stored parts (``read_parts``)."""
+    f = schema[name]
+    follow = header["fields"][name]["data"].get("follow", {})
+    srcs = follow.get("from", ())
+    kind = follow.get("table")
+    if kind == "lut":
+        keys = [schema[s].np_dtype for s in srcs]
+        table = _lut_unpack(parts["lut"], sparse._key_size(keys), f.np_dtype)
+    elif kind in sparse.TABLES:
+        table = sparse.fixed_table(kind, f.np_dtype)
+    elif kind is not None:
+        raise DataError(f"field {name!r}: unknown follow table {kind!r} (written by a newer trajdata?)")
+    else:
+        table = None
+    return sparse.Field(name, f.shape, f.np_dtype, follow, parts, schema[srcs[0]].shape if srcs else None, table)
+
+
 def decode_chunk(
     schema: Schema, header: dict, payload: memoryview | bytes, fields: Iterable[str] | None = None, where: str = "chunk"
 ) -> dict[str, np.ndarray]:
@@ -297,27 +405,21 @@ def decode_chunk(
     want = list(fields) if fields is not None else list(schema.names)
     steps = header["steps"]
     out: dict[str, np.ndarray] = {}
+    wls: dict[str, tuple] = {}
     for name in _needed(schema, header, want, where):
         f = schema[name]
-        parts = {}
-        for part, e in header["fields"][name].items():
-            blob = payload[e["offset"] : e["offset"] + e["nbytes"]]
-            if len(blob) != e["nbytes"] or zlib.crc32(blob) != e["crc32"]:
-                raise DataError(f"{where}: field {name!r}: checksum mismatch (corrupt data)")
-            try:
-                raw = _dctx.decompress(blob)
-            except zstandard.ZstdError as err:
-                raise DataError(f"{where}: field {name!r}: {err}") from None
-            arr = np.frombuffer(raw, dtype=np.dtype(e["dtype"])).reshape(e["shape"])
-            if e.get("delta"):
-                arr = np.cumsum(arr, axis=1, dtype=f.np_dtype)
-            if e["transposed"]:
-                arr = arr.T
-            parts[part] = arr
+        parts = read_parts(schema, header, payload, name, where)
+        stage = header["fields"][name]["data"].get("stage")
+        if stage == "sparse":
+            field = sparse_field(schema, header, name, parts)
+            data = np.empty((steps, field.F), f.np_dtype)
+            wls[name] = field.decode(np.zeros(field.F, f.np_dtype), data, 0, [wls[s] for s in field.sources],
+                                     [out[s].reshape(steps, -1) for s in field.sources])
+            out[name] = data.reshape(steps, *f.shape)
+            continue
         data = parts.pop("data")
         if data.dtype != f.np_dtype:
             data = data.astype(f.np_dtype)
-        stage = header["fields"][name]["data"].get("stage")
         if stage == "dedup":
             data = data.reshape(-1, *f.shape)[np.cumsum(parts.pop("changed")) - 1]
         data = data.reshape(steps, *f.shape)

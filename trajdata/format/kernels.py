@@ -132,3 +132,109 @@ def xor_prefix(d: np.ndarray) -> np.ndarray:
         src, dst = src.view(np.uint64), dst.view(np.uint64)
     _xor_prefix(src, dst)
     return out
+
+
+# ---- sparse stage: per-step changes, optionally following another field's changes ----------------
+# A step's patches are (delta-coded position, new value) pairs, ascending (with ``add``: the
+# value's change, for counters). A following field first
+# writes ``table[key]`` at the positions its sources wrote this step (source position q -> target
+# position ``qmap[q]``, -1: none), when that step's flag is set. Every field records the
+# positions it wrote per step (its "write list"), which its own followers replay. Encoder and
+# decoder share the follow step below, so their write lists agree exactly.
+
+@njit(inline="always")
+def _key(key_a, key_b, i, q, pair):
+    if pair:
+        return (np.int64(key_a[i, q]) & 255) << 8 | (np.int64(key_b[i, q]) & 255)
+    return np.int64(key_a[i, q]) & 65535
+
+
+@njit(inline="always")
+def _follow(src_off, src_pos, i, key_a, key_b, pair, qmap, table, mask, wl_pos, w, stamp, mark, pv):
+    """Apply one source's write list of local step ``i``: stamp (encoder) or write ``pv`` (decoder)."""
+    for k in range(src_off[i], src_off[i + 1]):
+        q = src_pos[k]
+        p = qmap[q]
+        if p >= 0:
+            pv[p] = table[_key(key_a, key_b, i, q, pair) & mask]
+            stamp[p] = mark
+            wl_pos[w] = p
+            w += 1
+    return w
+
+
+@njit(cache=True, nogil=True)
+def _sparse_encode(x, nsrc, off_a, pos_a, off_b, pos_b, key_a, key_b, pair, qmap, table, add,
+                   flags, counts, dpos, vals, wl_off, wl_pos):
+    T, F = x.shape
+    mask = table.size - 1
+    pv = np.zeros(F, x.dtype)
+    stamp = np.zeros(F, np.int64)
+    prev = np.zeros(F, x.dtype)
+    n = 0
+    w = 0
+    for t in range(T):
+        wl_off[t] = w
+        w0 = w
+        if nsrc > 0:
+            w = _follow(off_a, pos_a, t, key_a, key_b, pair, qmap, table, mask, wl_pos, w, stamp, t + 1, pv)
+        if nsrc > 1:
+            w = _follow(off_b, pos_b, t, key_a, key_b, pair, qmap, table, mask, wl_pos, w, stamp, t + 1, pv)
+        use = False
+        if w > w0:
+            miss_follow = 0
+            miss_prev = 0
+            for j in range(F):
+                y = x[t, j]
+                if y != prev[j]:
+                    miss_prev += 1
+                if y != (pv[j] if stamp[j] == t + 1 else prev[j]):
+                    miss_follow += 1
+            use = miss_follow < miss_prev
+        if not use:
+            w = w0
+        flags[t] = use
+        last = 0
+        c = 0
+        for j in range(F):
+            y = x[t, j]
+            base = pv[j] if use and stamp[j] == t + 1 else prev[j]
+            if y != base:
+                dpos[n] = j - last
+                vals[n] = y - base if add else y
+                last = j
+                n += 1
+                c += 1
+                wl_pos[w] = j
+                w += 1
+            prev[j] = y
+        counts[t] = c
+    wl_off[T] = w
+    return n, w
+
+
+@njit(cache=True, nogil=True)
+def _sparse_decode(state, out, t0, off, dpos, vals, flags, nsrc, off_a, pos_a, off_b, pos_b, key_a, key_b,
+                   pair, qmap, table, add, wl_off, wl_pos, stamp):
+    """Steps ``t0 .. t0 + len(out)`` of the chunk (``off``: patch offsets per chunk step): updates
+    ``state``, writes each step's row to ``out`` and its write list to ``wl_off``/``wl_pos``."""
+    m, F = out.shape
+    mask = table.size - 1
+    w = 0
+    for i in range(m):
+        t = t0 + i
+        wl_off[i] = w
+        if nsrc > 0 and flags[t]:
+            w = _follow(off_a, pos_a, i, key_a, key_b, pair, qmap, table, mask, wl_pos, w, stamp, 0, state)
+            if nsrc > 1:
+                w = _follow(off_b, pos_b, i, key_a, key_b, pair, qmap, table, mask, wl_pos, w, stamp, 0, state)
+        p = 0
+        for k in range(off[t], off[t + 1]):
+            p += dpos[k]
+            state[p] = state[p] + vals[k] if add else vals[k]
+            wl_pos[w] = p
+            w += 1
+        for j in range(F):
+            out[i, j] = state[j]
+    wl_off[m] = w
+    return w

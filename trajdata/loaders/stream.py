@@ -238,7 +238,9 @@ class ChunkSource:
         except KeyError:
             raise DataError(f"shard {shard}: no episode {episode_id!r} (index out of date?)") from None
 
-    def decode(self, shard: str, episode_id: str, k: int) -> dict[str, np.ndarray]:
+    def decode(self, shard: str, episode_id: str, k: int, stream: bool = False):
+        """Chunk ``k`` of the episode: a ``ChunkCursor`` if ``stream`` (read once, in step order),
+        else a (cached) ``DenseChunk``."""
         key = (shard, episode_id, k)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -251,12 +253,15 @@ class ChunkSource:
         if len(blob) != size:
             raise DataError(f"{where}: truncated ({len(blob)} of {size} bytes)")
         header, start = codec.read_header(blob, where)
-        data = codec.decode_chunk(self.schema, header, memoryview(blob)[start:], self.fields, where=where)
+        payload = memoryview(blob)[start:]
+        if stream:
+            return ChunkCursor(self.schema, header, payload, self.fields, where)
+        chunk = DenseChunk(codec.decode_chunk(self.schema, header, payload, self.fields, where=where))
         if self.cache_chunks:
-            self._cache[key] = data
+            self._cache[key] = chunk
             while len(self._cache) > self.cache_chunks:
                 self._cache.popitem(last=False)
-        return data
+        return chunk
 
     def close(self) -> None:
         for f in self._files.values():
@@ -264,12 +269,61 @@ class ChunkSource:
         self._files.clear()
 
 
+class DenseChunk:
+    """A chunk decoded whole: reads copy row ranges out of it."""
+
+    def __init__(self, dense: dict[str, np.ndarray]):
+        self.dense = dense
+
+    def read(self, out: dict, row: int, col: int, i: int, m: int, skip=()) -> None:
+        for name, arr in out.items():
+            if name in self.dense and name not in skip:
+                arr[row, col : col + m] = self.dense[name][i : i + m]
+
+
+class ChunkCursor(DenseChunk):
+    """A chunk read once in step order: ``sparse``-stage fields decode straight into the caller's
+    batch rows (their state machines hold one row each); other fields are decoded whole."""
+
+    def __init__(self, schema, header: dict, payload, fields: list[str], where: str):
+        self.sparse = {}
+        for name in codec._needed(schema, header, fields, where):
+            if header["fields"][name]["data"].get("stage") == "sparse":
+                field = codec.sparse_field(schema, header, name, codec.read_parts(schema, header, payload, name, where))
+                self.sparse[name] = (field, np.zeros(field.F, field.dtype))
+        dense = [n for n in fields if n not in self.sparse]
+        super().__init__(codec.decode_chunk(schema, header, payload, dense, where=where) if dense else {})
+        self.t = 0
+
+    def read(self, out: dict, row: int, col: int, i: int, m: int, skip=()) -> None:
+        if i < self.t:
+            raise ValueError(f"chunk cursor at step {self.t} cannot go back to {i}")
+        if i > self.t:
+            self._run(None, row, col, i - self.t, skip)
+        self._run(out, row, col, m, skip)
+        super().read(out, row, col, i, m, skip)
+
+    def _run(self, out, row: int, col: int, m: int, skip) -> None:
+        wls, rows = {}, {}
+        for name, (field, state) in self.sparse.items():
+            if out is not None and name in out and name not in skip:
+                dst = out[name][row, col : col + m].reshape(m, field.F)
+            else:
+                dst = np.empty((m, field.F), field.dtype)
+            wls[name] = field.decode(state, dst, self.t, [wls[s] for s in field.sources],
+                                     [rows[s] for s in field.sources])
+            rows[name] = dst
+        self.t += m
+
+
 class EpisodeReader:
     """Sequential reader of one episode from step ``start``: holds one decoded chunk at a time
     (plus ``frame_stack - 1`` frames of history)."""
 
-    def __init__(self, src: ChunkSource, shard: str, episode_id: str, start: int, frame_stack: int = 1):
+    def __init__(self, src: ChunkSource, shard: str, episode_id: str, start: int, frame_stack: int = 1,
+                 stream: bool = False):
         self.src, self.shard, self.episode_id, self.k = src, shard, episode_id, frame_stack
+        self.stream = stream
         self.table = src.chunks(shard, episode_id)
         self.pos = max(0, start - (frame_stack - 1))
         self.hist = None
@@ -277,10 +331,10 @@ class EpisodeReader:
         if self.pos < start:
             self._advance(start - self.pos, None, 0, 0)
 
-    def _locate(self) -> tuple[dict, int, int]:
+    def _locate(self) -> tuple[DenseChunk, int, int]:
         while self._chunk < 0 or self.pos >= self.table[self._chunk][2] + self.table[self._chunk][3]:
             self._chunk = next(i for i, c in enumerate(self.table) if c[2] <= self.pos < c[2] + c[3])
-            self._data = self.src.decode(self.shard, self.episode_id, self._chunk)
+            self._data = self.src.decode(self.shard, self.episode_id, self._chunk, self.stream)
         _, _, cstart, csteps = self.table[self._chunk]
         return self._data, self.pos - cstart, cstart + csteps - self.pos
 
@@ -288,17 +342,15 @@ class EpisodeReader:
         self._advance(n, out, row, col)
 
     def _advance(self, n: int, out, row: int, col: int) -> None:
+        skip = (FRAME_FIELD,) if self.k > 1 else ()
         while n > 0:
-            data, i, avail = self._locate()
+            chunk, i, avail = self._locate()
             m = min(n, avail)
             if out is not None:
-                for name, arr in out.items():
-                    if name in data and not (name == FRAME_FIELD and self.k > 1):
-                        arr[row, col : col + m] = data[name][i : i + m]
-                if self.k > 1:
-                    self._stack(data[FRAME_FIELD][i : i + m], out.get(FRAME_FIELD), row, col)
-            elif self.k > 1:
-                self._stack(data[FRAME_FIELD][i : i + m], None, row, col)
+                chunk.read(out, row, col, i, m, skip)
+            if self.k > 1:
+                self._stack(chunk.dense[FRAME_FIELD][i : i + m], out.get(FRAME_FIELD) if out is not None else None,
+                            row, col)
             self.pos += m
             col += m
             n -= m
@@ -466,7 +518,7 @@ class TrajectoryStream(IterableDataset):
                         r = readers.get(row)
                         if r is None or r.episode_id != self.episode_ids[e] or r.pos != start:
                             r = readers[row] = EpisodeReader(src, self.rows[e]["shard"], self.episode_ids[e],
-                                                             start, cfg.frame_stack)
+                                                             start, cfg.frame_stack, cfg.mode == "lanes")
                         r.read_into(out, row, col, n)
                         out["mask"][row, col : col + n] = True
                         out["episode"][row, col : col + n] = e

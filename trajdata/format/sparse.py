@@ -1,0 +1,127 @@
+"""The ``sparse`` storage stage: each step stored as its changes against the previous step.
+
+A field's chunk holds, per step, the (position, new value) pairs where it changed (with
+``values="delta"``, integer counters store the value's change instead). A *following*
+field (``follow={"from": sources, ...}``) first predicts its changes from what its sources wrote
+that step: at each such position (mapped through ``rect``: source (r, c) is target
+(r - r0, c - c0)) it writes ``table[key]``, the key being the source value(s) there; a per-step flag
+says whether that prediction is used, and the stored pairs correct it. E.g. the map ``chars``
+follow ``tty_chars`` one row down, ``glyphs`` follow (``chars``, ``colors``) through a look-up table.
+
+Decoding is a state machine that touches only the changes and then copies its state into each
+output row, so it writes straight into a loader's batch (``Cursor``), in any step ranges, with no
+chunk-sized buffers: memory per reader is one row per field.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from trajdata.format import kernels
+
+TABLES = ("identity", "topline", "lut")
+
+
+def geometry(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, columns) a field's step is addressed by: 2-D fields as is, 1-D as one row."""
+    return (shape[0], int(np.prod(shape[1:]))) if len(shape) >= 2 else (1, int(np.prod(shape)))
+
+
+def follow_map(src_shape: tuple[int, ...], shape: tuple[int, ...], rect=(0, 0)) -> np.ndarray:
+    """Source position -> target position (-1 outside the target) for source (r, c) at target
+    (r - r0, c - c0)."""
+    hs, ws = geometry(src_shape)
+    ht, wt = geometry(shape)
+    r = np.arange(hs)[:, None] - rect[0]
+    c = np.arange(ws)[None, :] - rect[1]
+    inside = (r >= 0) & (r < ht) & (c >= 0) & (c < wt)
+    return np.where(inside, r * wt + c, -1).astype(np.int32).ravel()
+
+
+def _key_size(src_dtypes: list[np.dtype]) -> int:
+    return 1 << 16 if len(src_dtypes) == 2 or src_dtypes[0].itemsize > 1 else 256
+
+
+def fixed_table(kind: str, dtype) -> np.ndarray:
+    table = np.arange(256, dtype=np.int64)
+    if kind == "topline":
+        table[32] = 0  # the message is zero-padded where the terminal shows blanks
+    return table.astype(dtype)
+
+
+def fit_table(x: np.ndarray, keys: list[np.ndarray], sample) -> np.ndarray:
+    """Most frequent value of ``x`` per source key (same geometry), over sampled steps."""
+    from trajdata.format.codec import _most_frequent_map
+
+    if len(keys) == 2:
+        key = (sample(keys[0]).astype(np.int64) & 255) << 8 | (sample(keys[1]).astype(np.int64) & 255)
+    else:
+        key = sample(keys[0]).astype(np.int64) & 65535
+    return _most_frequent_map(key, sample(x), _key_size([k.dtype for k in keys]))
+
+
+def _dummy():
+    return np.zeros(2, np.int64), np.zeros(1, np.uint16), np.zeros((1, 1), np.uint8)
+
+
+def encode(x: np.ndarray, follow: dict, sources: list[tuple[np.ndarray, tuple]], table: np.ndarray | None):
+    """``x`` (T, *shape); ``sources``: (array (T, ...), write list) of each ``follow["from"]`` field.
+    Returns (parts to store, this field's write list (offsets, positions))."""
+    T = len(x)
+    x2 = np.ascontiguousarray(x).reshape(T, -1)
+    F = x2.shape[1]
+    off0, pos0, key0 = _dummy()
+    srcs = [(wl[0], wl[1], np.ascontiguousarray(a).reshape(T, -1)) for a, wl in sources]
+    a = srcs[0] if srcs else (off0, pos0, key0)
+    b = srcs[1] if len(srcs) > 1 else (off0, pos0, key0)
+    qmap = follow_map(sources[0][0].shape[1:], x.shape[1:], follow.get("rect", (0, 0))) if srcs else pos0.astype(np.int32)
+    if table is None:
+        table = np.zeros(1, x2.dtype)
+    cap = T * F + sum(len(s[1]) for s in srcs)
+    flags, counts = np.zeros(T, np.uint8), np.zeros(T, np.uint16)
+    dpos, vals = np.empty(T * F, np.uint16), np.empty(T * F, x2.dtype)
+    wl_off, wl_pos = np.empty(T + 1, np.int64), np.empty(cap, np.uint16)
+    n, w = kernels._sparse_encode(x2, len(srcs), a[0], a[1], b[0], b[1], a[2], b[2], len(srcs) == 2,
+                                  qmap, table.astype(x2.dtype), follow.get("values") == "delta",
+                                  flags, counts, dpos, vals,
+                                  wl_off, wl_pos)
+    parts = {"": vals[:n].copy(), "pos": dpos[:n].copy(), "count": counts}
+    if srcs:
+        parts["flag"] = flags
+    return parts, (wl_off, wl_pos[:w])
+
+
+class Field:
+    """One sparse field of one chunk, ready to decode any step range in order (see ``Cursor``)."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype, follow: dict, parts: dict,
+                 source_shape: tuple[int, ...] | None, table: np.ndarray | None):
+        self.name, self.shape, self.dtype = name, tuple(shape), np.dtype(dtype)
+        self.follow = follow
+        self.sources = list(follow.get("from", ()))
+        counts = parts["count"]
+        self.off = np.zeros(len(counts) + 1, np.int64)
+        np.cumsum(counts, out=self.off[1:])
+        self.dpos = np.ascontiguousarray(parts["pos"], np.uint16)
+        self.vals = np.ascontiguousarray(parts["data"], self.dtype)
+        self.flags = np.ascontiguousarray(parts.get("flag", np.zeros(len(counts), np.uint8)), np.uint8)
+        self.steps = len(counts)
+        self.F = int(np.prod(self.shape))
+        self.qmap = (follow_map(source_shape, self.shape, follow.get("rect", (0, 0))) if self.sources
+                     else np.zeros(1, np.int32))
+        self.table = (table if table is not None else np.zeros(1, self.dtype)).astype(self.dtype)
+        self.add = follow.get("values") == "delta"
+        self._stamp = np.zeros(self.F, np.int64)
+
+    def decode(self, state: np.ndarray, out: np.ndarray, t0: int, src_wls: list, src_rows: list):
+        """Steps ``t0 .. t0 + len(out)`` into ``out`` (m, F), advancing ``state`` (F,); returns the
+        write list of those steps."""
+        m = len(out)
+        off0, pos0, key0 = _dummy()
+        a = (src_wls[0][0], src_wls[0][1], src_rows[0]) if self.sources else (off0, pos0, key0)
+        b = (src_wls[1][0], src_wls[1][1], src_rows[1]) if len(self.sources) > 1 else (off0, pos0, key0)
+        cap = int(self.off[t0 + m] - self.off[t0]) + sum(len(w[1]) for w in src_wls)
+        wl_off, wl_pos = np.empty(m + 1, np.int64), np.empty(cap, np.uint16)
+        w = kernels._sparse_decode(state, out, t0, self.off, self.dpos, self.vals, self.flags, len(self.sources),
+                                   a[0], a[1], b[0], b[1], a[2], b[2], len(self.sources) == 2, self.qmap,
+                                   self.table, self.add, wl_off, wl_pos, self._stamp)
+        return wl_off, wl_pos[:w]
