@@ -1,7 +1,8 @@
 """Loader benchmark: trajdata's streaming loader vs `nle.dataset.TtyrecDataset`, same games, (B=32, T=4096).
 
-1. Collect scripted NetHack games into two trajdata datasets (codec profiles compact and fast; same seeds,
-   so the same games), all NLD-AA-L fields.
+1. Collect scripted NetHack games (all NLD-AA-L fields) with the default codec profile (stream), and
+   `recode` them into the other profiles (compact, fast): the same games in each. Enough games for several
+   full (B, T) batches, so per-epoch set-up and the last batch's padding do not dominate.
 2. Replay the games' actions in NLE with its ttyrec recorder on (bin/bench_format.py), checking every
    frame, and index the ttyrecs with `nle.dataset`: the NLD version of the same games.
 3. Each loader runs `--epochs` passes in a fresh single-threaded process (the first is warm-up:
@@ -9,7 +10,7 @@
    second = per core) and peak resident memory (getrusage ru_maxrss; also the rise over the
    resident size after imports). trajdata is measured with all fields and with the tty fields NLD
    yields; lanes mode (the long-context BC mode) and windows mode; and on the NLD ttyrecs imported
-   with `trajdata import nld` (codec fast), the path for users who already have NLD data.
+   with `trajdata import nld` (default codec), the path for users who already have NLD data.
 """
 from __future__ import annotations
 
@@ -84,18 +85,19 @@ def measure(kind: str, root: Path, epochs: int, fields: str = "all", mode: str =
 def prepare(work: Path, episodes: int, max_steps: int) -> tuple[dict, Path, int]:
     from bench_format import replay_to_ttyrec
     from trajdata.collectors.runner import CollectConfig, ExpertSpec, collect
-    from trajdata.format.codec import PROFILES
-    from trajdata.format.dataset import Dataset
+    from trajdata.format.codec import DEFAULT_PROFILE, PROFILES
+    from trajdata.format.dataset import Dataset, recode
 
     per_shard = 8
-    data = {}
-    for profile in PROFILES:
-        d = work / f"trajdata-{profile}"
+    data = {p: work / f"trajdata-{p}" for p in PROFILES}
+    first = data[DEFAULT_PROFILE]
+    if not (first / "index.parquet").is_file():
+        collect(CollectConfig(out=str(first), expert=ExpertSpec("trajdata.collectors.nethack:ScriptedExpert"),
+                              shards=-(-episodes // per_shard), episodes_per_shard=per_shard, workers=2,
+                              seed=1234, max_steps=max_steps, codec=DEFAULT_PROFILE), progress=False)
+    for profile, d in data.items():  # the same games in every other profile (each chunk checked)
         if not (d / "index.parquet").is_file():
-            collect(CollectConfig(out=str(d), expert=ExpertSpec("trajdata.collectors.nethack:ScriptedExpert"),
-                                  shards=-(-episodes // per_shard), episodes_per_shard=per_shard, workers=1,
-                                  seed=1234, max_steps=max_steps, codec=profile), progress=False)
-        data[profile] = d
+            recode(first, d, profile)
     steps = {p: sum(r["steps"] for r in Dataset(d).index_rows()) for p, d in data.items()}
     assert len(set(steps.values())) == 1, f"profiles collected different games: {steps}"
     nld = work / "nld"
@@ -103,24 +105,24 @@ def prepare(work: Path, episodes: int, max_steps: int) -> tuple[dict, Path, int]
     if not (nld / "ttyrecs.db").is_file():
         import nle.dataset as nle_ds
 
-        checked = replay_to_ttyrec(Dataset(data["compact"]), nld)
+        checked = replay_to_ttyrec(Dataset(data[DEFAULT_PROFILE]), nld)
         nle_ds.db.create(str(nld / "ttyrecs.db"))
         nle_ds.add_nledata_directory(str(nld), "bench", filename=str(nld / "ttyrecs.db"))
     imported = work / "trajdata-from-nld"
     if not (imported / "index.parquet").is_file():
         from trajdata.loaders.nld import NldImportConfig, import_nld
 
-        import_nld(NldImportConfig(db=str(nld / "ttyrecs.db"), name="bench", out=str(imported), codec="fast"),
+        import_nld(NldImportConfig(db=str(nld / "ttyrecs.db"), name="bench", out=str(imported), codec=DEFAULT_PROFILE),
                    progress=False)
-    data["nld-import-fast"] = imported
+    data["nld-import"] = imported
     return data, nld, checked
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="JSON result path")
-    ap.add_argument("--episodes", type=int, default=32, help="games (>= 32 fills the NLD loader's batch)")
-    ap.add_argument("--max-steps", type=int, default=2500)
+    ap.add_argument("--episodes", type=int, default=384, help="games (>= 32 fills the NLD loader's batch)")
+    ap.add_argument("--max-steps", type=int, default=5000)
     ap.add_argument("--workdir", default=None, help="reuse datasets/ttyrecs prepared here by an earlier run")
     ap.add_argument("--epochs", type=int, default=3, help="passes per loader; the first is warm-up")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
@@ -133,11 +135,12 @@ def main():
     work = Path(args.workdir or tempfile.mkdtemp(prefix="trajdata-bench-loader-"))
     work.mkdir(parents=True, exist_ok=True)
     data, nld, checked = prepare(work, args.episodes, args.max_steps)
+    from trajdata.format.codec import DEFAULT_PROFILE
     from trajdata.format.dataset import Dataset
 
-    steps = sum(r["steps"] for r in Dataset(data["compact"]).index_rows())
+    steps = sum(r["steps"] for r in Dataset(data[DEFAULT_PROFILE]).index_rows())
     nld_res = measure("nld", nld, args.epochs)
-    res = {"games": len(Dataset(data["compact"]).index_rows()), "steps": steps, "batch": B, "seq": T,
+    res = {"games": len(Dataset(data[DEFAULT_PROFILE]).index_rows()), "default_profile": DEFAULT_PROFILE, "steps": steps, "batch": B, "seq": T,
            "frames_replayed_identical": checked or "reused", "nld_TtyrecDataset_tty_only": nld_res, "trajdata": {}}
     for profile, d in data.items():
         runs = (("tty", "lanes"),) if profile.startswith("nld") else (("all", "lanes"), ("tty", "lanes"), ("all", "windows"))

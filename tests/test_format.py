@@ -149,3 +149,23 @@ def test_atari_schema_round_trip():
     out = codec.decode_chunk(ATARI, h, memoryview(blob)[s:])
     for k in arrays:
         np.testing.assert_array_equal(out[k], arrays[k])
+
+
+def test_recode_between_profiles_keeps_every_value_and_resumes(tmp_path):
+    from trajdata.collectors.runner import CollectConfig, ExpertSpec, collect
+    from trajdata.format.dataset import Dataset, recode
+
+    src, dst = tmp_path / "compact", tmp_path / "stream"
+    collect(CollectConfig(out=str(src), expert=ExpertSpec("trajdata.collectors.nethack:ScriptedExpert"), shards=2,
+                          episodes_per_shard=1, max_steps=300, chunk_steps=128, seed=5, codec="compact"), progress=False)
+    assert recode(src, dst, "stream") == {"shards_written": 2, "shards_skipped": 0, "steps": 600}
+    a, b = Dataset(src), Dataset(dst)
+    assert b.info["collection"]["codec"] == "stream" and a.index_rows() == [dict(r) for r in b.index_rows()]
+    for p in a.shard_paths():
+        old, new = list(a.shard(p.name).chunks()), list(b.shard(p.name).chunks())
+        assert [c.header["fields"]["glyphs"]["data"]["stage"] for c in new] == ["sparse"] * len(old)
+        for x, y in zip(old, new):
+            assert (x.episode_id, x.index, x.start, x.last) == (y.episode_id, y.index, y.start, y.last)
+            for k in x.fields:
+                np.testing.assert_array_equal(x.fields[k], y.fields[k], err_msg=k)
+    assert recode(src, dst, "stream")["shards_skipped"] == 2

@@ -1,4 +1,4 @@
-"""`trajdata collect scripted`, `inspect`, `verify`, `show`, `index`."""
+"""`trajdata collect scripted`, `inspect`, `verify`, `show`, `index`, `recode`."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,7 @@ import json
 import click
 
 from trajdata.cli.common import collect_options, run_collect
+from trajdata.format.codec import DEFAULT_PROFILE, PROFILES
 
 
 @click.command("scripted")
@@ -79,7 +80,21 @@ def show(dataset, episode, step, no_color):
     click.echo(f"episode {episode} step {step}: action {int(f['action'])} reward {float(f['reward']):g} done {bool(f['done'])}")
 
 
+@click.command()
+@click.argument("dataset", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New dataset directory (created, or resumed).")
+@click.option("--codec", default=DEFAULT_PROFILE, show_default=True, type=click.Choice(sorted(PROFILES)),
+              help="Storage profile to re-encode every chunk with.")
+def recode(dataset, out, codec):
+    """Copy DATASET to --out with every chunk re-encoded in another storage profile (e.g. a `compact`
+    dataset from an older trajdata into `stream`, which the loader decodes straight into batches).
+    Every new chunk is checked against the original; rerunning resumes."""
+    from trajdata.format.dataset import recode as run
+
+    click.echo(json.dumps(run(dataset, out, codec, progress=True)))
+
+
 def register(cli):
     cli.commands["collect"].add_command(collect_scripted)
-    for cmd in (inspect, verify, show, index):
+    for cmd in (inspect, verify, show, index, recode):
         cli.add_command(cmd)

