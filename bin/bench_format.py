@@ -37,6 +37,10 @@ def replay_to_ttyrec(ds: Dataset, savedir: Path) -> int:
         seeds = json.loads(row["seeds"])
         gamedir = savedir / row["id"]
         gamedir.mkdir(parents=True, exist_ok=True)
+        # With a savedir, nle 1.3.0 looks for NetHack's score file at <savedir>/nle.<pid>.record but only
+        # creates it in its private hackdir; a level that names a statue or corpse after a top-ten entry
+        # then shows "Cannot open record file!" and the game diverges from the recorded one.
+        (gamedir / f"nle.{os.getpid()}.record").touch()
         env = make_nethack_env(row["character"], fix_moon_phase=True, save_ttyrec_every=1, savedir=str(gamedir))
         obs, _ = seed_and_reset(env, seeds["core"], seeds["disp"], seeds["lgen"])
         for chunk in ds.episode(row["id"], fields=["tty_chars", "action"]):
