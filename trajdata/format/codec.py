@@ -17,8 +17,9 @@ their range: each element becomes a mostly-zero series. Storage stages: ``tty_ch
 ``tty_colors`` XORed with the previous step; ``inv_strs`` keeps only the steps where it changed.
 
 The derivations and stages used are a *profile* (``PROFILES``), recorded per field in each chunk
-header, so readers decode any profile: ``compact`` (all of the above, smallest) or ``fast`` (no
-table look-ups or prefix scans on decode; reading tty fields decodes nothing else).
+header, so readers decode any profile: ``stream`` (the default: every field in the ``sparse``
+stage, see ``sparse``; the smallest, and loaders decode it straight into batch rows), ``compact``
+(all of the above) or ``fast`` (no table look-ups or prefix scans on decode).
 
 Blob layout: b"TDC1" | u32 header length | zstd(header JSON) | field payloads.
 """

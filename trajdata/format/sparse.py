@@ -69,17 +69,15 @@ _STAMP = np.zeros(1 << 16, np.int64)  # the decoder's follow step writes stamps 
 _NO_SOURCE = (np.zeros(2, np.int64), np.zeros(1, np.uint16), np.zeros((1, 1), np.uint8))
 
 
-def _dummy():
-    return _NO_SOURCE
-
-
 def encode(x: np.ndarray, follow: dict, sources: list[tuple[np.ndarray, tuple]], table: np.ndarray | None):
     """``x`` (T, *shape); ``sources``: (array (T, ...), write list) of each ``follow["from"]`` field.
     Returns (parts to store, this field's write list (offsets, positions))."""
     T = len(x)
     x2 = np.ascontiguousarray(x).reshape(T, -1)
     F = x2.shape[1]
-    off0, pos0, key0 = _dummy()
+    if F >= 1 << 16:
+        raise ValueError(f"sparse stage: {F} elements per step; positions are 16-bit")
+    off0, pos0, key0 = _NO_SOURCE
     srcs = [(wl[0], wl[1], np.ascontiguousarray(a).reshape(T, -1)) for a, wl in sources]
     a = srcs[0] if srcs else (off0, pos0, key0)
     b = srcs[1] if len(srcs) > 1 else (off0, pos0, key0)
@@ -125,7 +123,7 @@ class Field:
         """Steps ``t0 .. t0 + len(out)`` into ``out`` (m, F), advancing ``state`` (F,); returns the
         write list of those steps."""
         m = len(out)
-        off0, pos0, key0 = _dummy()
+        off0, pos0, key0 = _NO_SOURCE
         a = (src_wls[0][0], src_wls[0][1], src_rows[0]) if self.sources else (off0, pos0, key0)
         b = (src_wls[1][0], src_wls[1][1], src_rows[1]) if len(self.sources) > 1 else (off0, pos0, key0)
         cap = int(self.off[t0 + m] - self.off[t0]) + sum(len(w[1]) for w in src_wls)
