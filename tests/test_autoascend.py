@@ -152,7 +152,8 @@ def test_collect_autoascend_verify_replay_stats(autoascend, tmp_path):
     assert (out / "stats.png").stat().st_size > 1000
 
 
-def test_agent_exception_marks_episode_aborted(autoascend, tmp_path, monkeypatch):
+def _on_agent_step(monkeypatch, n: int, effect) -> None:
+    """Make AutoAscend's ``Agent.step`` call ``effect()`` on its ``n``-th call."""
     from trajdata.collectors.autoascend import import_autoascend
 
     agent_lib = import_autoascend()
@@ -160,11 +161,18 @@ def test_agent_exception_marks_episode_aborted(autoascend, tmp_path, monkeypatch
 
     def step(self, *a, **kw):
         calls["n"] += 1
-        if calls["n"] == 50:
-            raise AssertionError("simulated agent bug")
+        if calls["n"] == n:
+            effect()
         return real_step(self, *a, **kw)
 
     monkeypatch.setattr(agent_lib.Agent, "step", step)
+
+
+def test_agent_exception_marks_episode_aborted(autoascend, tmp_path, monkeypatch):
+    def bug():
+        raise AssertionError("simulated agent bug")
+
+    _on_agent_step(monkeypatch, 50, bug)
     r = _run(["collect", "autoascend", "--out", str(tmp_path / "d"), "--shards", "1", "--episodes-per-shard", "2",
               "--max-steps", "120", "--character", "sam-hum-law-mal", "--quiet"])
     assert r.exit_code == 0, r.output
@@ -178,18 +186,8 @@ def test_agent_exception_marks_episode_aborted(autoascend, tmp_path, monkeypatch
 def test_stalled_agent_is_cut_by_the_watchdog(autoascend, tmp_path, monkeypatch):
     import time
 
-    from trajdata.collectors.autoascend import import_autoascend
-
-    agent_lib = import_autoascend()
-    real_step, calls = agent_lib.Agent.step, {"n": 0}
-
-    def step(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 40:
-            time.sleep(60)  # inside AutoAscend's own loop, which catches BaseException and re-raises
-        return real_step(self, *a, **kw)
-
-    monkeypatch.setattr(agent_lib.Agent, "step", step)
+    # the sleep runs inside AutoAscend's own loop, which catches BaseException and re-raises
+    _on_agent_step(monkeypatch, 40, lambda: time.sleep(60))
     t = time.monotonic()
     r = _run(["collect", "autoascend", "--out", str(tmp_path / "d"), "--shards", "1", "--episodes-per-shard", "2",
               "--max-steps", "100", "--stall-seconds", "1", "--character", "sam-hum-law-mal", "--quiet"])
