@@ -77,7 +77,7 @@ def _sparse_series(rng, T, shape, dtype, rate):
     return x
 
 
-def test_sparse_follow_round_trip_in_any_segments():
+def test_sparse_follow_round_trip_in_any_segments(monkeypatch):
     """Source, a rectangle follower (identity table, with its own changes and whole steps where the
     prediction is wrong), a pair follower through a look-up table and a wrapping counter: decoding
     in random segments gives the arrays and the write lists that encoding saw."""
@@ -106,17 +106,47 @@ def test_sparse_follow_round_trip_in_any_segments():
                                                [(arrays[s], wls[s]) for s in srcs], tab)
     assert parts["rect"]["flag"][100:120].sum() == 0 and parts["rect"]["flag"].sum() > 100
     assert len(parts["pair"][""]) < pair[1:].size * 0.02  # the table predicts most changes
-    fields = {name: sparse.Field(name, arrays[name].shape[1:], arrays[name].dtype,
-                                 dict(follow, **({"from": srcs} if srcs else {})), dict(parts[name], data=parts[name][""]),
-                                 arrays[srcs[0]].shape[1:] if srcs else None, tab)
-              for name, (follow, srcs, tab) in specs.items()}
+    def fields():
+        out = {name: sparse.Field(name, arrays[name].shape[1:], arrays[name].dtype,
+                                  dict(follow, **({"from": srcs} if srcs else {})), dict(parts[name], data=parts[name][""]),
+                                  arrays[srcs[0]].shape[1:] if srcs else None, tab, [arrays[s].dtype for s in srcs])
+               for name, (follow, srcs, tab) in specs.items()}
+        for f in out.values():
+            f.emit = f.name in ("src", "rect", "other")
+        return out
+
     cuts = [0, *sorted(rng.choice(np.arange(1, T), 12, replace=False)), T]
-    states = {n: np.zeros(f.F, f.dtype) for n, f in fields.items()}
+    plain = fields()
     for a, b in zip(cuts, cuts[1:]):
-        rows, seg = {}, {}
-        for name, f in fields.items():
-            rows[name] = np.empty((b - a, f.F), f.dtype)
-            seg[name] = f.decode(states[name], rows[name], a, [seg[s] for s in f.sources], [rows[s] for s in f.sources])
-            np.testing.assert_array_equal(rows[name], arrays[name][a:b].reshape(b - a, -1), err_msg=name)
-            off, pos = wls[name]
-            np.testing.assert_array_equal(seg[name][1], pos[off[a]:off[b]], err_msg=name)
+        seg = {}
+        for name, f in plain.items():
+            rows = np.empty((b - a, f.F), f.dtype)
+            seg[name] = f.decode(b - a, rows, [seg[s] for s in f.sources])
+            np.testing.assert_array_equal(rows, arrays[name][a:b].reshape(b - a, -1), err_msg=name)
+            if f.emit:
+                off, pos = wls[name]
+                np.testing.assert_array_equal(seg[name][1], pos[off[a]:off[b]], err_msg=name)
+                last = {p: v for p, v in zip(seg[name][1][seg[name][0][-2]:], seg[name][2][seg[name][0][-2]:])}
+                assert all(arrays[name][b - 1].reshape(-1)[p] == v for p, v in last.items()), name
+            else:
+                assert seg[name] is None
+    # Streamed rows (non-temporal stores) into one contiguous buffer per field at every byte
+    # alignment, as a batch lane is filled segment after segment; the bytes around stay untouched.
+    monkeypatch.setattr(sparse, "STREAM_MIN_ROW", 0)
+    for shift in (0, 1, 3, 8, 37):
+        streamed = fields()
+        for name, f in streamed.items():
+            itemsize = f.dtype.itemsize
+            buf = np.full(shift * itemsize + T * f.F * itemsize + 200, 0xAB, np.uint8)
+            lane = buf[shift * itemsize : shift * itemsize + T * f.F * itemsize].view(f.dtype).reshape(T, f.F)
+            f.buf, f.lane = buf, lane
+        for a, b in zip(cuts, cuts[1:]):
+            seg = {}
+            for name, f in streamed.items():
+                seg[name] = f.decode(b - a, f.lane[a:b], [seg[s] for s in f.sources], stream=True)
+        for name, f in streamed.items():
+            np.testing.assert_array_equal(f.lane, arrays[name].reshape(T, -1), err_msg=f"{name} shifted {shift}")
+            head, tail = f.buf[: shift * f.dtype.itemsize], f.buf[shift * f.dtype.itemsize + f.lane.nbytes :]
+            assert (head == 0xAB).all() and (tail == 0xAB).all(), name
+    with pytest.raises(ValueError, match="past the chunk"):
+        streamed["src"].decode(1, None)

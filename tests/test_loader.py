@@ -14,6 +14,7 @@ from trajdata.format.dataset import Dataset, build_index, create_or_check
 from trajdata.format.schema import ATARI
 from trajdata.format.shard import ShardWriter
 from trajdata.loaders import LoaderConfig, TrajectoryStream, make_dataloader, select_episodes, val_hash
+from trajdata.loaders.stream import lane_plan
 
 ATARI_LENGTHS = [37, 300, 5, 129, 64, 1, 200, 90, 17]
 
@@ -124,6 +125,35 @@ def test_lanes_contiguous_with_boundary_flags(nethack, reference):
         delivered += len(lane)
     assert delivered == len(reference)
     assert sum(x[2] for lane in lanes for x in lane) == len(steps)
+
+
+def test_lane_plan_is_exact_contiguous_and_balanced():
+    """Index-only: every step of every episode lands once, each lane is its episodes end to end, and
+    lanes end within one episode of each other (so the epoch needs few padded batches)."""
+    rng = np.random.default_rng(3)
+    steps = [int(n) for n in rng.integers(0, 900, 200)]
+    B, T = 7, 256
+    lanes = [[] for _ in range(B)]
+    batches = list(lane_plan(list(rng.permutation(len(steps))), steps, B, T))
+    for k, batch in enumerate(batches):
+        assert len(batch) == B
+        for lane, segs in enumerate(batch):
+            col = 0
+            for e, start, n, c in segs:
+                assert c == col and n > 0 and c + n <= T
+                lanes[lane].append((k * T + c, e, start, n))
+                col = c + n
+    seen = {}
+    for lane in lanes:
+        t = 0
+        for when, e, start, n in lane:
+            assert when == t and start == seen.get(e, 0)  # no gaps, episodes in one piece, in order
+            seen[e] = start + n
+            t += n
+    assert seen == {e: n for e, n in enumerate(steps) if n}
+    ends = [sum(x[3] for x in lane) for lane in lanes]
+    assert max(ends) - min(ends) <= max(steps)
+    assert len(batches) == -(-max(ends) // T)
 
 
 @pytest.mark.parametrize("mode,workers", [("lanes", 0), ("windows", 0), ("lanes", 2)])

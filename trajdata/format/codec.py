@@ -307,18 +307,20 @@ def encode_chunk(schema: Schema, arrays: dict[str, np.ndarray], meta: dict, leve
                 arr[:, 1:] -= arr[:, :-1].copy()
             arr = _narrow_int(np.ascontiguousarray(arr))
             blob = cctx.compress(arr.reshape(-1).view(np.uint8))
-            entry[part or "data"] = {
-                "dtype": arr.dtype.str,
-                "shape": list(arr.shape),
-                "transposed": transposed,
-                "delta": delta,
-                "stage": stage if part == "" else None,
-                "derive": kind if part == "" else None,
-                **({"follow": follow} if part == "" and stage == "sparse" else {}),
-                "offset": offset,
-                "nbytes": len(blob),
-                "crc32": zlib.crc32(blob),
-            }
+            e = {"dtype": arr.dtype.str}
+            if arr.ndim != 1:
+                e["shape"] = list(arr.shape)
+            if transposed:
+                e["transposed"] = True
+            if delta:
+                e["delta"] = True
+            if part == "" and stage:
+                e["stage"] = stage
+            if part == "" and kind:
+                e["derive"] = kind
+            if part == "" and follow:
+                e["follow"] = follow
+            entry[part or "data"] = dict(e, offset=offset, nbytes=len(blob), crc32=zlib.crc32(blob))
             blobs.append(blob)
             offset += len(blob)
         entries[f.name] = entry
@@ -360,6 +362,11 @@ def _needed(schema: Schema, header: dict, fields: Iterable[str], where: str) -> 
     return order
 
 
+def follow_sources(header: dict, names: Iterable[str]) -> set[str]:
+    """The fields among ``names`` that others follow (whose decoders must emit write lists)."""
+    return {s for n in names for s in header["fields"][n]["data"].get("follow", {}).get("from", ())}
+
+
 def read_parts(schema: Schema, header: dict, payload, name: str, where: str) -> dict[str, np.ndarray]:
     """Decompress (checking CRCs) the stored parts of one field: ``data`` plus any auxiliaries."""
     f = schema[name]
@@ -372,10 +379,12 @@ def read_parts(schema: Schema, header: dict, payload, name: str, where: str) -> 
             raw = _dctx.decompress(blob)
         except zstandard.ZstdError as err:
             raise DataError(f"{where}: field {name!r}: {err}") from None
-        arr = np.frombuffer(raw, dtype=np.dtype(e["dtype"])).reshape(e["shape"])
+        arr = np.frombuffer(raw, dtype=np.dtype(e["dtype"]))
+        if "shape" in e:
+            arr = arr.reshape(e["shape"])
         if e.get("delta"):
             arr = np.cumsum(arr, axis=1, dtype=f.np_dtype)
-        if e["transposed"]:
+        if e.get("transposed"):
             arr = arr.T
         parts[part] = arr
     return parts
@@ -396,7 +405,8 @@ def sparse_field(schema: Schema, header: dict, name: str, parts: dict[str, np.nd
         raise DataError(f"field {name!r}: unknown follow table {kind!r} (written by a newer trajdata?)")
     else:
         table = None
-    return sparse.Field(name, f.shape, f.np_dtype, follow, parts, schema[srcs[0]].shape if srcs else None, table)
+    return sparse.Field(name, f.shape, f.np_dtype, follow, parts, schema[srcs[0]].shape if srcs else None, table,
+                        [schema[s].np_dtype for s in srcs])
 
 
 def decode_chunk(
@@ -407,15 +417,17 @@ def decode_chunk(
     steps = header["steps"]
     out: dict[str, np.ndarray] = {}
     wls: dict[str, tuple] = {}
-    for name in _needed(schema, header, want, where):
+    needed = _needed(schema, header, want, where)
+    sources = follow_sources(header, needed)
+    for name in needed:
         f = schema[name]
         parts = read_parts(schema, header, payload, name, where)
         stage = header["fields"][name]["data"].get("stage")
         if stage == "sparse":
             field = sparse_field(schema, header, name, parts)
+            field.emit = name in sources
             data = np.empty((steps, field.F), f.np_dtype)
-            wls[name] = field.decode(np.zeros(field.F, f.np_dtype), data, 0, [wls[s] for s in field.sources],
-                                     [out[s].reshape(steps, -1) for s in field.sources])
+            wls[name] = field.decode(steps, data, [wls[s] for s in field.sources])
             out[name] = data.reshape(steps, *f.shape)
             continue
         data = parts.pop("data")

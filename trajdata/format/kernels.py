@@ -8,8 +8,13 @@ on first use and cached on disk; they release the GIL, so decoding in threads sc
 """
 from __future__ import annotations
 
+import platform
+
+import llvmlite.ir as ir
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 XOR, ADD, SUB = 0, 1, 2
 
@@ -213,28 +218,148 @@ def _sparse_encode(x, nsrc, off_a, pos_a, off_b, pos_b, key_a, key_b, pair, qmap
     return n, w
 
 
+# Rows of a multi-GB batch are written once and not read back here, so the decoder can stream
+# them with non-temporal stores: no read-for-ownership of each destination line, ~1.5x the
+# bandwidth of ordinary stores. ``out`` is then a contiguous byte stream (a lane's steps laid end
+# to end): whole 64-byte lines go out non-temporally, the partial lines at the ends with ordinary
+# stores, through a 128-byte staging buffer.
+
+@intrinsic
+def _nt_store64(typingctx, dst, src):
+    """64 bytes from address ``src`` (any alignment) to ``dst`` (64-byte aligned), non-temporally."""
+    def codegen(context, builder, signature, args):
+        vt = ir.VectorType(ir.IntType(8), 64)
+        v = builder.load(builder.inttoptr(args[1], vt.as_pointer()), align=1)
+        st = builder.store(v, builder.inttoptr(args[0], vt.as_pointer()), align=64)
+        st.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+        return context.get_dummy_value()
+    return types.void(types.intp, types.intp), codegen
+
+
+@intrinsic
+def _copy64(typingctx, dst, src):
+    """64 bytes from address ``src`` to ``dst``, ordinary unaligned load and store."""
+    def codegen(context, builder, signature, args):
+        vt = ir.VectorType(ir.IntType(8), 64)
+        v = builder.load(builder.inttoptr(args[1], vt.as_pointer()), align=1)
+        builder.store(v, builder.inttoptr(args[0], vt.as_pointer()), align=1)
+        return context.get_dummy_value()
+    return types.void(types.intp, types.intp), codegen
+
+
+@intrinsic
+def _sfence(typingctx):
+    """Orders the non-temporal stores before anything after (``sfence`` on x86)."""
+    def codegen(context, builder, signature, args):
+        if _X86:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
+            builder.call(fn, [])
+        else:
+            builder.fence("seq_cst")
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+ROWS_NONE, ROWS_COPY, ROWS_STREAM = 0, 1, 2
+STATE_PAD = 64  # bytes readable past a decoder state's end (the staging copies read 64 at a time)
+
+
 @njit(cache=True, nogil=True)
-def _sparse_decode(state, out, t0, off, dpos, vals, flags, nsrc, off_a, pos_a, off_b, pos_b, key_a, key_b,
-                   pair, qmap, table, add, wl_off, wl_pos, stamp):
-    """Steps ``t0 .. t0 + len(out)`` of the chunk (``off``: patch offsets per chunk step): updates
-    ``state``, writes each step's row to ``out`` and its write list to ``wl_off``/``wl_pos``."""
-    m, F = out.shape
+def _sparse_decode(state, m, out, rows, stg, counts, k, dpos, vals, flags, t0, nsrc, pair,
+                   off_a, pos_a, val_a, off_b, pos_b, val_b, sh_a, sh_b, qmap, table, add, emit,
+                   wl_off, wl_pos, wl_val):
+    """Steps ``t0 .. t0 + m`` of the chunk from patch ``k`` on: updates ``state`` (F,), writes each
+    step's row to ``out`` (m, F) unless ``rows`` is ROWS_NONE, and, if ``emit``, the step's writes
+    (positions and values) to ``wl_*``. Follow keys come from the sources' write-list values (a
+    pair follower keeps shadow copies ``sh_a``/``sh_b`` of both sources). Returns (k, writes)."""
+    F = state.size
     mask = table.size - 1
     w = 0
+    ob = out.reshape(-1).view(np.uint8)
+    base = out.ctypes.data
+    sp = state.ctypes.data
+    gp = stg.ctypes.data
+    rb = F * state.itemsize
+    blk = base & ~63
+    ns = base - blk
+    skip = ns
     for i in range(m):
         t = t0 + i
-        wl_off[i] = w
+        if emit:
+            wl_off[i] = w
+        if pair:
+            for j in range(off_a[i], off_a[i + 1]):
+                sh_a[pos_a[j]] = val_a[j]
+            for j in range(off_b[i], off_b[i + 1]):
+                sh_b[pos_b[j]] = val_b[j]
         if nsrc > 0 and flags[t]:
-            w = _follow(off_a, pos_a, i, key_a, key_b, pair, qmap, table, mask, wl_pos, w, stamp, 0, state)
-            if nsrc > 1:
-                w = _follow(off_b, pos_b, i, key_a, key_b, pair, qmap, table, mask, wl_pos, w, stamp, 0, state)
+            for j in range(off_a[i], off_a[i + 1]):
+                q = pos_a[j]
+                p = qmap[q]
+                if p >= 0:
+                    if pair:
+                        v = table[((np.int64(sh_a[q]) & 255) << 8 | (np.int64(sh_b[q]) & 255)) & mask]
+                    else:
+                        v = table[np.int64(val_a[j]) & 65535 & mask]
+                    state[p] = v
+                    if emit:
+                        wl_pos[w] = p
+                        wl_val[w] = v
+                        w += 1
+            if pair:
+                for j in range(off_b[i], off_b[i + 1]):
+                    q = pos_b[j]
+                    p = qmap[q]
+                    if p >= 0:
+                        v = table[((np.int64(sh_a[q]) & 255) << 8 | (np.int64(sh_b[q]) & 255)) & mask]
+                        state[p] = v
+                        if emit:
+                            wl_pos[w] = p
+                            wl_val[w] = v
+                            w += 1
         p = 0
-        for k in range(off[t], off[t + 1]):
+        for _ in range(counts[t]):
             p += dpos[k]
-            state[p] = state[p] + vals[k] if add else vals[k]
-            wl_pos[w] = p
-            w += 1
-        for j in range(F):
-            out[i, j] = state[j]
-    wl_off[m] = w
-    return w
+            if add:
+                state[p] = state[p] + vals[k]
+            else:
+                state[p] = vals[k]
+            if emit:
+                wl_pos[w] = p
+                wl_val[w] = state[p]
+                w += 1
+            k += 1
+        if rows == 1:
+            for j in range(F):
+                out[i, j] = state[j]
+        elif rows == 2:
+            j = 0
+            if ns > 0:
+                _copy64(gp + ns, sp)
+                j = min(64 - ns, rb)
+                ns += j
+                if ns == 64:
+                    if skip:
+                        for b in range(skip, 64):
+                            ob[blk + b - base] = stg[b]
+                        skip = 0
+                    else:
+                        _nt_store64(blk, gp)
+                    blk += 64
+                    ns = 0
+            if ns == 0:
+                while rb - j >= 64:
+                    _nt_store64(blk, sp + j)
+                    blk += 64
+                    j += 64
+                if j < rb:
+                    _copy64(gp, sp + j)
+                    ns = rb - j
+    if rows == 2:
+        for b in range(skip, ns):
+            ob[blk + b - base] = stg[b]
+        _sfence()
+    if emit:
+        wl_off[m] = w
+    return k, w

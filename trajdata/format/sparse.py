@@ -65,7 +65,6 @@ def fit_table(x: np.ndarray, keys: list[np.ndarray], sample) -> np.ndarray:
 
 
 _NO_MAP = np.zeros(1, np.int32)
-_STAMP = np.zeros(1 << 16, np.int64)  # the decoder's follow step writes stamps it never reads
 _NO_SOURCE = (np.zeros(2, np.int64), np.zeros(1, np.uint16), np.zeros((1, 1), np.uint8))
 
 
@@ -99,36 +98,58 @@ def encode(x: np.ndarray, follow: dict, sources: list[tuple[np.ndarray, tuple]],
 
 
 class Field:
-    """One sparse field of one chunk, ready to decode its steps in order, in ranges of any length."""
+    """One sparse field of one chunk, decoded in step order, in ranges of any length; holds its state
+    (one row) and where it is (step ``t``, patch ``k``)."""
 
     def __init__(self, name: str, shape: tuple[int, ...], dtype, follow: dict, parts: dict,
-                 source_shape: tuple[int, ...] | None, table: np.ndarray | None):
+                 source_shape: tuple[int, ...] | None, table: np.ndarray | None, source_dtypes=()):
         self.name, self.shape, self.dtype = name, tuple(shape), np.dtype(dtype)
-        self.follow = follow
         self.sources = list(follow.get("from", ()))
-        counts = parts["count"]
-        self.off = np.zeros(len(counts) + 1, np.int64)
-        np.cumsum(counts, out=self.off[1:])
-        self.dpos = np.ascontiguousarray(parts["pos"], np.uint16)
-        self.vals = np.ascontiguousarray(parts["data"], self.dtype)
-        self.flags = np.ascontiguousarray(parts.get("flag", np.zeros(len(counts), np.uint8)), np.uint8)
-        self.steps = len(counts)
+        self.counts = parts["count"]
+        self.steps = len(self.counts)
+        self.dpos = parts["pos"]
+        self.vals = parts["data"] if parts["data"].dtype == self.dtype else parts["data"].astype(self.dtype)
+        self.flags = parts.get("flag", _NO_FLAGS)
         self.F = int(np.prod(self.shape))
+        nb = self.F * self.dtype.itemsize
+        self.state = np.zeros(nb + kernels.STATE_PAD, np.uint8)[:nb].view(self.dtype)
         self.qmap = (follow_map(tuple(source_shape), self.shape, tuple(follow.get("rect", (0, 0)))) if self.sources
                      else _NO_MAP)
-        self.table = np.asarray(table if table is not None else np.zeros(1, self.dtype), self.dtype)
+        self.table = table if table is not None else np.zeros(1, self.dtype)
+        self.pair = len(self.sources) == 2
+        src_F = int(np.prod(source_shape)) if self.pair else 1
+        self.shadows = ([np.zeros(src_F, d) for d in source_dtypes] if self.pair
+                        else [np.zeros(1, self.dtype)] * 2)
         self.add = follow.get("values") == "delta"
+        self.emit = False
+        self.stage = np.zeros(128, np.uint8)
+        self.t = self.k = 0
 
-    def decode(self, state: np.ndarray, out: np.ndarray, t0: int, src_wls: list, src_rows: list):
-        """Steps ``t0 .. t0 + len(out)`` into ``out`` (m, F), advancing ``state`` (F,); returns the
-        write list of those steps."""
-        m = len(out)
-        off0, pos0, key0 = _NO_SOURCE
-        a = (src_wls[0][0], src_wls[0][1], src_rows[0]) if self.sources else (off0, pos0, key0)
-        b = (src_wls[1][0], src_wls[1][1], src_rows[1]) if len(self.sources) > 1 else (off0, pos0, key0)
-        cap = int(self.off[t0 + m] - self.off[t0]) + sum(len(w[1]) for w in src_wls)
-        wl_off, wl_pos = np.empty(m + 1, np.int64), np.empty(cap, np.uint16)
-        w = kernels._sparse_decode(state, out, t0, self.off, self.dpos, self.vals, self.flags, len(self.sources),
-                                   a[0], a[1], b[0], b[1], a[2], b[2], len(self.sources) == 2, self.qmap,
-                                   self.table, self.add, wl_off, wl_pos, _STAMP)
-        return wl_off, wl_pos[:w]
+    def decode(self, m: int, out: np.ndarray | None = None, src_wls: list = (), stream: bool = False):
+        """The next ``m`` steps: rows into ``out`` (m, F), C-contiguous, written with non-temporal
+        stores if ``stream``, or nowhere if None. Returns those steps' write list (offsets,
+        positions, values) if ``self.emit``, else None."""
+        if self.t + m > self.steps:
+            raise ValueError(f"{self.name}: steps {self.t}..{self.t + m} past the chunk's {self.steps}")
+        a = src_wls[0] if self.sources else _NO_WL
+        b = src_wls[1] if self.pair else _NO_WL
+        if self.emit:
+            cap = int(self.counts[self.t : self.t + m].sum(dtype=np.int64)) + sum(len(wl[1]) for wl in src_wls)
+            wl = (np.empty(m + 1, np.int64), np.empty(cap, np.uint16), np.empty(cap, self.dtype))
+        else:
+            wl = _NO_WL[:1] + (_NO_POS, np.zeros(0, self.dtype))
+        rows = kernels.ROWS_NONE if out is None else kernels.ROWS_STREAM if stream and out.nbytes >= STREAM_MIN_ROW * m else kernels.ROWS_COPY
+        if out is None:
+            out = np.zeros((0, self.F), self.dtype)
+        self.k, w = kernels._sparse_decode(
+            self.state, m, out, rows, self.stage, self.counts, self.k, self.dpos, self.vals, self.flags, self.t,
+            len(self.sources), self.pair, a[0], a[1], a[2], b[0], b[1], b[2], self.shadows[0], self.shadows[1],
+            self.qmap, self.table, self.add, self.emit, *wl)
+        self.t += m
+        return (wl[0], wl[1][:w], wl[2][:w]) if self.emit else None
+
+
+STREAM_MIN_ROW = 64  # bytes; shorter rows are copied with ordinary stores
+_NO_FLAGS = np.zeros(0, np.uint8)
+_NO_POS = np.zeros(0, np.uint16)
+_NO_WL = (np.zeros(2, np.int64), _NO_POS, np.zeros(0, np.uint8))

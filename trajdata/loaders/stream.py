@@ -24,7 +24,7 @@ import itertools
 import os
 import sys
 import tarfile
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -130,29 +130,36 @@ def assign(steps: list[int], slots: int, seed: int, epoch: int, shuffle: bool) -
 # A plan item is a batch: one list per row of (episode position, start step, steps, column offset).
 
 def lane_plan(episodes: list[int], steps: list[int], B: int, T: int) -> Iterator[list[list[tuple]]]:
-    """Lanes: each row a stream of whole episodes end to end; lanes pull the next episode in order."""
+    """Lanes: each row a stream of whole episodes end to end. The next episode in order goes to the
+    lane whose stream ends first (as B environments stepping in parallel would), so the lanes end
+    within about one episode of each other and the epoch's last batches carry little padding."""
     queue = iter(episodes)
-    cur: list[list | None] = [None] * B  # [episode, offset]
-    live = [True] * B
-    while any(live):
+    heap = [(0, lane) for lane in range(B)]  # (time the lane's stream ends, lane)
+    held: list[deque] = [deque() for _ in range(B)]  # (episode, start time)
+    more = True
+    for k in itertools.count():
+        lo, hi = k * T, (k + 1) * T
+        while more and heap[0][0] < hi:
+            e = next(queue, None)
+            if e is None:
+                more = False
+                break
+            end, lane = heapq.heappop(heap)
+            held[lane].append((e, end))
+            heapq.heappush(heap, (end + steps[e], lane))
         batch = []
         for lane in range(B):
-            segs, t = [], 0
-            while t < T and live[lane]:
-                if cur[lane] is None:
-                    e = next(queue, None)
-                    if e is None:
-                        live[lane] = False
-                        break
-                    cur[lane] = [e, 0]
-                e, off = cur[lane]
-                n = min(T - t, steps[e] - off)
-                segs.append((e, off, n, t))
-                t += n
-                cur[lane] = None if off + n == steps[e] else [e, off + n]
+            segs = []
+            for e, t0 in held[lane]:
+                a, b = max(t0, lo), min(t0 + steps[e], hi)
+                if b > a:
+                    segs.append((e, a - t0, b - a, a - lo))
+            while held[lane] and held[lane][0][1] + steps[held[lane][0][0]] <= hi:
+                held[lane].popleft()
             batch.append(segs)
-        if any(batch):
-            yield batch
+        if not any(batch):
+            return
+        yield batch
 
 
 def window_plan(episodes: list[int], steps: list[int], T: int, rng: np.random.Generator | None) -> Iterator[tuple]:
@@ -287,10 +294,13 @@ class ChunkCursor(DenseChunk):
 
     def __init__(self, schema, header: dict, payload, fields: list[str], where: str):
         self.sparse = {}
-        for name in codec._needed(schema, header, fields, where):
+        needed = codec._needed(schema, header, fields, where)
+        sources = codec.follow_sources(header, needed)
+        for name in needed:
             if header["fields"][name]["data"].get("stage") == "sparse":
                 field = codec.sparse_field(schema, header, name, codec.read_parts(schema, header, payload, name, where))
-                self.sparse[name] = (field, np.zeros(field.F, field.dtype))
+                field.emit = name in sources
+                self.sparse[name] = field
         dense = [n for n in fields if n not in self.sparse]
         super().__init__(codec.decode_chunk(schema, header, payload, dense, where=where) if dense else {})
         self.t = 0
@@ -304,15 +314,11 @@ class ChunkCursor(DenseChunk):
         super().read(out, row, col, i, m, skip)
 
     def _run(self, out, row: int, col: int, m: int, skip) -> None:
-        wls, rows = {}, {}
-        for name, (field, state) in self.sparse.items():
-            if out is not None and name in out and name not in skip:
-                dst = out[name][row, col : col + m].reshape(m, field.F)
-            else:
-                dst = np.empty((m, field.F), field.dtype)
-            wls[name] = field.decode(state, dst, self.t, [wls[s] for s in field.sources],
-                                     [rows[s] for s in field.sources])
-            rows[name] = dst
+        wls = {}
+        for name, field in self.sparse.items():
+            dst = (out[name][row, col : col + m].reshape(m, field.F)
+                   if out is not None and name in out and name not in skip else None)
+            wls[name] = field.decode(m, dst, [wls[s] for s in field.sources], stream=True)
         self.t += m
 
 
