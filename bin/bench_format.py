@@ -133,7 +133,7 @@ def main():
         for p in ds.shard_paths():
             for h in ds.shard(p.name).headers():
                 for name, parts in h["fields"].items():
-                    field_bytes[name] = field_bytes.get(name, 0) + sum(x["nbytes"] for x in parts.values())
+                    field_bytes[name] = field_bytes.get(name, 0) + sum(x.get("nbytes", 0) for x in parts.values())
         shard_bytes = sum(p.stat().st_size for p in ds.shard_paths())
         profiles[profile] = {
             "ds": ds, "steps": steps, "collect_steps_per_s": res["steps_per_second"] if res["shards_written"] else None,

@@ -21,7 +21,8 @@ header, so readers decode any profile: ``stream`` (the default: every field in t
 stage, see ``sparse``; the smallest, and loaders decode it straight into batch rows), ``compact``
 (all of the above) or ``fast`` (no table look-ups or prefix scans on decode).
 
-Blob layout: b"TDC1" | u32 header length | zstd(header JSON) | field payloads.
+Blob layout: b"TDC1" | u32 header length | zstd(header JSON) | field payloads (zstd frames; a sparse
+field's parts share one).
 """
 from __future__ import annotations
 
@@ -296,7 +297,7 @@ def encode_chunk(schema: Schema, arrays: dict[str, np.ndarray], meta: dict, leve
             changed[1:] = (stored[1:] != stored[:-1]).reshape(steps - 1, -1).any(axis=1)
             stored, stage, aux = stored[changed], "dedup", dict(aux, changed=changed)
         parts = {"": stored, **{k: v for k, v in aux.items()}}
-        entry = {}
+        entry, raws = {}, []
         for part, arr in parts.items():
             transposed = arr.ndim >= 2 and part == "" and int(np.prod(arr.shape[1:])) <= TRANSPOSE_MAX_ELEMENTS
             delta = transposed and arr.dtype.kind in "iu"
@@ -306,7 +307,6 @@ def encode_chunk(schema: Schema, arrays: dict[str, np.ndarray], meta: dict, leve
                 arr = arr.copy()
                 arr[:, 1:] -= arr[:, :-1].copy()
             arr = _narrow_int(np.ascontiguousarray(arr))
-            blob = cctx.compress(arr.reshape(-1).view(np.uint8))
             e = {"dtype": arr.dtype.str}
             if arr.ndim != 1:
                 e["shape"] = list(arr.shape)
@@ -320,7 +320,23 @@ def encode_chunk(schema: Schema, arrays: dict[str, np.ndarray], meta: dict, leve
                 e["derive"] = kind
             if part == "" and follow:
                 e["follow"] = follow
-            entry[part or "data"] = dict(e, offset=offset, nbytes=len(blob), crc32=zlib.crc32(blob))
+            entry[part or "data"] = e
+            raws.append(arr.reshape(-1).view(np.uint8))
+        if stage == "sparse":  # one frame for all the field's parts: fewer, larger frames decode faster
+            at, padded = 0, []
+            for e, raw in zip(entry.values(), raws):
+                e["at"] = [at, at + len(raw)]
+                pad = -len(raw) % 8  # parts start 8-byte aligned
+                padded += [raw, np.zeros(pad, np.uint8)]
+                at += len(raw) + pad
+            raws = [np.concatenate(padded)]
+            frames = [entry["data"]]
+            entry["data"]["packed"] = True
+        else:
+            frames = list(entry.values())
+        for e, raw in zip(frames, raws):
+            blob = cctx.compress(raw)
+            e.update(offset=offset, nbytes=len(blob), crc32=zlib.crc32(blob))
             blobs.append(blob)
             offset += len(blob)
         entries[f.name] = entry
@@ -368,18 +384,21 @@ def follow_sources(header: dict, names: Iterable[str]) -> set[str]:
 
 
 def read_parts(schema: Schema, header: dict, payload, name: str, where: str) -> dict[str, np.ndarray]:
-    """Decompress (checking CRCs) the stored parts of one field: ``data`` plus any auxiliaries."""
+    """Decompress (checking CRCs) the stored parts of one field: ``data`` plus any auxiliaries (in
+    their own frames, or ``packed`` into the data's frame at byte extents ``at``)."""
     f = schema[name]
+    entry = header["fields"][name]
     parts = {}
-    for part, e in header["fields"][name].items():
-        blob = payload[e["offset"] : e["offset"] + e["nbytes"]]
-        if len(blob) != e["nbytes"] or zlib.crc32(blob) != e["crc32"]:
-            raise DataError(f"{where}: field {name!r}: checksum mismatch (corrupt data)")
-        try:
-            raw = _dctx.decompress(blob)
-        except zstandard.ZstdError as err:
-            raise DataError(f"{where}: field {name!r}: {err}") from None
-        arr = np.frombuffer(raw, dtype=np.dtype(e["dtype"]))
+    packed = _frame(payload, entry["data"], name, where) if entry["data"].get("packed") else None
+    for part, e in entry.items():
+        dtype = _dtype(e["dtype"])
+        if packed is not None:
+            a, b = e["at"]
+            if not 0 <= a <= b <= len(packed) or (b - a) % dtype.itemsize:
+                raise DataError(f"{where}: field {name!r}: part {part!r} outside its frame (corrupt header)")
+            arr = np.frombuffer(packed, dtype, (b - a) // dtype.itemsize, a)
+        else:
+            arr = np.frombuffer(_frame(payload, e, name, where), dtype)
         if "shape" in e:
             arr = arr.reshape(e["shape"])
         if e.get("delta"):
@@ -388,6 +407,26 @@ def read_parts(schema: Schema, header: dict, payload, name: str, where: str) -> 
             arr = arr.T
         parts[part] = arr
     return parts
+
+
+def _frame(payload, e: dict, name: str, where: str) -> bytes:
+    blob = payload[e["offset"] : e["offset"] + e["nbytes"]]
+    if len(blob) != e["nbytes"] or zlib.crc32(blob) != e["crc32"]:
+        raise DataError(f"{where}: field {name!r}: checksum mismatch (corrupt data)")
+    try:
+        return _dctx.decompress(blob)
+    except zstandard.ZstdError as err:
+        raise DataError(f"{where}: field {name!r}: {err}") from None
+
+
+_DTYPES: dict[str, np.dtype] = {}
+
+
+def _dtype(s: str) -> np.dtype:
+    d = _DTYPES.get(s)
+    if d is None:
+        d = _DTYPES[s] = np.dtype(s)
+    return d
 
 
 def sparse_field(schema: Schema, header: dict, name: str, parts: dict[str, np.ndarray]) -> sparse.Field:

@@ -19,7 +19,7 @@ def summarize(root) -> dict:
         total_bytes += path.stat().st_size
         for h in ShardReader(path).headers():
             for name, parts in h["fields"].items():
-                per_field[name] += sum(p["nbytes"] for p in parts.values())
+                per_field[name] += sum(p.get("nbytes", 0) for p in parts.values())
     rows = ds.index_rows()
     steps = sum(r["steps"] for r in rows)
 
