@@ -150,3 +150,13 @@ def test_sparse_follow_round_trip_in_any_segments(monkeypatch):
             assert (head == 0xAB).all() and (tail == 0xAB).all(), name
     with pytest.raises(ValueError, match="past the chunk"):
         streamed["src"].decode(1, None)
+
+def test_stream_zero_clears_exactly_the_region():
+    buf = np.full(1000, 7, np.uint8)
+    for start, n in [(0, 0), (3, 1), (5, 63), (64, 64), (1, 130), (17, 900)]:
+        buf[:] = 7
+        kernels.stream_zero(buf[start : start + n])
+        assert not buf[start : start + n].any() and (buf[:start] == 7).all() and (buf[start + n :] == 7).all()
+    wide = np.full((4, 33), -5, np.int16)
+    kernels.stream_zero(wide[1:3])
+    assert not wide[1:3].any() and (wide[[0, 3]] == -5).all()

@@ -363,3 +363,28 @@ def _sparse_decode(state, m, out, rows, stg, counts, k, dpos, vals, flags, t0, n
     if emit:
         wl_off[m] = w
     return k, w
+
+
+@njit(cache=True, nogil=True)
+def _stream_zero(b, zeros):
+    base = b.ctypes.data
+    n = b.size
+    head = min(-base & 63, n)
+    for i in range(head):
+        b[i] = 0
+    i = head
+    zp = zeros.ctypes.data
+    while n - i >= 64:
+        _nt_store64(base + i, zp)
+        i += 64
+    for j in range(i, n):
+        b[j] = 0
+    _sfence()
+
+
+_ZEROS = np.zeros(64, np.uint8)
+
+
+def stream_zero(a: np.ndarray) -> None:
+    """Zero a C-contiguous array with non-temporal stores (for multi-MB regions not read soon)."""
+    _stream_zero(a.reshape(-1).view(np.uint8), _ZEROS)

@@ -6,6 +6,7 @@ flag that action produced. The observation after the final action is not stored 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -19,7 +20,7 @@ class Field:
     shape: tuple[int, ...]
     description: str
 
-    @property
+    @cached_property
     def np_dtype(self) -> np.dtype:
         return np.dtype(self.dtype)
 
@@ -35,10 +36,14 @@ class Schema:
     version: int = SCHEMA_VERSION
 
     def __getitem__(self, name: str) -> Field:
-        for f in self.fields:
-            if f.name == name:
-                return f
-        raise KeyError(f"schema {self.name!r} has no field {name!r}")
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"schema {self.name!r} has no field {name!r}") from None
+
+    @cached_property
+    def _by_name(self) -> dict[str, Field]:
+        return {f.name: f for f in self.fields}
 
     @property
     def names(self) -> tuple[str, ...]:

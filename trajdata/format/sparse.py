@@ -15,6 +15,7 @@ chunk-sized buffers: memory per reader is one row per field.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
@@ -46,11 +47,14 @@ def _key_size(src_dtypes: list[np.dtype]) -> int:
     return 1 << 16 if len(src_dtypes) == 2 or src_dtypes[0].itemsize > 1 else 256
 
 
+@functools.lru_cache(maxsize=64)
 def fixed_table(kind: str, dtype) -> np.ndarray:
     table = np.arange(256, dtype=np.int64)
     if kind == "topline":
         table[32] = 0  # the message is zero-padded where the terminal shows blanks
-    return table.astype(dtype)
+    table = table.astype(dtype)
+    table.flags.writeable = False
+    return table
 
 
 def fit_table(x: np.ndarray, keys: list[np.ndarray], sample) -> np.ndarray:
@@ -110,14 +114,14 @@ class Field:
         self.dpos = parts["pos"]
         self.vals = parts["data"] if parts["data"].dtype == self.dtype else parts["data"].astype(self.dtype)
         self.flags = parts.get("flag", _NO_FLAGS)
-        self.F = int(np.prod(self.shape))
+        self.F = math.prod(self.shape)
         nb = self.F * self.dtype.itemsize
         self.state = np.zeros(nb + kernels.STATE_PAD, np.uint8)[:nb].view(self.dtype)
         self.qmap = (follow_map(tuple(source_shape), self.shape, tuple(follow.get("rect", (0, 0)))) if self.sources
                      else _NO_MAP)
         self.table = table if table is not None else np.zeros(1, self.dtype)
         self.pair = len(self.sources) == 2
-        src_F = int(np.prod(source_shape)) if self.pair else 1
+        src_F = math.prod(source_shape) if self.pair else 1
         self.shadows = ([np.zeros(src_F, d) for d in source_dtypes] if self.pair
                         else [np.zeros(1, self.dtype)] * 2)
         self.add = follow.get("values") == "delta"

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trajdata.errors import ConfigError, DataError
-from trajdata.format import codec
+from trajdata.format import codec, kernels
 from trajdata.format.dataset import Dataset
 from trajdata.format.shard import CHUNK_EXT
 
@@ -402,7 +402,7 @@ class BatchPool:
                 if name == "episode":
                     tail[:] = -1
                 else:
-                    ctypes.memset(tail.ctypes.data, 0, tail.nbytes)  # contiguous; 2-3x faster than numpy's fill
+                    kernels.stream_zero(tail)  # contiguous; ~3x faster than numpy's fill
         ends[:] = new_ends
 
 
