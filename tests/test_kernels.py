@@ -150,6 +150,11 @@ def test_sparse_follow_round_trip_in_any_segments(monkeypatch):
             assert (head == 0xAB).all() and (tail == 0xAB).all(), name
     with pytest.raises(ValueError, match="past the chunk"):
         streamed["src"].decode(1, None)
+    strided = fields()["counter"]
+    cols = np.zeros((T, strided.F * 2), strided.dtype)
+    strided.decode(T, cols[:, ::2], stream=True)  # not contiguous: decoded aside, then copied
+    np.testing.assert_array_equal(cols[:, ::2], counter.reshape(T, -1))
+    assert not cols[:, 1::2].any()
 
 def test_stream_zero_clears_exactly_the_region():
     buf = np.full(1000, 7, np.uint8)

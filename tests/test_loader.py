@@ -281,10 +281,10 @@ def test_split_follows_torch_distributed(atari, tmp_path):
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
-def test_lanes_deliver_every_field_exactly_and_resume(tmp_path, profile):
-    """Every field of every delivered step equals the shard's whole-chunk decode; batches cut chunks
-    at varying offsets (the stream profile decodes straight into them), and a resumed stream starts
-    mid-chunk."""
+def test_every_field_delivered_exactly_and_resumes(tmp_path, profile):
+    """Lanes and windows: every field of every delivered step equals the shard's whole-chunk decode;
+    batches and crops cut chunks at varying offsets (the stream profile decodes straight into
+    them, skipping ahead to a crop's start), and a resumed stream starts mid-chunk."""
     root = tmp_path / "ds"
     collect(CollectConfig(out=str(root), expert=ExpertSpec("trajdata.collectors.nethack:ScriptedExpert"), shards=2,
                           episodes_per_shard=2, max_steps=300, chunk_steps=128, seed=3, codec=profile), progress=False)
@@ -294,26 +294,27 @@ def test_lanes_deliver_every_field_exactly_and_resume(tmp_path, profile):
         for c in ds.shard(p.name).chunks():
             for t in range(c.steps):
                 ref[(c.episode_id, c.start + t)] = {k: v[t] for k, v in c.fields.items()}
-    cfg = LoaderConfig(str(root), batch_size=3, seq_len=100, seed=2)
-    stream = TrajectoryStream(cfg)
-    batches = [{k: v.clone() for k, v in b.items()} for b in stream]
+    for mode in ("lanes", "windows"):
+        cfg = LoaderConfig(str(root), batch_size=3, seq_len=100, seed=2, mode=mode)
+        stream = TrajectoryStream(cfg)
+        batches = [{k: v.clone() for k, v in b.items()} for b in stream]
 
-    def check(batch):
-        n = 0
-        for row, t in zip(*np.nonzero(batch["mask"].numpy())):
-            want = ref[(stream.episode_ids[int(batch["episode"][row, t])], int(batch["step"][row, t]))]
-            for name, value in want.items():
-                np.testing.assert_array_equal(batch[name][row, t].numpy(), value, err_msg=name)
-            n += 1
-        return n
+        def check(batch):
+            n = 0
+            for row, t in zip(*np.nonzero(batch["mask"].numpy())):
+                want = ref[(stream.episode_ids[int(batch["episode"][row, t])], int(batch["step"][row, t]))]
+                for name, value in want.items():
+                    np.testing.assert_array_equal(batch[name][row, t].numpy(), value, err_msg=f"{mode} {name}")
+                n += 1
+            return n
 
-    assert sum(check(b) for b in batches) == len(ref)
-    first = TrajectoryStream(cfg)
-    next(iter(first))
-    resumed = TrajectoryStream(cfg)
-    resumed.load_state_dict(first.state_dict())
-    rest = list(resumed)
-    assert len(rest) == len(batches) - 1
-    for got, want in zip(rest, batches[1:]):
-        for k in want:
-            np.testing.assert_array_equal(got[k].numpy(), want[k].numpy(), err_msg=k)
+        assert sum(check(b) for b in batches) == len(ref)
+        first = TrajectoryStream(cfg)
+        next(iter(first))
+        resumed = TrajectoryStream(cfg)
+        resumed.load_state_dict(first.state_dict())
+        rest = list(resumed)
+        assert len(rest) == len(batches) - 1
+        for got, want in zip(rest, batches[1:]):
+            for k in want:
+                np.testing.assert_array_equal(got[k].numpy(), want[k].numpy(), err_msg=f"{mode} {k}")

@@ -144,8 +144,10 @@ def xor_prefix(d: np.ndarray) -> np.ndarray:
 # value's change, for counters). A following field first
 # writes ``table[key]`` at the positions its sources wrote this step (source position q -> target
 # position ``qmap[q]``, -1: none), when that step's flag is set. Every field records the
-# positions it wrote per step (its "write list"), which its own followers replay. Encoder and
-# decoder share the follow step below, so their write lists agree exactly.
+# positions it wrote per step (its "write list"), which its own followers replay. The encoder
+# (keys from whole source arrays) and the decoder (keys from the write lists' values, the last
+# write to a position being its final value) replay the same lists in the same order, so their
+# write lists agree exactly.
 
 @njit(inline="always")
 def _key(key_a, key_b, i, q, pair):

@@ -9,8 +9,10 @@ says whether that prediction is used, and the stored pairs correct it. E.g. the 
 follow ``tty_chars`` one row down, ``glyphs`` follow (``chars``, ``colors``) through a look-up table.
 
 Decoding is a state machine that touches only the changes and then copies its state into each
-output row, so it writes straight into a loader's batch (``Cursor``), in any step ranges, with no
-chunk-sized buffers: memory per reader is one row per field.
+output row, so it writes straight into a loader's batch (``loaders.stream.ChunkCursor``), in
+consecutive step ranges of any length, with no chunk-sized buffers: memory per reader is one row
+per field. A follower reads its keys from its sources' write lists (positions and the values
+written), never from their output rows, so rows can be streamed out with non-temporal stores.
 """
 from __future__ import annotations
 
@@ -135,6 +137,11 @@ class Field:
         positions, values) if ``self.emit``, else None."""
         if self.t + m > self.steps:
             raise ValueError(f"{self.name}: steps {self.t}..{self.t + m} past the chunk's {self.steps}")
+        if out is not None and not out.flags.c_contiguous:
+            rows = np.empty(out.shape, self.dtype)
+            wl = self.decode(m, rows, src_wls)
+            out[...] = rows
+            return wl
         a = src_wls[0] if self.sources else _NO_WL
         b = src_wls[1] if self.pair else _NO_WL
         if self.emit:
@@ -142,7 +149,12 @@ class Field:
             wl = (np.empty(m + 1, np.int64), np.empty(cap, np.uint16), np.empty(cap, self.dtype))
         else:
             wl = _NO_WL[:1] + (_NO_POS, np.zeros(0, self.dtype))
-        rows = kernels.ROWS_NONE if out is None else kernels.ROWS_STREAM if stream and out.nbytes >= STREAM_MIN_ROW * m else kernels.ROWS_COPY
+        if out is None:
+            rows = kernels.ROWS_NONE
+        elif stream and out.nbytes >= STREAM_MIN_ROW * m:
+            rows = kernels.ROWS_STREAM
+        else:
+            rows = kernels.ROWS_COPY
         if out is None:
             out = np.zeros((0, self.F), self.dtype)
         self.k, w = kernels._sparse_decode(

@@ -245,9 +245,9 @@ class ChunkSource:
         except KeyError:
             raise DataError(f"shard {shard}: no episode {episode_id!r} (index out of date?)") from None
 
-    def decode(self, shard: str, episode_id: str, k: int, stream: bool = False):
-        """Chunk ``k`` of the episode: a ``ChunkCursor`` if ``stream`` (read once, in step order),
-        else a (cached) ``DenseChunk``."""
+    def decode(self, shard: str, episode_id: str, k: int):
+        """Chunk ``k`` of the episode: a fresh ``ChunkCursor`` (read once, in step order) if any
+        wanted field is in the ``sparse`` stage, else a (cached) ``DenseChunk``."""
         key = (shard, episode_id, k)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -261,7 +261,7 @@ class ChunkSource:
             raise DataError(f"{where}: truncated ({len(blob)} of {size} bytes)")
         header, start = codec.read_header(blob, where)
         payload = memoryview(blob)[start:]
-        if stream:
+        if any(header["fields"].get(n, {}).get("data", {}).get("stage") == "sparse" for n in self.fields):
             return ChunkCursor(self.schema, header, payload, self.fields, where)
         chunk = DenseChunk(codec.decode_chunk(self.schema, header, payload, self.fields, where=where))
         if self.cache_chunks:
@@ -326,10 +326,8 @@ class EpisodeReader:
     """Sequential reader of one episode from step ``start``: holds one decoded chunk at a time
     (plus ``frame_stack - 1`` frames of history)."""
 
-    def __init__(self, src: ChunkSource, shard: str, episode_id: str, start: int, frame_stack: int = 1,
-                 stream: bool = False):
+    def __init__(self, src: ChunkSource, shard: str, episode_id: str, start: int, frame_stack: int = 1):
         self.src, self.shard, self.episode_id, self.k = src, shard, episode_id, frame_stack
-        self.stream = stream
         self.table = src.chunks(shard, episode_id)
         self.pos = max(0, start - (frame_stack - 1))
         self.hist = None
@@ -340,7 +338,7 @@ class EpisodeReader:
     def _locate(self) -> tuple[DenseChunk, int, int]:
         while self._chunk < 0 or self.pos >= self.table[self._chunk][2] + self.table[self._chunk][3]:
             self._chunk = next(i for i, c in enumerate(self.table) if c[2] <= self.pos < c[2] + c[3])
-            self._data = self.src.decode(self.shard, self.episode_id, self._chunk, self.stream)
+            self._data = self.src.decode(self.shard, self.episode_id, self._chunk)
         _, _, cstart, csteps = self.table[self._chunk]
         return self._data, self.pos - cstart, cstart + csteps - self.pos
 
@@ -402,7 +400,7 @@ class BatchPool:
                 if name == "episode":
                     tail[:] = -1
                 else:
-                    kernels.stream_zero(tail)  # contiguous; ~3x faster than numpy's fill
+                    kernels.stream_zero(tail)  # contiguous, and not read back soon
         ends[:] = new_ends
 
 
@@ -530,7 +528,7 @@ class TrajectoryStream(IterableDataset):
                         r = readers.get(row)
                         if r is None or r.episode_id != self.episode_ids[e] or r.pos != start:
                             r = readers[row] = EpisodeReader(src, self.rows[e]["shard"], self.episode_ids[e],
-                                                             start, cfg.frame_stack, cfg.mode == "lanes")
+                                                             start, cfg.frame_stack)
                         r.read_into(out, row, col, n)
                         out["mask"][row, col : col + n] = True
                         out["episode"][row, col : col + n] = e
