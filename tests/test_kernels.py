@@ -3,6 +3,7 @@ serve, including wrap-around arithmetic and negative int16 keys."""
 import numpy as np
 import pytest
 
+from trajdata.errors import DataError
 from trajdata.format import kernels, sparse
 
 rng = np.random.default_rng(0)
@@ -150,6 +151,13 @@ def test_sparse_follow_round_trip_in_any_segments(monkeypatch):
             assert (head == 0xAB).all() and (tail == 0xAB).all(), name
     with pytest.raises(ValueError, match="past the chunk"):
         streamed["src"].decode(1, None)
+    bad = dict(parts["src"], data=parts["src"][""])
+    bad["pos"] = bad["pos"].copy()
+    bad["pos"][len(bad["pos"]) // 2] = 60000  # past the row, in a chunk whose CRCs still match
+    with pytest.raises(DataError, match=r"x.tdc: field 'src': step \d+: change position past"):
+        sparse.Field("src", src.shape[1:], src.dtype, {}, bad, None, None, where="x.tdc").decode(T)
+    with pytest.raises(DataError, match="changes counted"):
+        sparse.Field("src", src.shape[1:], src.dtype, {}, dict(bad, data=bad["data"][1:]), None, None)
     strided = fields()["counter"]
     cols = np.zeros((T, strided.F * 2), strided.dtype)
     strided.decode(T, cols[:, ::2], stream=True)  # not contiguous: decoded aside, then copied

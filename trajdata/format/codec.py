@@ -429,7 +429,8 @@ def _dtype(s: str) -> np.dtype:
     return d
 
 
-def sparse_field(schema: Schema, header: dict, name: str, parts: dict[str, np.ndarray]) -> sparse.Field:
+def sparse_field(schema: Schema, header: dict, name: str, parts: dict[str, np.ndarray],
+                 where: str = "chunk") -> sparse.Field:
     """A sparse-stage field of a chunk, from its stored parts (``read_parts``)."""
     f = schema[name]
     follow = header["fields"][name]["data"].get("follow", {})
@@ -445,7 +446,7 @@ def sparse_field(schema: Schema, header: dict, name: str, parts: dict[str, np.nd
     else:
         table = None
     return sparse.Field(name, f.shape, f.np_dtype, follow, parts, schema[srcs[0]].shape if srcs else None, table,
-                        [schema[s].np_dtype for s in srcs])
+                        [schema[s].np_dtype for s in srcs], where)
 
 
 def decode_chunk(
@@ -463,7 +464,7 @@ def decode_chunk(
         parts = read_parts(schema, header, payload, name, where)
         stage = header["fields"][name]["data"].get("stage")
         if stage == "sparse":
-            field = sparse_field(schema, header, name, parts)
+            field = sparse_field(schema, header, name, parts, where)
             field.emit = name in sources
             data = np.empty((steps, field.F), f.np_dtype)
             wls[name] = field.decode(steps, data, [wls[s] for s in field.sources])

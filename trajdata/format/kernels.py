@@ -274,7 +274,8 @@ def _sparse_decode(state, m, out, rows, stg, counts, k, dpos, vals, flags, t0, n
     """Steps ``t0 .. t0 + m`` of the chunk from patch ``k`` on: updates ``state`` (F,), writes each
     step's row to ``out`` (m, F) unless ``rows`` is ROWS_NONE, and, if ``emit``, the step's writes
     (positions and values) to ``wl_*``. Follow keys come from the sources' write-list values (a
-    pair follower keeps shadow copies ``sh_a``/``sh_b`` of both sources). Returns (k, writes)."""
+    pair follower keeps shadow copies ``sh_a``/``sh_b`` of both sources). Returns (k, writes), or
+    (-1, step) at a position past the row (corrupt data)."""
     F = state.size
     mask = table.size - 1
     w = 0
@@ -323,6 +324,8 @@ def _sparse_decode(state, m, out, rows, stg, counts, k, dpos, vals, flags, t0, n
         p = 0
         for _ in range(counts[t]):
             p += dpos[k]
+            if p >= F:
+                return -1, t
             if add:
                 state[p] = state[p] + vals[k]
             else:

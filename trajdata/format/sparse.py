@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 
+from trajdata.errors import DataError
 from trajdata.format import kernels
 
 TABLES = ("identity", "topline", "lut")
@@ -108,8 +109,10 @@ class Field:
     (one row) and where it is (step ``t``, patch ``k``)."""
 
     def __init__(self, name: str, shape: tuple[int, ...], dtype, follow: dict, parts: dict,
-                 source_shape: tuple[int, ...] | None, table: np.ndarray | None, source_dtypes=()):
+                 source_shape: tuple[int, ...] | None, table: np.ndarray | None, source_dtypes=(),
+                 where: str = "chunk"):
         self.name, self.shape, self.dtype = name, tuple(shape), np.dtype(dtype)
+        self.where = where
         self.sources = list(follow.get("from", ()))
         self.counts = parts["count"]
         self.steps = len(self.counts)
@@ -127,6 +130,10 @@ class Field:
         self.shadows = ([np.zeros(src_F, d) for d in source_dtypes] if self.pair
                         else [np.zeros(1, self.dtype)] * 2)
         self.add = follow.get("values") == "delta"
+        n = int(self.counts.sum(dtype=np.int64))
+        if n != len(self.vals) or n != len(self.dpos) or (self.sources and len(self.flags) != self.steps):
+            raise DataError(f"{where}: field {name!r}: {n} changes counted, {len(self.vals)} values, {len(self.dpos)} "
+                            f"positions, {len(self.flags)} flags for {self.steps} steps (corrupt data)")
         self.emit = False
         self.stage = np.zeros(128, np.uint8)
         self.t = self.k = 0
@@ -157,10 +164,13 @@ class Field:
             rows = kernels.ROWS_COPY
         if out is None:
             out = np.zeros((0, self.F), self.dtype)
-        self.k, w = kernels._sparse_decode(
+        k, w = kernels._sparse_decode(
             self.state, m, out, rows, self.stage, self.counts, self.k, self.dpos, self.vals, self.flags, self.t,
             len(self.sources), self.pair, a[0], a[1], a[2], b[0], b[1], b[2], self.shadows[0], self.shadows[1],
             self.qmap, self.table, self.add, self.emit, *wl)
+        if k < 0:
+            raise DataError(f"{self.where}: field {self.name!r}: step {w}: change position past the row's {self.F} (corrupt data)")
+        self.k = k
         self.t += m
         return (wl[0], wl[1][:w], wl[2][:w]) if self.emit else None
 

@@ -298,7 +298,8 @@ class ChunkCursor(DenseChunk):
         sources = codec.follow_sources(header, needed)
         for name in needed:
             if header["fields"][name]["data"].get("stage") == "sparse":
-                field = codec.sparse_field(schema, header, name, codec.read_parts(schema, header, payload, name, where))
+                field = codec.sparse_field(schema, header, name, codec.read_parts(schema, header, payload, name, where),
+                                           where)
                 field.emit = name in sources
                 self.sparse[name] = field
         dense = [n for n in fields if n not in self.sparse]
