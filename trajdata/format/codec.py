@@ -26,6 +26,7 @@ field's parts share one).
 """
 from __future__ import annotations
 
+import functools
 import json
 import struct
 import zlib
@@ -419,14 +420,7 @@ def _frame(payload, e: dict, name: str, where: str) -> bytes:
         raise DataError(f"{where}: field {name!r}: {err}") from None
 
 
-_DTYPES: dict[str, np.dtype] = {}
-
-
-def _dtype(s: str) -> np.dtype:
-    d = _DTYPES.get(s)
-    if d is None:
-        d = _DTYPES[s] = np.dtype(s)
-    return d
+_dtype = functools.lru_cache(maxsize=None)(np.dtype)
 
 
 def sparse_field(schema: Schema, header: dict, name: str, parts: dict[str, np.ndarray],

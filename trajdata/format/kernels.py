@@ -267,6 +267,33 @@ ROWS_NONE, ROWS_COPY, ROWS_STREAM = 0, 1, 2
 STATE_PAD = 64  # bytes readable past a decoder state's end (the staging copies read 64 at a time)
 
 
+@njit(inline="always")
+def _replay(off, pos, vals, i, pair, sh_a, sh_b, qmap, table, mask, state, emit, wl_pos, wl_val, w):
+    """Decoder's follow step for one source's writes of local step ``i``: ``state[qmap[q]] =
+    table[key]``, the key being the written value (or, for a pair follower, both sources' shadows)."""
+    for j in range(off[i], off[i + 1]):
+        q = pos[j]
+        p = qmap[q]
+        if p >= 0:
+            if pair:
+                v = table[((np.int64(sh_a[q]) & 255) << 8 | (np.int64(sh_b[q]) & 255)) & mask]
+            else:
+                v = table[np.int64(vals[j]) & 65535 & mask]
+            state[p] = v
+            if emit:
+                wl_pos[w] = p
+                wl_val[w] = v
+                w += 1
+    return w
+
+
+@njit(inline="always")
+def _put(ob, base, blk, stg, lo, hi):
+    """Ordinary stores of staged bytes ``lo:hi`` of the line at ``blk``."""
+    for b in range(lo, hi):
+        ob[blk + b - base] = stg[b]
+
+
 @njit(cache=True, nogil=True)
 def _sparse_decode(state, m, out, rows, stg, counts, k, dpos, vals, flags, t0, nsrc, pair,
                    off_a, pos_a, val_a, off_b, pos_b, val_b, sh_a, sh_b, qmap, table, add, emit,
@@ -297,30 +324,9 @@ def _sparse_decode(state, m, out, rows, stg, counts, k, dpos, vals, flags, t0, n
             for j in range(off_b[i], off_b[i + 1]):
                 sh_b[pos_b[j]] = val_b[j]
         if nsrc > 0 and flags[t]:
-            for j in range(off_a[i], off_a[i + 1]):
-                q = pos_a[j]
-                p = qmap[q]
-                if p >= 0:
-                    if pair:
-                        v = table[((np.int64(sh_a[q]) & 255) << 8 | (np.int64(sh_b[q]) & 255)) & mask]
-                    else:
-                        v = table[np.int64(val_a[j]) & 65535 & mask]
-                    state[p] = v
-                    if emit:
-                        wl_pos[w] = p
-                        wl_val[w] = v
-                        w += 1
+            w = _replay(off_a, pos_a, val_a, i, pair, sh_a, sh_b, qmap, table, mask, state, emit, wl_pos, wl_val, w)
             if pair:
-                for j in range(off_b[i], off_b[i + 1]):
-                    q = pos_b[j]
-                    p = qmap[q]
-                    if p >= 0:
-                        v = table[((np.int64(sh_a[q]) & 255) << 8 | (np.int64(sh_b[q]) & 255)) & mask]
-                        state[p] = v
-                        if emit:
-                            wl_pos[w] = p
-                            wl_val[w] = v
-                            w += 1
+                w = _replay(off_b, pos_b, val_b, i, pair, sh_a, sh_b, qmap, table, mask, state, emit, wl_pos, wl_val, w)
         p = 0
         for _ in range(counts[t]):
             p += dpos[k]
@@ -346,8 +352,7 @@ def _sparse_decode(state, m, out, rows, stg, counts, k, dpos, vals, flags, t0, n
                 ns += j
                 if ns == 64:
                     if skip:
-                        for b in range(skip, 64):
-                            ob[blk + b - base] = stg[b]
+                        _put(ob, base, blk, stg, skip, 64)
                         skip = 0
                     else:
                         _nt_store64(blk, gp)
@@ -362,8 +367,7 @@ def _sparse_decode(state, m, out, rows, stg, counts, k, dpos, vals, flags, t0, n
                     _copy64(gp, sp + j)
                     ns = rb - j
     if rows == 2:
-        for b in range(skip, ns):
-            ob[blk + b - base] = stg[b]
+        _put(ob, base, blk, stg, skip, ns)
         _sfence()
     if emit:
         wl_off[m] = w
