@@ -1,4 +1,5 @@
 """Errors users see as one line (the CLI prints `trajdata: error: <message>` and exits 1)."""
+from __future__ import annotations
 
 
 class TrajdataError(Exception):
@@ -10,8 +11,41 @@ class DataError(TrajdataError):
 
 
 class ConfigError(TrajdataError):
-    """A flag, option or configuration value is invalid."""
+    """A flag, option or configuration value is invalid.
+
+    ``field`` names the config field the message is about (and which the message names): the CLI
+    shows it as the command's flag (``max_steps`` -> ``--max-steps``)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class ExpertError(TrajdataError):
     """An expert is missing, not installed or failed to start."""
+
+
+class ExtraError(TrajdataError):
+    """An optional dependency (a `trajdata[extra]`) is not installed."""
+
+
+# extra -> the top-level modules it installs (pyproject.toml's optional dependencies).
+EXTRAS = {
+    "nethack": ("nle", "gymnasium"),
+    "atari": ("ale_py", "stable_baselines3", "gymnasium", "cv2"),
+    "train": ("torch", "tensorboard"),
+    "ray": ("ray",),
+    "scaling": ("scipy", "pandas", "matplotlib", "threadpoolctl"),
+    "autoascend": ("scipy", "cv2", "nltk", "toolz", "matplotlib", "seaborn"),
+}
+
+
+def missing_extra(err: ModuleNotFoundError, what: str, extras: tuple[str, ...] = ()) -> ExtraError:
+    """One-line error for ``what`` failing to import an optional dependency, naming the extra that
+    installs it (one of ``extras``, what needs it, if that extra has it)."""
+    module = (err.name or "").split(".")[0]
+    extra = next((e for e in extras if module in EXTRAS.get(e, ())), None)
+    extra = extra or next((e for e, mods in EXTRAS.items() if module in mods), None)
+    if extra is None:
+        return ExtraError(f"{what} cannot import {module or err} (is trajdata installed completely?)")
+    return ExtraError(f"{what} needs the {extra} extra (no module {module!r}): pip install 'trajdata[{extra}]'")

@@ -6,7 +6,7 @@ is that env, built over the runner's RecordingEnv, so every keypress the agent s
 run on nle 1.3.0 is patched here at import time; its fetched source is never edited:
 
 - gymnasium API -> old gym (reset returns obs, step returns 4 values);
-- NetHackChallenge's seeding ban undone (`nethack.seed_and_reset`);
+- NetHackChallenge's seeding ban undone (`trajdata.envs.nethack.seed_and_reset`);
 - `BLStats` gets the 27th blstats field `align`;
 - `env._actions` provided; the cursor handed over as int64 (numpy 2: `uint8(0) - 1` wraps);
 - NLE's ttyrec recorder stays off (its "Cannot open file" screen breaks the agent's end parser);
@@ -267,7 +267,7 @@ def replay_episode(root, episode_id: str) -> int:
     """
     import json
 
-    from trajdata.collectors.nethack import CharacterEnv, seed_and_reset
+    from trajdata.envs.nethack import CharacterEnv, seed_and_reset
     from trajdata.errors import DataError
     from trajdata.format.dataset import Dataset
 

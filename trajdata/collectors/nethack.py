@@ -1,147 +1,9 @@
-"""NetHack on stock nle 1.3.0: reproducible seeding, character and end-of-game parsing, and the
-base class every NetHack expert shares (environment, seeds, index columns)."""
+"""NetHack experts: the base class every NetHack expert shares (environment, seeds, index columns)
+and the built-in scripted player."""
 from __future__ import annotations
 
-import re
-
-import gymnasium as gym
-import numpy as np
-
 from trajdata.collectors.base import Expert, RecordingEnv
-
-# NetHack 3.6 role -> (races, alignments); races constrain alignment too; valkyries are female.
-ROLE_OPTIONS = {
-    "arc": ("hum dwa gno", "law neu"), "bar": ("hum orc", "neu cha"), "cav": ("hum dwa gno", "law neu"),
-    "hea": ("hum gno", "neu"), "kni": ("hum", "law"), "mon": ("hum", "law neu cha"),
-    "pri": ("hum elf", "law neu cha"), "rog": ("hum orc", "cha"), "ran": ("hum elf gno orc", "neu cha"),
-    "sam": ("hum", "law"), "tou": ("hum", "neu"), "val": ("hum dwa", "law neu"), "wiz": ("hum elf gno orc", "neu cha"),
-}
-RACE_ALIGNMENTS = {"hum": "law neu cha", "elf": "cha", "dwa": "law", "gno": "neu", "orc": "cha"}
-_CHARACTER = re.compile(r"^(@|[a-z]{3}(-[a-z]{3}){0,3})$")
-
-
-def random_character(seed: int) -> str:
-    """A valid role-race-alignment-gender, drawn like NetHack's own random pick (role first)."""
-    rng = np.random.default_rng([seed, 0xC4A7])
-    role = str(rng.choice(sorted(ROLE_OPTIONS)))
-    races, aligns = ROLE_OPTIONS[role]
-    race = str(rng.choice(races.split()))
-    align = str(rng.choice([a for a in aligns.split() if a in RACE_ALIGNMENTS[race]]))
-    gender = "fem" if role == "val" else str(rng.choice(["mal", "fem"]))
-    return f"{role}-{race}-{align}-{gender}"
-
-
-def make_nethack_env(character: str = "@", fix_moon_phase: bool = True, **kwargs) -> gym.Env:
-    """NetHackChallenge-v0 without NLE's own ttyrec recording (trajdata records)."""
-    import nle  # noqa: F401  (registers the envs)
-
-    kwargs.setdefault("save_ttyrec_every", 0)
-    return gym.make("NetHackChallenge-v0", character=character, fix_moon_phase=fix_moon_phase, **kwargs)
-
-
-class CharacterEnv(gym.Wrapper):
-    """NetHackChallenge whose character can change between episodes (NLE fixes it at construction)."""
-
-    def __init__(self, character: str = "@", fix_moon_phase: bool = True):
-        self.character, self.fix_moon_phase = character, fix_moon_phase
-        super().__init__(make_nethack_env(character, fix_moon_phase))
-
-    def set_character(self, character: str) -> None:
-        if character != self.character:
-            self.env.close()
-            self.env = make_nethack_env(character, fix_moon_phase=self.fix_moon_phase)
-            self.character = character
-
-
-def allow_seeding(env: gym.Env) -> None:
-    """Undo NetHackChallenge's per-instance ban on seeding (its __init__ patches the nethack object)."""
-    nh = env.unwrapped.nethack
-    for name in ("set_initial_seeds", "set_current_seeds", "get_current_seeds"):
-        nh.__dict__.pop(name, None)
-
-
-def seeds_from(seed: int) -> tuple[int, int]:
-    core, disp = np.random.SeedSequence(seed).generate_state(2, np.uint64)
-    return int(core >> np.uint64(1)), int(disp >> np.uint64(1))
-
-
-def seed_and_reset(env: gym.Env, core: int, disp: int, lgen: int | None = None):
-    """Reset ``env`` with NetHack's RNGs seeded (no anti-TAS reseeding): reproducible games."""
-    from nle.env.base import NLE
-
-    allow_seeding(env)
-    NLE.seed(env.unwrapped, core, disp, False, lgen)
-    obs, info = env.reset()
-    pin_start_time(env, core)
-    return obs, info
-
-
-_symbol_offsets: dict[str, int] = {}
-
-
-def _load_base(inode: int) -> int:
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 5 and parts[2] == "00000000" and int(parts[4]) == inode:
-                return int(parts[0].split("-")[0], 16)
-    raise RuntimeError(f"no mapping of inode {inode} in /proc/self/maps")
-
-
-def _symbol_offset(name: str) -> int:
-    """Offset of a global of nle's libnethack.so from its load address (same in every copy)."""
-    if name not in _symbol_offsets:
-        import _ctypes
-        import ctypes
-        import os
-
-        from nle.nethack.nethack import DLPATH
-
-        lib = ctypes.CDLL(DLPATH)
-        try:
-            addr = ctypes.addressof(ctypes.c_char.in_dll(lib, name))
-            _symbol_offsets[name] = addr - _load_base(os.stat(DLPATH).st_ino)
-        finally:
-            _ctypes.dlclose(lib._handle)
-    return _symbol_offsets[name]
-
-
-def _start_time_cell(env: gym.Env):
-    import ctypes
-    import os
-
-    nethack = env.unwrapped.nethack
-    base = _load_base(os.fstat(nethack._dl.fileno()).st_ino)
-    return ctypes.c_int64.from_address(base + _symbol_offset("ubirthday"))
-
-
-def pin_start_time(env: gym.Env, core: int) -> bool:
-    """Set NetHack's game start time (the global ``ubirthday``) from the core seed, right after reset.
-
-    NetHack 3.6 names shopkeepers from ``ubirthday / 257`` (wall-clock seconds at game start), which
-    nle 1.3.0's ``fix_moon_phase`` leaves alone, so replays of a game that meets a shopkeeper diverge
-    once the clock has moved on. Shops never appear on dungeon level 1, so every shop is created after
-    this and gets its name from the pinned time (which still varies from game to game, by seed).
-    Linux only (reads /proc/self/maps); returns whether the time was pinned.
-    """
-    import sys
-    import time
-
-    if not sys.platform.startswith("linux"):
-        return False
-    cell = _start_time_cell(env)
-    if abs(cell.value - time.time()) > 86400:
-        raise RuntimeError(f"nle's ubirthday reads {cell.value}, not the current time: unknown libnethack layout")
-    cell.value = 257 * (1_700_000_000 // 257 + core % 65)
-    return True
-
-
-def start_time(env: gym.Env, value: int | None = None) -> int:
-    """NetHack's game start time (``ubirthday``) of ``env``'s current game; sets it first if ``value``."""
-    cell = _start_time_cell(env)
-    if value is not None:
-        cell.value = value
-    return cell.value
+from trajdata.envs.nethack import CharacterEnv, check_character, random_character, seed_and_reset, seeds_from
 
 
 class NetHackExpert(Expert):
@@ -150,11 +12,7 @@ class NetHackExpert(Expert):
     schema = "nethack"
 
     def __init__(self, character: str = "@", fix_moon_phase: bool = True):
-        if not _CHARACTER.match(character):
-            from trajdata.errors import ConfigError
-
-            raise ConfigError(f"--character {character!r}: use '@' (random) or e.g. 'mon-hum-neu-mal'")
-        self.character, self.fix_moon_phase = character, fix_moon_phase
+        self.character, self.fix_moon_phase = check_character(character), fix_moon_phase
         self.episode_character = character
 
     def make_env(self) -> CharacterEnv:

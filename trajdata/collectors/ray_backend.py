@@ -1,4 +1,4 @@
-"""Ray backend for the collection runner: the same per-shard function (`runner.run_shard`), as Ray tasks.
+"""Ray backend for the collection runner: the same per-shard function (`worker.run_shard`), as Ray tasks.
 
 Output is identical to the local backend: each task writes one whole shard under `cfg.out`, so on a
 multi-node cluster `--out` must be on a filesystem every node sees. At most `cfg.workers` shards run
@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Callable
 
+from trajdata.collectors.worker import WORKER_DIED, run_shard
 from trajdata.errors import ConfigError, ExpertError, TrajdataError
 
 
@@ -26,8 +27,6 @@ def _ray():
 
 
 def _shard_task(cfg, shard: int, progress) -> list[dict]:
-    from trajdata.collectors.runner import run_shard
-
     pending = {"n": 0, "t": time.monotonic()}
 
     def report(n: int) -> None:
@@ -65,9 +64,7 @@ class _Progress:
 
 def run_ray(cfg, todo: list[int], on_steps: Callable[[int], None],
             on_shard: Callable[[int, list], None]) -> dict[int, str]:
-    """Run `runner.run_shard(cfg, s)` for every shard `s` in `todo` as Ray tasks; returns {shard: why it failed}."""
-    from trajdata.collectors.runner import WORKER_DIED
-
+    """Run `worker.run_shard(cfg, s)` for every shard `s` in `todo` as Ray tasks; returns {shard: why it failed}."""
     ray = _ray()
     started = False
     if not ray.is_initialized():

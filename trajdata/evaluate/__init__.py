@@ -1,0 +1,1 @@
+"""Policy evaluation: rolling out BC policies and experts (``trajdata eval``)."""

@@ -37,6 +37,7 @@ import zstandard
 
 from trajdata.errors import DataError
 from trajdata.format import kernels, sparse
+from trajdata.format.sparse import most_frequent_map
 from trajdata.format.schema import Schema
 
 MAGIC = b"TDC1"
@@ -119,28 +120,6 @@ def _narrow_int(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _most_frequent_map(keys: np.ndarray, values: np.ndarray, nkeys: int) -> np.ndarray:
-    """Dense table key -> most frequent value with that key, over a sample of steps (0 where unseen).
-
-    Only a predictor: residuals keep the round trip exact, so callers pass a sample of steps
-    (``_sample``), trading a little size for speed.
-    """
-    keys = keys.ravel().astype(np.int64)
-    values = values.ravel().astype(np.int64)
-    vmin = int(values.min()) if values.size else 0
-    span = (int(values.max()) - vmin + 1) if values.size else 1
-    pair = keys * span + (values - vmin)
-    uniq, counts = np.unique(pair, return_counts=True)
-    ukeys, uvals = uniq // span, uniq % span + vmin
-    order = np.lexsort((-counts, ukeys))
-    ukeys, uvals = ukeys[order], uvals[order]
-    first = np.ones(len(ukeys), bool)
-    first[1:] = ukeys[1:] != ukeys[:-1]
-    table = np.zeros(nkeys, np.int64)
-    table[ukeys[first]] = uvals[first]
-    return table
-
-
 def _sample(a: np.ndarray) -> np.ndarray:
     return a[:: max(1, len(a) // LUT_SAMPLE_STEPS)]
 
@@ -191,17 +170,17 @@ def _forward(name: str, kind: str, arrays: dict[str, np.ndarray]) -> tuple[np.nd
         return stored, {"prev": use}
     if kind == "char_lut":
         key = arrays["tty_chars"]
-        table = _most_frequent_map(_sample(key), _sample(a).view(np.uint8), 256)
+        table = most_frequent_map(_sample(key), _sample(a).view(np.uint8), 256)
         return kernels.lut(a, key, table.astype(np.uint8), kernels.XOR), {"lut": _lut_pack(table)}
     if kind == "tty_topline":
         return a ^ _topline_prediction(arrays["tty_chars"]), {}
     if kind == "pair_lut":
         chars, colors = arrays["chars"], arrays["colors"]
-        table = _most_frequent_map(_pair_key(_sample(chars), _sample(colors)), _sample(a), 1 << 16)
+        table = most_frequent_map(_pair_key(_sample(chars), _sample(colors)), _sample(a), 1 << 16)
         return kernels.pair_lut(a, chars, colors, table, kernels.SUB), {"lut": _lut_pack(table)}
     if kind == "glyph_lut":
         key = arrays["glyphs"]
-        table = _most_frequent_map(_sample(key).astype(np.uint16), _sample(a), GLYPH_TABLE_SIZE)
+        table = most_frequent_map(_sample(key).astype(np.uint16), _sample(a), GLYPH_TABLE_SIZE)
         return kernels.lut(a, key, table, kernels.XOR), {"lut": _lut_pack(table)}
     return a, {}
 

@@ -113,3 +113,27 @@ def render_atari(frame: np.ndarray, width: int = 84) -> str:
             cells.append(f"\033[38;2;{top};{top};{top}m\033[48;2;{bot};{bot};{bot}m\u2580")
         rows.append("".join(cells) + "\033[0m")
     return "\n".join(rows)
+
+
+VOLATILE_COLUMNS = ("wall_seconds", "collection_date")
+
+
+def diff_datasets(a, b, ignore=VOLATILE_COLUMNS) -> str | None:
+    """The first difference between datasets ``a`` and ``b`` (index rows but ``ignore``d columns, then
+    every stored step of every field), or None if they hold the same episodes."""
+    da, db = Dataset(a), Dataset(b)
+    rows = [{r["id"]: {k: v for k, v in r.items() if k not in ignore} for r in d.index_rows()} for d in (da, db)]
+    if rows[0].keys() != rows[1].keys():
+        return f"episodes differ: {sorted(rows[0].keys() ^ rows[1].keys())[:5]}"
+    for eid in sorted(rows[0]):
+        if rows[0][eid] != rows[1][eid]:
+            k = next(k for k in rows[0][eid].keys() | rows[1][eid].keys() if rows[0][eid].get(k) != rows[1][eid].get(k))
+            return f"episode {eid}: index column {k} differs ({rows[0][eid].get(k)!r} vs {rows[1][eid].get(k)!r})"
+        if da.schema.names != db.schema.names:
+            return f"schemas differ: {da.schema.name} vs {db.schema.name}"
+        for name in da.schema.names:
+            x = np.concatenate([c.fields[name] for c in da.episode(eid, fields=[name])])
+            y = np.concatenate([c.fields[name] for c in db.episode(eid, fields=[name])])
+            if x.shape != y.shape or not np.array_equal(x, y):
+                return f"episode {eid}: field {name} differs"
+    return None

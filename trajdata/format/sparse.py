@@ -60,15 +60,35 @@ def fixed_table(kind: str, dtype) -> np.ndarray:
     return table
 
 
+def most_frequent_map(keys: np.ndarray, values: np.ndarray, nkeys: int) -> np.ndarray:
+    """Dense table key -> most frequent value with that key, over a sample of steps (0 where unseen).
+
+    Only a predictor: residuals keep the round trip exact, so callers pass a sample of steps
+    (``codec._sample``), trading a little size for speed.
+    """
+    keys = keys.ravel().astype(np.int64)
+    values = values.ravel().astype(np.int64)
+    vmin = int(values.min()) if values.size else 0
+    span = (int(values.max()) - vmin + 1) if values.size else 1
+    pair = keys * span + (values - vmin)
+    uniq, counts = np.unique(pair, return_counts=True)
+    ukeys, uvals = uniq // span, uniq % span + vmin
+    order = np.lexsort((-counts, ukeys))
+    ukeys, uvals = ukeys[order], uvals[order]
+    first = np.ones(len(ukeys), bool)
+    first[1:] = ukeys[1:] != ukeys[:-1]
+    table = np.zeros(nkeys, np.int64)
+    table[ukeys[first]] = uvals[first]
+    return table
+
+
 def fit_table(x: np.ndarray, keys: list[np.ndarray], sample) -> np.ndarray:
     """Most frequent value of ``x`` per source key (same geometry), over sampled steps."""
-    from trajdata.format.codec import _most_frequent_map
-
     if len(keys) == 2:
         key = (sample(keys[0]).astype(np.int64) & 255) << 8 | (sample(keys[1]).astype(np.int64) & 255)
     else:
         key = sample(keys[0]).astype(np.int64) & 65535
-    return _most_frequent_map(key, sample(x), _key_size([k.dtype for k in keys]))
+    return most_frequent_map(key, sample(x), _key_size([k.dtype for k in keys]))
 
 
 _NO_MAP = np.zeros(1, np.int32)

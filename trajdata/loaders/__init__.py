@@ -1,4 +1,4 @@
-"""Loaders: streaming (B, T) batches for behavioural cloning (see ``stream``), and NLD import (``nld``).
+"""Loaders: streaming (B, T) batches for behavioural cloning (see ``stream``).
 
     from trajdata.loaders import LoaderConfig, make_dataloader
     loader = make_dataloader(LoaderConfig("data/nethack", fields=("tty_chars", "action"), batch_size=32,

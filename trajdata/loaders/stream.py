@@ -21,9 +21,9 @@ import ctypes
 import hashlib
 import heapq
 import itertools
-import os
-import sys
+import mmap
 import tarfile
+import weakref
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from trajdata.config import at_least, choose, require
+from trajdata.envs.atari import stack_frames
 from trajdata.errors import ConfigError, DataError
 from trajdata.format import codec, kernels
 from trajdata.format.dataset import Dataset
@@ -42,6 +44,7 @@ MODES = ("lanes", "windows")
 SPLITS = (None, "train", "val")
 EXTRA_FIELDS = ("mask", "reset", "episode", "step")
 FRAME_FIELD = "frame"
+LIVES_FIELD = "lives"
 
 
 @dataclass
@@ -58,7 +61,7 @@ class LoaderConfig:
     val_fraction: float = 0.05
     where: dict = field(default_factory=dict)  # index column -> value, or list of accepted values
     min_score: float | None = None
-    frame_stack: int = 1  # Atari: stack k frames (never across an episode start)
+    frame_stack: int = 1  # Atari: stack k frames (trajdata.envs.atari's rule; adds "frame" and "lives")
     pin_memory: bool = False
     rank: int | None = None  # default: torch.distributed if initialised, else 0
     world_size: int | None = None
@@ -66,21 +69,18 @@ class LoaderConfig:
     even_batches: bool = True  # every slot yields as many batches as the busiest (padding-only extras): DDP-safe
     tune_malloc: bool = True  # glibc: keep freed decode buffers in the process (see keep_freed_memory)
 
-    def check(self, schema) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"loader mode {self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.split not in SPLITS:
-            raise ConfigError(f"loader split {self.split!r}: choose train, val or None")
-        for name in ("batch_size", "seq_len", "frame_stack", "shuffle_buffer"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"loader {name} must be at least 1 (got {getattr(self, name)})")
-        if not 0.0 <= self.val_fraction <= 1.0:
-            raise ConfigError(f"loader val_fraction must be in [0, 1] (got {self.val_fraction})")
+    def __post_init__(self):
+        choose(self.mode, MODES, "mode")
+        choose(self.split, SPLITS, "split")
+        at_least(self, 1, "batch_size", "seq_len", "frame_stack", "shuffle_buffer")
+        require(0.0 <= self.val_fraction <= 1.0, "val_fraction", f"must be in [0, 1] (got {self.val_fraction})")
+
+    def check_schema(self, schema) -> None:
+        """The checks that need the dataset: fields exist, frame stacking has frames and lives."""
         for f in self.fields or ():
-            if f not in schema.names:
-                raise ConfigError(f"field {f!r} is not in schema {schema.name!r} ({', '.join(schema.names)})")
-        if self.frame_stack > 1 and FRAME_FIELD not in schema.names:
-            raise ConfigError(f"frame_stack needs a {FRAME_FIELD!r} field; schema {schema.name!r} has none")
+            require(f in schema.names, "fields", f"{f!r} is not in schema {schema.name!r} ({', '.join(schema.names)})")
+        require(self.frame_stack == 1 or {FRAME_FIELD, LIVES_FIELD} <= set(schema.names), "frame_stack",
+                f"needs {FRAME_FIELD!r} and {LIVES_FIELD!r} fields; schema {schema.name!r} lacks them")
 
 
 # ---- stage 1: which episodes ---------------------------------------------------------------------
@@ -324,17 +324,21 @@ class ChunkCursor(DenseChunk):
 
 
 class EpisodeReader:
-    """Sequential reader of one episode from step ``start``: holds one decoded chunk at a time
-    (plus ``frame_stack - 1`` frames of history)."""
+    """Sequential reader of one episode from step ``start``: holds one decoded chunk at a time. With
+    ``frame_stack`` k > 1 it stacks frames by the rule of ``trajdata.envs.atari`` (the last k frames of
+    the current life, zeros before it), reading ``lives`` and keeping k - 1 frames of history."""
 
     def __init__(self, src: ChunkSource, shard: str, episode_id: str, start: int, frame_stack: int = 1):
         self.src, self.shard, self.episode_id, self.k = src, shard, episode_id, frame_stack
         self.table = src.chunks(shard, episode_id)
-        self.pos = max(0, start - (frame_stack - 1))
-        self.hist = None
         self._chunk, self._data = -1, None
-        if self.pos < start:
-            self._advance(start - self.pos, None, 0, 0)
+        self.pos = start
+        if self.k > 1:
+            self.hist = np.zeros((self.k - 1, *src.schema[FRAME_FIELD].shape), src.schema[FRAME_FIELD].np_dtype)
+            self.prev_lives, self.run = None, 0
+            self.pos = max(0, start - self.k)  # one step more than the stack: its lives tell whether a life starts
+            if self.pos < start:
+                self._advance(start - self.pos, None, 0, 0)
 
     def _locate(self) -> tuple[DenseChunk, int, int]:
         while self._chunk < 0 or self.pos >= self.table[self._chunk][2] + self.table[self._chunk][3]:
@@ -347,51 +351,80 @@ class EpisodeReader:
         self._advance(n, out, row, col)
 
     def _advance(self, n: int, out, row: int, col: int) -> None:
-        skip = (FRAME_FIELD,) if self.k > 1 else ()
+        """The next ``n`` steps into ``out`` rows (``None``: only advance, keeping the stack's history)."""
         while n > 0:
             chunk, i, avail = self._locate()
             m = min(n, avail)
-            if out is not None:
-                chunk.read(out, row, col, i, m, skip)
-            if self.k > 1:
-                self._stack(chunk.dense[FRAME_FIELD][i : i + m], out.get(FRAME_FIELD) if out is not None else None,
-                            row, col)
+            if self.k == 1:
+                if out is not None:
+                    chunk.read(out, row, col, i, m)
+            else:
+                if out is None:
+                    lives = np.empty((1, m), self.src.schema[LIVES_FIELD].np_dtype)
+                    chunk.read({LIVES_FIELD: lives}, 0, 0, i, m)
+                    lives, dst = lives[0], None
+                else:
+                    chunk.read(out, row, col, i, m, skip=(FRAME_FIELD,))
+                    lives, dst = out[LIVES_FIELD][row, col : col + m], out[FRAME_FIELD][row, col : col + m]
+                if FRAME_FIELD not in chunk.dense:
+                    raise DataError(f"shard {self.shard}: episode {self.episode_id}: frames stored sparse "
+                                    "cannot be stacked (recode the dataset)")
+                _, self.hist, self.prev_lives, self.run = stack_frames(
+                    chunk.dense[FRAME_FIELD][i : i + m], lives, self.k, self.hist, self.prev_lives, self.run, dst)
             self.pos += m
             col += m
             n -= m
-
-    def _stack(self, frames: np.ndarray, out, row: int, col: int) -> None:
-        k = self.k
-        hist = frames[:0] if self.hist is None else self.hist
-        pad = k - 1 - len(hist)
-        first = hist[:1] if len(hist) else frames[:1]
-        ext = np.concatenate([np.repeat(first, pad, axis=0), hist, frames]) if pad else np.concatenate([hist, frames])
-        if out is not None:
-            win = np.lib.stride_tricks.sliding_window_view(ext, k, axis=0)  # (m, ..., k)
-            out[row, col : col + len(frames)] = np.moveaxis(win, -1, 1)
-        self.hist = ext[-(k - 1):].copy()
 
 
 # ---- stage 4: assembling batches -----------------------------------------------------------------
 
 class BatchPool:
-    """Reuses a batch's arrays once nothing outside the pool references them (first-touch page
-    faults on fresh multi-GB batches cost more than the decode); only the stale tail of each row
-    is re-zeroed."""
+    """Batch buffers, reused without ever overwriting a batch in use.
 
-    def __init__(self, make, size: int = 2):
-        self.make, self.size = make, size
-        self.free: list[tuple[dict, np.ndarray]] = []
+    A batch's arrays are views of one block of memory, made through a fresh base array each time the
+    block is handed out. Every view, slice or tensor of a batch keeps that base array alive (numpy and
+    torch keep the array memory came from), and the pool holds only a weak reference to it: a block is
+    handed out again only once nothing of its last batch is left. Reuse saves the first-touch page
+    faults of fresh multi-GB batches, which cost more than the decode; only each row's stale tail is
+    re-zeroed. If every pooled block is in use, a batch gets fresh memory.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, layout: dict[str, tuple[tuple[int, ...], np.dtype]], size: int = 2):
+        self.layout, self.size = layout, size
+        self.offsets, n = {}, 0
+        for name, (shape, dtype) in layout.items():
+            self.offsets[name] = n
+            n += -(-int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // self.ALIGN) * self.ALIGN
+        self.nbytes = max(n, 1)
+        self.blocks: list[dict] = []  # {"memory", "ends", "base": weakref of the base array handed out last}
+
+    def _new_block(self) -> dict:
+        block = {"memory": mmap.mmap(-1, self.nbytes), "ends": None, "base": None}  # zeroed pages
+        out = self._views(block)
+        out["episode"][:] = -1
+        block["ends"] = np.zeros(len(out["mask"]), np.int64)
+        return block
+
+    def _views(self, block: dict) -> dict[str, np.ndarray]:
+        base = np.frombuffer(block["memory"], np.uint8)
+        block["base"] = weakref.ref(base)
+        out = {}
+        for name, (shape, dtype) in self.layout.items():
+            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            out[name] = base[self.offsets[name] : self.offsets[name] + n].view(dtype).reshape(shape)
+        return out
 
     def get(self) -> tuple[dict, np.ndarray]:
-        for i, (out, ends) in enumerate(self.free):
-            if all(sys.getrefcount(a) <= 3 for a in out.values()):  # dict, loop variable, argument
-                return out, ends
-        out = self.make()
-        if len(self.free) < self.size:
-            self.free.append((out, np.zeros(len(out["mask"]), np.int64)))
-            return self.free[-1]
-        return out, np.zeros(len(out["mask"]), np.int64)
+        """A batch's arrays (zero but for the stale tails ``ends`` records, and ``episode`` -1)."""
+        for block in self.blocks:
+            if block["base"] is None or block["base"]() is None:
+                return self._views(block), block["ends"]
+        block = self._new_block()
+        if len(self.blocks) < self.size:
+            self.blocks.append(block)
+        return self._views(block), block["ends"]
 
     @staticmethod
     def clear_tails(out: dict, ends: np.ndarray, new_ends: np.ndarray) -> None:
@@ -405,16 +438,17 @@ class BatchPool:
         ends[:] = new_ends
 
 
-def batch_arrays(schema, fields: list[str], B: int, T: int, frame_stack: int) -> dict[str, np.ndarray]:
+def batch_layout(schema, fields: list[str], B: int, T: int, frame_stack: int) -> dict[str, tuple]:
+    """name -> (shape, dtype) of a batch's arrays."""
     out = {}
     for name in fields:
         f = schema[name]
         shape = (frame_stack, *f.shape) if name == FRAME_FIELD and frame_stack > 1 else f.shape
-        out[name] = np.zeros((B, T, *shape), f.np_dtype)
-    out["mask"] = np.zeros((B, T), bool)
-    out["reset"] = np.zeros((B, T), bool)
-    out["episode"] = np.full((B, T), -1, np.int64)
-    out["step"] = np.zeros((B, T), np.int64)
+        out[name] = ((B, T, *shape), f.np_dtype)
+    out["mask"] = ((B, T), np.dtype(bool))
+    out["reset"] = ((B, T), np.dtype(bool))
+    out["episode"] = ((B, T), np.dtype(np.int64))
+    out["step"] = ((B, T), np.dtype(np.int64))
     return out
 
 
@@ -453,10 +487,10 @@ class TrajectoryStream(IterableDataset):
         self.cfg = cfg
         self.ds = Dataset(cfg.root)
         self.schema = self.ds.schema
-        cfg.check(self.schema)
+        cfg.check_schema(self.schema)
         self.fields = list(cfg.fields) if cfg.fields is not None else list(self.schema.names)
-        if cfg.frame_stack > 1 and FRAME_FIELD not in self.fields:
-            self.fields.append(FRAME_FIELD)
+        if cfg.frame_stack > 1:
+            self.fields += [n for n in (FRAME_FIELD, LIVES_FIELD) if n not in self.fields]
         self.rows = select_episodes(self.ds.index_rows(), cfg)
         self.episode_ids = [r["id"] for r in self.rows]
         self.steps = [int(r["steps"]) for r in self.rows]
@@ -509,8 +543,7 @@ class TrajectoryStream(IterableDataset):
         src = self._src
         readers: dict[int, EpisodeReader] = {}  # lanes: row -> reader of its current episode
         if getattr(self, "_pool", None) is None:
-            self._pool = BatchPool(lambda: batch_arrays(self.schema, self.fields, cfg.batch_size, cfg.seq_len,
-                                                        cfg.frame_stack))
+            self._pool = BatchPool(batch_layout(self.schema, self.fields, cfg.batch_size, cfg.seq_len, cfg.frame_stack))
         pool = self._pool
         plan = self.plan(slot, slots)
         if cfg.even_batches and slots > 1:

@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trajdata.collectors.atari import (FRAME_SKIP, FRAME_STACK, NOOP_MAX, SCREEN_SIZE, env_id, evaluate,
-                                       register_ale, resolve_game)
+from trajdata.envs.atari import (FRAME_SKIP, FRAME_STACK, NOOP_MAX, SCREEN_SIZE, env_id, evaluate, register_ale,
+                                 resolve_game)
+from trajdata.config import at_least, open_run_dir, require
 from trajdata.errors import ConfigError
 
 
@@ -53,13 +54,10 @@ class PPOConfig:
 
     def __post_init__(self):
         self.game = resolve_game(self.game)
-        for k in ("timesteps", "n_envs", "n_steps", "n_epochs", "batch_size", "checkpoint_every", "threads"):
-            if getattr(self, k) <= 0:
-                raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
-        if self.eval_episodes < 0:
-            raise ConfigError(f"eval_episodes must be >= 0, got {self.eval_episodes}")
-        if (self.n_steps * self.n_envs) % self.batch_size:
-            raise ConfigError(f"n_steps*n_envs ({self.n_steps * self.n_envs}) must be a multiple of batch_size ({self.batch_size})")
+        at_least(self, 1, "timesteps", "n_envs", "n_steps", "n_epochs", "batch_size", "checkpoint_every", "threads")
+        at_least(self, 0, "eval_episodes")
+        require((self.n_steps * self.n_envs) % self.batch_size == 0, "batch_size",
+                f"({self.batch_size}) must divide n_steps*n_envs ({self.n_steps * self.n_envs})")
 
     @property
     def env_id(self) -> str:
@@ -104,18 +102,6 @@ def _save_atomic(model, path: Path) -> None:
     tmp = path.with_name(path.stem + ".tmp.zip")
     model.save(tmp)
     os.replace(tmp, path)
-
-
-def _check_resume(cfg: PPOConfig, out: Path) -> None:
-    f = out / "config.json"
-    if not f.exists():
-        return
-    old = json.loads(f.read_text())
-    new = dataclasses.asdict(cfg)
-    diff = [k for k in new if k not in _RESUME_FREE and old.get(k) != new[k]]
-    if diff:
-        k = diff[0]
-        raise ConfigError(f"{out} holds a run with {k}={old.get(k)!r}, not {new[k]!r}; use another --out to start a new run")
 
 
 def _callback(cfg: PPOConfig, out: Path, start_steps: int, progress: bool):
@@ -175,9 +161,8 @@ def train_ppo(cfg: PPOConfig, out: str | os.PathLike, progress: bool = True) -> 
 
     torch.set_num_threads(cfg.threads)
     out = Path(out)
-    _check_resume(cfg, out)
+    open_run_dir(out, dataclasses.asdict(cfg) | {"env_id": cfg.env_id}, _RESUME_FREE)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"env_id": cfg.env_id}, indent=2))
     if (out / "model.zip").exists() and (out / "eval.json").exists():
         done = json.loads((out / "eval.json").read_text())
         if done.get("timesteps", 0) >= cfg.timesteps:

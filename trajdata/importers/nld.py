@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trajdata.errors import ConfigError, DataError
+from trajdata.config import at_least, choose
+from trajdata.errors import DataError
 from trajdata.format.codec import DEFAULT_PROFILE, PROFILES
 from trajdata.format.dataset import Dataset, build_index, create_or_check, shard_name
 from trajdata.format.schema import NLD
@@ -35,14 +36,9 @@ class NldImportConfig:
     codec: str = DEFAULT_PROFILE
     max_games: int | None = None
 
-    def check(self) -> None:
-        if not os.path.isfile(self.db):
-            raise DataError(f"NLD database {self.db} does not exist")
-        for name in ("episodes_per_shard", "chunk_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if self.codec not in PROFILES:
-            raise ConfigError(f"--codec {self.codec!r}: choose one of {', '.join(PROFILES)}")
+    def __post_init__(self):
+        at_least(self, 1, "episodes_per_shard", "chunk_steps")
+        choose(self.codec, PROFILES, "codec")
 
 
 def key_to_action() -> np.ndarray:
@@ -136,7 +132,8 @@ def import_nld(cfg: NldImportConfig, progress: bool = True) -> dict:
     from nle import _pyconverter
     from tqdm import tqdm
 
-    cfg.check()
+    if not os.path.isfile(cfg.db):
+        raise DataError(f"NLD database {cfg.db} does not exist")
     root, version, gameids, paths, meta = _games(cfg)
     if not gameids:
         raise DataError(f"{cfg.db}: dataset {cfg.name!r} has no ttyrecs")
