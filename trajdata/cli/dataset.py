@@ -1,22 +1,10 @@
-"""`trajdata collect scripted`, `inspect`, `verify`, `show`, `index`, `recode`."""
+"""`trajdata inspect`, `verify`, `show`, `index`, `recode`, `stats`: datasets on disk."""
 from __future__ import annotations
 
 import json
 
 import click
 
-from trajdata.cli.common import collect_options, run_collect
-from trajdata.format.codec import DEFAULT_PROFILE, PROFILES
-
-
-@click.command("scripted")
-@collect_options
-@click.option("--character", default="@", show_default=True, help="'@' for random, or e.g. mon-hum-neu-mal.")
-@click.option("--real-moon-phase", is_flag=True, help="Use the real date's moon phase (default: fixed, reproducible).")
-def collect_scripted(character, real_moon_phase, quiet, **opts):
-    """Collect NetHack games played by the built-in scripted expert (needs only nle)."""
-    run_collect("trajdata.collectors.nethack:ScriptedExpert",
-                {"character": character, "fix_moon_phase": not real_moon_phase}, quiet=quiet, **opts)
 
 
 @click.command()
@@ -83,18 +71,28 @@ def show(dataset, episode, step, no_color):
 @click.command()
 @click.argument("dataset", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="New dataset directory (created, or resumed).")
-@click.option("--codec", default=DEFAULT_PROFILE, show_default=True, type=click.Choice(sorted(PROFILES)),
+@click.option("--codec", default="stream", show_default=True, type=click.Choice(["compact", "fast", "stream"]),
               help="Storage profile to re-encode every chunk with.")
 def recode(dataset, out, codec):
-    """Copy DATASET to --out with every chunk re-encoded in another storage profile (e.g. a `compact`
-    dataset from an older trajdata into `stream`, which the loader decodes straight into batches).
-    Every new chunk is checked against the original; rerunning resumes."""
+    """Copy DATASET to --out with every chunk re-encoded in another storage profile.
+
+    E.g. a `compact` dataset from an older trajdata into `stream`, which the loader decodes straight
+    into batches. Every new chunk is checked against the original; rerunning resumes.
+    """
     from trajdata.format.dataset import recode as run
 
     click.echo(json.dumps(run(dataset, out, codec, progress=True)))
 
 
-def register(cli):
-    cli.commands["collect"].add_command(collect_scripted)
-    for cmd in (inspect, verify, show, index, recode):
-        cli.add_command(cmd)
+@click.command()
+@click.argument("dataset", type=click.Path())
+@click.option("--png", default=None, type=click.Path(dir_okay=False),
+              help="Histogram image to write (default: DATASET/stats.png).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def stats(dataset, png, as_json):
+    """Score, turn, depth and death-cause distributions of a NetHack dataset (compare with NLD-AA)."""
+    from trajdata.format.stats import dataset_stats, format_stats, plot_stats
+
+    s = dataset_stats(dataset)
+    s["png"] = str(plot_stats(dataset, png))
+    click.echo(json.dumps(s, indent=2) if as_json else format_stats(s))

@@ -72,12 +72,7 @@ def load_and_config(runs_path, cols, wheres, budgets, min_budget, max_budget, mi
     return runs, cfg
 
 
-@click.group()
-def scaling():
-    """Fit imitation-learning scaling laws to a runs table and forecast compute-optimal runs."""
-
-
-@scaling.command("fit")
+@click.command("fit")
 @click.argument("runs_path", metavar="RUNS", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for fit.json and report.html.")
 @runs_options
@@ -102,7 +97,7 @@ def fit_cmd(runs_path, out, bootstrap, seed, **opts):
     click.echo(f"wrote {paths['json']} and {paths['html']}")
 
 
-@scaling.command("forecast")
+@click.command("forecast")
 @click.argument("source", metavar="FIT_JSON_OR_RUNS", type=click.Path(dir_okay=False))
 @click.option("--dataset-size", type=float, default=None, help="Samples D you have: solve C, then N.")
 @click.option("--compute", type=float, default=None, help="FLOP budget C: the optimal N and D.")
@@ -140,6 +135,3 @@ def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json
         click.echo(f"{r['target']:7s} {r['method']:10s} {r['flops']:10.3g} {r['params']:10.3g} "
                    f"{r['samples']:10.3g} {r[r['target']]:10.4g}")
 
-
-def register(cli):
-    cli.add_command(scaling)
