@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench scaling-report clean
+.PHONY: install test test-fast demo bench scaling-report clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The edit-test loop: everything not marked slow (under a minute).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/trajdata collect scripted --out demo-data --shards 4 --episodes-per-shard 2 --workers 2 --max-steps 2000

@@ -28,7 +28,7 @@ def _timed(fn):
 
 
 def anchor_env(game: str, steps: int) -> dict:
-    from trajdata.collectors.atari import make_play_env
+    from trajdata.envs.atari import make_play_env
 
     env = make_play_env(game)
     rng = np.random.default_rng(0)

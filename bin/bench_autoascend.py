@@ -30,7 +30,6 @@ from pathlib import Path
 
 import gymnasium as gym
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 class _Cap(Exception):
@@ -64,7 +63,7 @@ def bare_game(expert, env, seed: int, max_steps: int) -> tuple[int, float]:
 
 
 def trajdata_game(cfg, shard: int) -> tuple[int, float]:
-    from trajdata.collectors.runner import run_shard
+    from trajdata.collectors.worker import run_shard
 
     t = time.perf_counter()
     rows = run_shard(cfg, shard)
@@ -96,7 +95,8 @@ class _Timers:
 
 
 def overhead(games: int, max_steps: int, character: str) -> dict:
-    from trajdata.collectors.runner import CollectConfig, ExpertSpec, _expert_and_env, episode_seed
+    from trajdata.collectors.config import CollectConfig, ExpertSpec
+    from trajdata.collectors.worker import _expert_and_env, episode_seed
     from trajdata.format.dataset import create_or_check
 
     timers = _Timers()
@@ -137,7 +137,8 @@ def overhead(games: int, max_steps: int, character: str) -> dict:
 
 
 def _bare_worker(character: str, seeds: list[int], max_steps: int, barrier) -> tuple[int, float]:
-    from trajdata.collectors.runner import ExpertSpec, _expert_and_env
+    from trajdata.collectors.config import ExpertSpec
+    from trajdata.collectors.worker import _expert_and_env
 
     expert, env = _expert_and_env(ExpertSpec("trajdata.collectors.autoascend:AutoAscendExpert", {"character": character}))
     bare_game(expert, env, 12345, 1000)  # warm-up: imports, numba
@@ -199,14 +200,14 @@ def storage(root: str) -> dict:
     """Bytes/step on these AutoAscend games: trajdata (all fields, and tty fields) vs NLE's own
     ttyrec.bz2 recording of the same games (replayed from the recorded seeds and actions, every
     frame checked), the format NLD-AA is distributed in."""
-    from bench_format import replay_to_ttyrec
+    from trajdata.importers.ttyrec import export_ttyrecs
 
     from trajdata.format.dataset import Dataset
     from trajdata.format.inspect import summarize
 
     ds = Dataset(root)
     with tempfile.TemporaryDirectory() as d:
-        frames = replay_to_ttyrec(ds, Path(d))
+        frames = export_ttyrecs(ds, Path(d))
         bz2 = sum(p.stat().st_size for p in Path(d).rglob("*.ttyrec*.bz2"))
     s = summarize(root)
     tty = sum(s["field_bytes_per_step"].get(f, 0) for f in ("tty_chars", "tty_colors", "tty_cursor"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trajdata.collectors.nethack import make_nethack_env, seed_and_reset
+from trajdata.importers.ttyrec import export_ttyrecs
 from trajdata.collectors.runner import CollectConfig, ExpertSpec, collect
 from trajdata.format import codec
 from trajdata.format.codec import DEFAULT_PROFILE, PROFILES
@@ -28,47 +28,6 @@ from trajdata.format.schema import TTY_FIELDS
 
 
 ROUNDS = 3
-
-
-def replay_to_ttyrec(ds: Dataset, savedir: Path) -> int:
-    """Replay every episode with NLE's ttyrec recorder on; returns frames checked against ours."""
-    checked = 0
-    for row in ds.index_rows():
-        seeds = json.loads(row["seeds"])
-        gamedir = savedir / row["id"]
-        gamedir.mkdir(parents=True, exist_ok=True)
-        # With a savedir, nle 1.3.0 looks for NetHack's score file at <savedir>/nle.<pid>.record but only
-        # creates it in its private hackdir; a level that names a statue or corpse after a top-ten entry
-        # then shows "Cannot open record file!" and the game diverges from the recorded one.
-        (gamedir / f"nle.{os.getpid()}.record").touch()
-        env = make_nethack_env(row["character"], fix_moon_phase=True, save_ttyrec_every=1, savedir=str(gamedir))
-        obs, _ = seed_and_reset(env, seeds["core"], seeds["disp"], seeds["lgen"])
-        for chunk in ds.episode(row["id"], fields=["tty_chars", "action"]):
-            for t in range(chunk.steps):
-                if not np.array_equal(obs["tty_chars"], chunk.fields["tty_chars"][t]):
-                    raise SystemExit(f"replay diverged: episode {row['id']} step {chunk.start + t}")
-                checked += 1
-                obs, _, term, trunc, _ = env.step(int(chunk.fields["action"][t]))
-        env.close()
-        _close_xlog(gamedir, row)
-    return checked
-
-
-_XLOG = ("version=3.6.7\tpoints={score}\tdeathdnum=0\tdeathlev={depth}\tmaxlvl={depth}\thp=1\tmaxhp=1\tdeaths=0\t"
-         "deathdate=20260101\tbirthdate=20260101\tuid=0\trole=Val\trace=Hum\tgender=Fem\talign=Law\tname=Agent\t"
-         "death=truncated\tconduct=0x0\tturns={turns}\tachieve=0x0\trealtime=0\tstarttime=0\tendtime=0\t"
-         "gender0=Fem\talign0=Law\tflags=0x4\tttyrecname={ttyrec}\n")
-
-
-def _close_xlog(gamedir: Path, row: dict) -> None:
-    """NLE writes an xlogfile line only for finished games; add one for truncated games so
-    `nle.dataset` indexes their ttyrecs too."""
-    xlog = next(gamedir.glob("*.xlogfile"))
-    if xlog.read_text().strip():
-        return
-    ttyrec = next(gamedir.glob("*.ttyrec*.bz2")).name
-    with open(xlog, "a") as f:
-        f.write(_XLOG.format(score=row["score"], depth=max(1, row["depth"]), turns=row["turns"], ttyrec=ttyrec))
 
 
 def nld_loader_rate(root: Path, name: str, total_steps: int, batch: int, seq: int, threads: int) -> dict:
@@ -144,11 +103,11 @@ def main():
     ds = profiles["compact"]["ds"]
     steps = profiles["compact"]["steps"]
     ttydir = work / "nld"
-    if (ttydir / "ttyrecs.db").is_file():  # a reused workdir: keep its checked ttyrecs (see replay_to_ttyrec)
+    if (ttydir / "ttyrecs.db").is_file():  # a reused workdir: keep its checked ttyrecs (see export_ttyrecs)
         checked = "reused"
     else:
         shutil.rmtree(ttydir, ignore_errors=True)
-        checked = replay_to_ttyrec(ds, ttydir)
+        checked = export_ttyrecs(ds, ttydir)
         nld_loader_rate(ttydir, "bench", steps, 32, 32, 1)  # creates ttyrecs.db: marks the replay complete
     ttyrec_bytes = sum(f.stat().st_size for f in ttydir.rglob("*.ttyrec*.bz2"))
     # Rounds interleave NLD and trajdata; each figure is its best round (this machine is noisy).

@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 B, T = 32, 4096
 
@@ -83,7 +82,7 @@ def measure(kind: str, root: Path, epochs: int, fields: str = "all", mode: str =
 
 
 def prepare(work: Path, episodes: int, max_steps: int) -> tuple[dict, Path, int]:
-    from bench_format import replay_to_ttyrec
+    from trajdata.importers.ttyrec import export_ttyrecs
     from trajdata.collectors.runner import CollectConfig, ExpertSpec, collect
     from trajdata.format.codec import DEFAULT_PROFILE, PROFILES
     from trajdata.format.dataset import Dataset, recode
@@ -105,12 +104,12 @@ def prepare(work: Path, episodes: int, max_steps: int) -> tuple[dict, Path, int]
     if not (nld / "ttyrecs.db").is_file():
         import nle.dataset as nle_ds
 
-        checked = replay_to_ttyrec(Dataset(data[DEFAULT_PROFILE]), nld)
+        checked = export_ttyrecs(Dataset(data[DEFAULT_PROFILE]), nld)
         nle_ds.db.create(str(nld / "ttyrecs.db"))
         nle_ds.add_nledata_directory(str(nld), "bench", filename=str(nld / "ttyrecs.db"))
     imported = work / "trajdata-from-nld"
     if not (imported / "index.parquet").is_file():
-        from trajdata.loaders.nld import NldImportConfig, import_nld
+        from trajdata.importers.nld import NldImportConfig, import_nld
 
         import_nld(NldImportConfig(db=str(nld / "ttyrecs.db"), name="bench", out=str(imported), codec=DEFAULT_PROFILE),
                    progress=False)

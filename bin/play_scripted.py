@@ -11,7 +11,7 @@ import time
 import numpy as np
 from nle import nethack as nh
 
-from trajdata.collectors.nethack import make_nethack_env, seed_and_reset, seeds_from
+from trajdata.envs.nethack import make_nethack_env, seed_and_reset, seeds_from
 from trajdata.collectors.scripted import ScriptedNetHackExpert
 
 
