@@ -1,5 +1,6 @@
 """Atari PPO experts: tiny real SB3 training on real ALE, collection through the runner, exact replay."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ pytest.importorskip("cv2", reason="needs opencv-python-headless (SB3's WarpFrame
 from click.testing import CliRunner  # noqa: E402
 
 from trajdata.cli.main import cli  # noqa: E402
-from trajdata.collectors.atari import GAMES, PPOExpert, evaluate, load_policy, replay, resolve_game  # noqa: E402
+from trajdata.collectors.atari import PPOExpert, load_policy  # noqa: E402
+from trajdata.envs.atari import GAMES, evaluate, replay, resolve_game  # noqa: E402
 from trajdata.collectors.runner import CollectConfig, ExpertSpec, collect  # noqa: E402
 from trajdata.errors import ConfigError  # noqa: E402
 from trajdata.format.dataset import Dataset  # noqa: E402
@@ -46,7 +48,7 @@ def test_game_names_and_counts():
 
 
 def test_all_paper_games_make_envs():
-    from trajdata.collectors.atari import make_play_env
+    from trajdata.envs.atari import make_play_env
 
     for g in GAMES:
         env = make_play_env(g)
@@ -74,11 +76,17 @@ def test_train_save_reload_resume(run_dir):
         train_ppo(PPOConfig(timesteps=192, seed=5, **TINY), run_dir, progress=False)
 
 
-def test_collect_and_replay_exact(run_dir, tmp_path):
-    out = tmp_path / "ds"
+@pytest.fixture(scope="module")
+def collected(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo-data") / "ds"
     spec = ExpertSpec("trajdata.collectors.atari:PPOExpert", {"model": str(run_dir), "game": "Breakout"})
     cfg = CollectConfig(out=str(out), expert=spec, shards=2, episodes_per_shard=1, workers=2, max_steps=None)
-    r = collect(cfg, progress=False)
+    return cfg, collect(cfg, progress=False)
+
+
+def test_collect_and_replay_exact(collected):
+    cfg, r = collected
+    out = Path(cfg.out)
     assert r["episodes_total"] == 2 and r["shards_written"] == 2
     ds = Dataset(out)
     assert ds.info["schema"] == "atari" and ds.info["expert"]["game"] == "Breakout"
@@ -127,7 +135,7 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
 
 
 def test_player_restarts_stack_after_life_loss_like_training():
-    from trajdata.collectors.atari import AtariPlayer
+    from trajdata.envs.atari import AtariPlayer
 
     p = AtariPlayer(None, n_actions=4, fire=True)
     f = [np.full((84, 84, 1), i + 1, np.uint8) for i in range(7)]
@@ -137,7 +145,45 @@ def test_player_restarts_stack_after_life_loss_like_training():
     p.act(f[1], 5)
     assert list(p.stack[:, 0, 0]) == [0, 0, 1, 2]
     assert [p.act(f[2], 4), p.act(f[3], 4), p.act(f[4], 4)] == [0, 1, 2]  # NOOP, FIRE, 2 as SB3's reset did
+    assert list(p.stack[:, 0, 0]) == [0, 3, 4, 5]  # the life restarted at f[2]; reset-action frames stack
     p.act(f[5], 4)
-    assert list(p.stack[:, 0, 0]) == [0, 0, 0, 6]
-    p.act(f[6], 0)  # game over is not a life loss to play through
-    assert list(p.stack[:, 0, 0]) == [0, 0, 6, 7]
+    assert list(p.stack[:, 0, 0]) == [3, 4, 5, 6]
+    p.act(f[6], 0)  # game over: a last life start, nothing queued
+    assert list(p.stack[:, 0, 0]) == [0, 0, 0, 7] and not p.queue
+
+
+def test_loader_stacks_equal_the_stacks_the_player_acted_on(collected):
+    """For recorded PPO games: replaying each with its seed and actions through the expert's player gives,
+    at every step, exactly the stack the loader (frame_stack=4) delivers for that step."""
+    from trajdata.envs.atari import AtariPlayer, has_fire, lives, make_play_env
+    from trajdata.loaders import LoaderConfig, TrajectoryStream
+
+    cfg, _ = collected
+    ds = Dataset(cfg.out)
+    played = {}
+    env = make_play_env("Breakout")
+    for row in ds.index_rows():
+        actions = _episode(ds, row)["action"]
+        player = AtariPlayer(None, env.action_space.n, has_fire(env))
+        seen = []
+        player.act_fn = lambda stack: (seen.append(stack.copy()), int(actions[len(seen) - 1]))[1]
+        frame, _ = env.reset(seed=row["seed"])
+        player.begin(lives(env), row["seed"])
+        for a in actions:
+            n = len(seen)
+            assert player.act(frame, lives(env)) == a
+            if len(seen) == n:  # a queued reset action: the policy was not asked; the stack is still this step's input
+                seen.append(player.stack.copy())
+            frame, *_ = env.step(int(a))
+        played[row["id"]] = np.stack(seen)
+    env.close()
+    stream = TrajectoryStream(LoaderConfig(cfg.out, fields=("action",), batch_size=2, seq_len=97, frame_stack=4,
+                                           shuffle=False))
+    checked = 0
+    for b in stream:
+        m = b["mask"].numpy()
+        for e, t, stack in zip(b["episode"].numpy()[m], b["step"].numpy()[m], b["frame"].numpy()[m]):
+            np.testing.assert_array_equal(stack, played[stream.episode_ids[e]][t], err_msg=f"episode {e} step {t}")
+            checked += 1
+    assert checked == sum(len(v) for v in played.values()) > 100
+    assert any(not s[:-1].any() and s[-1].any() for v in played.values() for s in v[1:])  # life restarts seen

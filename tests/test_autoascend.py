@@ -19,9 +19,9 @@ from trajdata.cli.main import cli
 from trajdata.collectors import install
 from trajdata.collectors.autoascend import (AutoAscendEnv, game_end, parse_xlog_line, replay_episode,
                                             topten_entry, xlogfile_path)
-from trajdata.collectors.nethack import CharacterEnv, seed_and_reset
+from trajdata.envs.nethack import CharacterEnv, seed_and_reset
 from trajdata.errors import ExpertError
-from trajdata.evaluate.stats import death_cause
+from trajdata.format.stats import death_cause
 from trajdata.format.dataset import Dataset
 
 SRC = os.environ.get("TRAJDATA_AUTOASCEND_SRC")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from trajdata.cli.main import cli
-from trajdata.collectors.nethack import ScriptedExpert, make_nethack_env, seed_and_reset, start_time
+from trajdata.collectors.nethack import ScriptedExpert
+from trajdata.envs.nethack import make_nethack_env, seed_and_reset, start_time
 from trajdata.collectors.runner import CollectConfig, ExpertSpec, collect
 from trajdata.format.dataset import Dataset, build_index
 from trajdata.format.inspect import verify
@@ -57,22 +57,19 @@ class StallingExpert(_NthActionExpert):
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ds") / "small"
-    collect(CollectConfig(out=str(out), expert=SCRIPTED, shards=2, episodes_per_shard=2, max_steps=400,
-                          chunk_steps=150, seed=7), progress=False)
-    return out
+def small(scripted_data):
+    return scripted_data
 
 
-def test_collect_writes_index_and_verifies(small):
+def test_collect_writes_index_and_verifies(small, scripted_cfg):
     rows = Dataset(small).index_rows()
-    assert [r["id"] for r in rows] == ["000000-0000", "000000-0001", "000001-0000", "000001-0001"]
+    assert [r["id"] for r in rows] == [f"{s:06d}-{e:04d}" for s in range(scripted_cfg["shards"]) for e in range(2)]
     for r in rows:
-        assert r["status"] in ("complete", "truncated") and 0 < r["steps"] <= 400
+        assert r["status"] in ("complete", "truncated") and 0 < r["steps"] <= scripted_cfg["max_steps"]
         assert r["expert"] == "scripted" and r["env"] == "NetHackChallenge-v0" and r["env_version"] == "1.3.0"
         assert set(json.loads(r["seeds"])) == {"core", "disp", "reseed", "lgen"}
         assert len(r["character"].split("-")) == 4 and r["collection_date"]
-        assert r["chunks"] == -(-r["steps"] // 150)
+        assert r["chunks"] == -(-r["steps"] // scripted_cfg["chunk_steps"])
     assert verify(small)["steps"] == sum(r["steps"] for r in rows)
 
 
@@ -94,7 +91,8 @@ def test_replay_from_recorded_seeds_reproduces_every_field(small):
         env.close()
 
 
-def test_index_rebuilds_from_shards_alone(small, tmp_path):
+def test_index_rebuilds_from_shards_alone(scripted_copy, tmp_path):
+    small = scripted_copy
     before = pq.read_table(small / "index.parquet").to_pylist()
     (small / "index.parquet").unlink()
     after = build_index(small).to_pylist()
@@ -143,13 +141,16 @@ def _run(*args, **kw):
     return subprocess.run([*TRAJDATA, *map(str, args)], capture_output=True, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_kill_dash_nine_then_rerun_loses_and_duplicates_nothing(tmp_path):
     out = tmp_path / "killed"
     args = ["collect", "scripted", "--out", out, "--shards", 6, "--episodes-per-shard", 1, "--workers", 2,
             "--max-steps", 500, "--seed", 11, "--quiet"]
     proc = subprocess.Popen([*TRAJDATA, *map(str, args)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(random.Random().uniform(3.0, 6.0))
+    deadline = time.monotonic() + 120
+    while not list((out / "shards").glob("*.tar")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # kill with at least one shard finished and others in flight
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finished = sorted(p.name for p in (out / "shards").glob("*.tar"))
@@ -210,7 +211,7 @@ def test_inspect_and_show(small):
     assert res.exit_code == 0 and "bytes/step" in res.output and "tty_chars" in res.output
     res = runner.invoke(cli, ["inspect", str(small), "--json"])
     s = json.loads(res.output)
-    assert s["episodes"] == 4 and s["bytes_per_step"] < 100
+    assert s["episodes"] == len(Dataset(small).index_rows()) == 6 and s["bytes_per_step"] < 100
     res = runner.invoke(cli, ["show", str(small), "--episode", "000000-0000", "--step", "3", "--no-color"])
     assert res.exit_code == 0
     lines = res.output.splitlines()

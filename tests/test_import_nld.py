@@ -14,14 +14,13 @@ from click.testing import CliRunner
 from nle import nethack
 
 from trajdata.cli.main import cli
-from trajdata.collectors.nethack import seed_and_reset
+from trajdata.envs.nethack import seed_and_reset
 from trajdata.errors import DataError
 from trajdata.format.dataset import Dataset
 from trajdata.loaders import LoaderConfig, TrajectoryStream
-from trajdata.loaders.nld import NO_ACTION, NldImportConfig, import_nld, key_to_action
+from trajdata.importers.nld import NO_ACTION, NldImportConfig, import_nld, key_to_action
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bin"))
-from bench_format import _close_xlog  # noqa: E402
+from trajdata.importers.ttyrec import close_xlog
 
 LENGTHS = (150, 260, 40)
 
@@ -44,7 +43,7 @@ def nld_db(tmp_path_factory):
             if term or trunc:
                 break
         env.close()
-        _close_xlog(d, {"score": 0, "depth": 1, "turns": 1})
+        close_xlog(d, {"score": 0, "depth": 1, "turns": 1})
         taken[g] = acts
     db = str(root / "nld.db")
     nld.db.create(db)

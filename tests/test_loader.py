@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from trajdata.collectors.runner import CollectConfig, ExpertSpec, collect
 from trajdata.errors import ConfigError
 from trajdata.format.codec import PROFILES
-from trajdata.format.dataset import Dataset, build_index, create_or_check
+from trajdata.format.dataset import Dataset, build_index, create_or_check, recode
 from trajdata.format.schema import ATARI
 from trajdata.format.shard import ShardWriter
 from trajdata.loaders import LoaderConfig, TrajectoryStream, make_dataloader, select_episodes, val_hash
@@ -20,12 +19,9 @@ ATARI_LENGTHS = [37, 300, 5, 129, 64, 1, 200, 90, 17]
 
 
 @pytest.fixture(scope="module")
-def nethack(tmp_path_factory):
+def nethack(scripted_data):
     """Real scripted NetHack games, stored in short chunks so episodes span several."""
-    out = tmp_path_factory.mktemp("nh") / "ds"
-    collect(CollectConfig(out=str(out), expert=ExpertSpec("trajdata.collectors.nethack:ScriptedExpert"), shards=3,
-                          episodes_per_shard=2, max_steps=400, chunk_steps=128, seed=7), progress=False)
-    return str(out)
+    return str(scripted_data)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +34,14 @@ def reference(nethack):
             for t in range(c.steps):
                 ref[(c.episode_id, c.start + t)] = (int(c.fields["action"][t]), int(c.fields["tty_chars"][t].sum()))
     return ref
+
+
+def _lives(t):
+    return max(1, 3 - t // 40)  # a life lost at steps 40 and 80
+
+
+def _life_start(t):
+    return min(t // 40, 2) * 40
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,7 @@ def atari(tmp_path_factory):
                 for t in range(n):
                     frame = np.zeros((84, 84), np.uint8)
                     frame[0, 0], frame[0, 1], frame[0, 2] = ep, t % 256, t // 256
-                    w.append({"frame": frame, "lives": 3, "action": t % 7})
+                    w.append({"frame": frame, "lives": _lives(t), "action": t % 7})
                     w.set_outcome(1.0, t == n - 1)
                 sw.add_episode_row(w.close({"status": "complete", "score": float(n)}))
     build_index(root)
@@ -202,7 +206,7 @@ def test_windows_are_random_crops_within_one_episode(atari):
     assert any(t % 50 for _, t, _ in a)  # random phase, not chunk-aligned crops
 
 
-def test_frame_stack_never_crosses_episode_start(atari):
+def test_frame_stack_restarts_at_episode_and_life_starts(atari):
     k = 4
     s = TrajectoryStream(LoaderConfig(atari, batch_size=3, seq_len=33, frame_stack=k, seed=2))
     checked = 0
@@ -213,9 +217,12 @@ def test_frame_stack_never_crosses_episode_start(atari):
         ep = b["episode"].numpy()[m]
         fr = b["frame"].numpy()[m][:, :, 0, :3].astype(int)
         for e, t, f in zip(ep, st, fr):
-            want = [max(0, t - k + 1 + j) for j in range(k)]
-            assert (f[:, 1] + 256 * f[:, 2]).tolist() == want
-            assert (f[:, 0] == int(s.episode_ids[e][2:])).all()
+            for j in range(k):
+                src = t - k + 1 + j
+                if src < _life_start(t):
+                    assert not f[j].any(), (e, t, j)  # zeros before the life's first frame
+                else:
+                    assert f[j, 1] + 256 * f[j, 2] == src and f[j, 0] == int(s.episode_ids[e][2:]), (e, t, j)
             checked += 1
     assert checked == sum(ATARI_LENGTHS)
 
@@ -281,13 +288,12 @@ def test_split_follows_torch_distributed(atari, tmp_path):
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
-def test_every_field_delivered_exactly_and_resumes(tmp_path, profile):
+def test_every_field_delivered_exactly_and_resumes(scripted_data, tmp_path, profile):
     """Lanes and windows: every field of every delivered step equals the shard's whole-chunk decode;
     batches and crops cut chunks at varying offsets (the stream profile decodes straight into
     them, skipping ahead to a crop's start), and a resumed stream starts mid-chunk."""
     root = tmp_path / "ds"
-    collect(CollectConfig(out=str(root), expert=ExpertSpec("trajdata.collectors.nethack:ScriptedExpert"), shards=2,
-                          episodes_per_shard=2, max_steps=300, chunk_steps=128, seed=3, codec=profile), progress=False)
+    recode(scripted_data, root, profile)
     ds = Dataset(root)
     ref = {}
     for p in ds.shard_paths():
@@ -318,3 +324,24 @@ def test_every_field_delivered_exactly_and_resumes(tmp_path, profile):
         for got, want in zip(rest, batches[1:]):
             for k in want:
                 np.testing.assert_array_equal(got[k].numpy(), want[k].numpy(), err_msg=f"{mode} {k}")
+
+
+def test_batches_held_by_the_caller_are_never_overwritten(nethack):
+    cfg = LoaderConfig(nethack, fields=("tty_chars", "action"), batch_size=2, seq_len=64, seed=1)
+    it = iter(TrajectoryStream(cfg))
+    held = next(it)
+    held_copy = {k: v.clone() for k, v in held.items() if isinstance(v, torch.Tensor)}
+    row = next(it)["tty_chars"][1]  # only a slice of this batch stays alive
+    row_copy = row.clone()
+    arr = next(it)["action"].numpy()[0]  # a numpy view of a tensor of this one
+    arr_copy = arr.copy()
+    later = [next(it) for _ in range(5)]
+    assert all(torch.equal(held[k], v) for k, v in held_copy.items())
+    assert torch.equal(row, row_copy) and np.array_equal(arr, arr_copy)
+    ptrs = {held["tty_chars"].data_ptr(), row.data_ptr(), *(b["tty_chars"].data_ptr() for b in later)}
+    assert len(ptrs) == 7  # every live batch has its own memory
+    del held, row, arr, later
+    seen = set()
+    for b in it:  # the loop variable keeps one batch alive while the next is made: two blocks alternate
+        seen.add(b["tty_chars"].data_ptr())
+    assert 1 <= len(seen) <= 2
