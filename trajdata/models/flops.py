@@ -1,0 +1,93 @@
+"""Effective parameters and training FLOPs, the paper's way (C = 6ND for NetHack, 3x forward for
+Atari), and FLOPs measured by torch's FlopCounterMode (everything, for MFU)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils import flop_counter
+
+from trajdata.models import atari, nethack
+from trajdata.models.atari import AtariConfig
+from trajdata.models.nethack import NetHackConfig
+
+aten = torch.ops.aten
+
+
+def count_params(*modules: nn.Module) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def effective_params(cfg: NetHackConfig | AtariConfig) -> int:
+    """N of the scaling laws.
+
+    NetHack: mixer + core + head (encoders excluded). For the Transformer core this adds the 1 x h
+    input embedding that the seed's HF ``LlamaModel(vocab_size=1)`` carried unused (our model has no
+    such parameter), so N is the paper's 16Lh^2 + h^2 + 2Lh + 1858h + 121 exactly (h=384, L=4:
+    10,301,305) and budgets line up with the released runs; the module's own count is N - h.
+    Atari: every parameter.
+    """
+    if isinstance(cfg, AtariConfig):
+        with torch.device("meta"):
+            return count_params(atari.AtariModel(cfg))
+    with torch.device("meta"):
+        n = count_params(nethack.Mixer(cfg.d_in, cfg.width), nethack.make_core(cfg), nn.Linear(cfg.width, cfg.n_actions))
+    return n + cfg.width * (cfg.core == "transformer")
+
+
+def atari_forward_flops(cfg: AtariConfig) -> int:
+    """Forward FLOPs of one sample: 2*H_out*W_out*C_out*K^2*C_in per conv (output sizes, not the
+    seed's input sizes) + 2*in*out for the linear layer; biases and ReLUs are not counted."""
+    convs = sum(2 * side * side * c_out * k * k * c_in for c_in, c_out, k, _, side in cfg.conv_shapes())
+    return convs + 2 * cfg.flat_dim * cfg.n_actions
+
+
+def flops_per_sample(cfg: NetHackConfig | AtariConfig) -> int:
+    """Training FLOPs per sample: 6N (NetHack), 3 x forward (Atari)."""
+    if isinstance(cfg, AtariConfig):
+        return 3 * atari_forward_flops(cfg)
+    return 6 * effective_params(cfg)
+
+
+def training_flops(cfg: NetHackConfig | AtariConfig, samples: int) -> int:
+    """C for ``samples`` training samples (steps)."""
+    return flops_per_sample(cfg) * int(samples)
+
+
+def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_cpu_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch counts the CUDA attention kernels itself, but not the CPU one.
+CPU_ATTENTION_FLOPS = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward,
+}
+
+
+def measured_flops_per_sample(model: nn.Module, seq_len: int, batch_size: int = 1, backward: bool = True) -> float:
+    """FLOPs per sample that FlopCounterMode sees in a forward (+ backward) pass of ``model`` on a
+    random (batch_size, seq_len) batch: encoders and attention included (attention counted as full
+    T x T, masked or not; embedding look-ups and elementwise ops are free). The model's gradients
+    and train/eval mode are left as they were."""
+    cfg = model.cfg
+    module = atari if isinstance(cfg, AtariConfig) else nethack
+    device = next(model.parameters()).device
+    batch = module.random_batch(cfg, batch_size, seq_len, device=device)
+    grads = [p.grad for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    try:
+        counter = flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+        with counter, torch.set_grad_enabled(backward):
+            logits, _ = model(batch)
+            if backward:
+                logits.float().sum().backward()
+    finally:
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g
+        model.train(was_training)
+    return counter.get_total_flops() / (batch_size * seq_len)
