@@ -129,6 +129,8 @@ def test_nethack_loss_isoflop_exponent_in_paper_interval(nethack_fit):
     assert iso["budgets_kept"] == pytest.approx([1e15, 2e15, 5e15, 1e16, 2e16, 5e16, 1e17, 2e17, 5e17,
                                                  1e18, 2e18, 3e18, 4e18])
     assert nethack_fit["loss"]["quadratic"]["a"]["value"] == pytest.approx(0.59, abs=0.03)  # paper: 0.590
+    assert all(s["ran"] for t in ("loss", "return") for s in nethack_fit[t]["methods"].values())
+    assert "binning" not in nethack_fit and nethack_fit["dropped_non_finite"]["n"] == 0
     assert 0.3 < iso["Y_opt"]["k"]["value"] < 0.4
 
 

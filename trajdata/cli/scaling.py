@@ -46,6 +46,9 @@ def runs_options(f):
         click.option("--flops-per-param-sample", default=d.flops_per_param_sample, show_default=True, type=float,
                      help="k in C = k*N*D (6 for Transformers)."),
         click.option("--ci", "ci_level", default=d.ci_level, show_default=True, type=float, help="CI level."),
+        click.option("--bin-budgets", default=d.bin_budgets, show_default=True, type=float, metavar="PER_DECADE",
+                     help="Bin FLOP budgets, PER_DECADE bins per decade; each run's FLOPs snap to its bin's "
+                          "geometric centre, so runs off an isoFLOP grid can share budgets (0: off)."),
         click.option("--cv-folds", default=d.cv_folds, show_default=True, type=int,
                      help="Rolling cross-validation: largest budgets held out one at a time."),
         click.option("--no-return", is_flag=True, help="Skip the return fits."),
@@ -55,8 +58,30 @@ def runs_options(f):
     return f
 
 
+def dropped_line(fit: dict) -> str | None:
+    """One line on the runs left out for NaN/inf values, or None when there were none."""
+    d = fit.get("dropped_non_finite") or {}
+    parts = []
+    if d.get("n"):
+        cols = ", ".join(f"{c}: {n}" for c, n in d["by_column"].items())
+        parts.append(f"dropped {d['n']} of {d['of']} runs with NaN/inf values ({cols})")
+    n_ret = fit.get("n_runs_with_return")
+    if n_ret is not None and n_ret < fit["n_runs"]:
+        parts.append(f"{fit['n_runs'] - n_ret} runs without a finite return are left out of the return fits")
+    return "; ".join(parts) or None
+
+
+def method_lines(fit: dict) -> list[str]:
+    """One line for each method that did not run, and for return fits that were skipped."""
+    lines = [f"{t}.{m}: not run: {st['reason']}" for t in ("loss", "return") if t in fit
+             for m, st in fit[t]["methods"].items() if not st["ran"]]
+    if "return_skipped" in fit and fit["config"]["fit_return"]:
+        lines.append(f"return: not fitted: {fit['return_skipped']}")
+    return lines
+
+
 def load_and_config(runs_path, cols, wheres, budgets, min_budget, max_budget, min_points_per_budget, window,
-                    optimum, parametric_points, flops_per_param_sample, ci_level, cv_folds, no_return,
+                    optimum, parametric_points, flops_per_param_sample, ci_level, bin_budgets, cv_folds, no_return,
                     bootstrap=0, seed=0):
     runs = load_runs(runs_path, _pairs(cols, "--col"), _pairs(wheres, "--where"))
     chosen = parse_budgets(budgets)
@@ -68,7 +93,8 @@ def load_and_config(runs_path, cols, wheres, budgets, min_budget, max_budget, mi
         raise ConfigError("no runs left after --min-budget/--max-budget")
     cfg = FitConfig(optimum=optimum, window=window, min_points=min_points_per_budget,
                     flops_per_param_sample=flops_per_param_sample, ci_level=ci_level, cv_folds=cv_folds,
-                    bootstrap=bootstrap, seed=seed, fit_return=not no_return, parametric_points=parametric_points)
+                    bootstrap=bootstrap, seed=seed, fit_return=not no_return, parametric_points=parametric_points,
+                    bin_budgets=bin_budgets)
     return runs, cfg
 
 
@@ -92,8 +118,18 @@ def fit_cmd(runs_path, out, bootstrap, seed, **opts):
     paths = write_report(result, out)
     for key, e in result["summary"].items():
         click.echo(f"{key:28s} {e['value']:8.3f}  ({e['ci'][0]:.3f}, {e['ci'][1]:.3f})")
-    kept = result["loss"]["isoflop"]["budgets_kept"]
-    click.echo(f"loss budgets kept: {len(kept)} of {len(result['budgets'])} ({min(kept):.3g} .. {max(kept):.3g})")
+    for line in method_lines(result):
+        click.echo(line)
+    if "binning" in result:
+        b = result["binning"]
+        click.echo(f"binned {b['budgets_before']} FLOP budgets into {b['budgets_after']} "
+                   f"({b['bins_per_decade']:g} per decade)")
+    if "isoflop" in result["loss"]:
+        kept = result["loss"]["isoflop"]["budgets_kept"]
+        click.echo(f"loss budgets kept: {len(kept)} of {len(result['budgets'])} ({min(kept):.3g} .. {max(kept):.3g})")
+    line = dropped_line(result)
+    if line:
+        click.echo(line)
     click.echo(f"wrote {paths['json']} and {paths['html']}")
 
 
@@ -125,6 +161,9 @@ def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json
     else:
         runs, cfg = load_and_config(source, **opts)
         fit = fit_all(runs, cfg)
+        line = dropped_line(fit)
+        if line:
+            click.echo(line, err=True)
     targets = ("loss", "return") if target == "both" else (target,)
     rows = forecast(fit, methods or None, targets, dataset_size=dataset_size, compute=compute, params=params)
     if as_json:

@@ -7,7 +7,7 @@ An allocation rule is N_opt = exp(log_gn)·C^a, D_opt = exp(log_gd)·C^b (natura
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy import optimize, stats
@@ -39,6 +39,7 @@ class FitConfig:
     seed: int = 0
     fit_return: bool = True
     parametric_points: str = "window"  # parametric fits use the kept parabolas' points ("window") or "all"
+    bin_budgets: float = 0.0         # bins per decade of C: each run's FLOPs snap to its bin's geometric centre (0 = off)
 
     def __post_init__(self):
         if self.optimum not in ("vertex", "argmin"):
@@ -49,6 +50,8 @@ class FitConfig:
             raise ConfigError(f"parametric_points must be 'window' or 'all', not {self.parametric_points!r}")
         if not 0 < self.ci_level < 1:
             raise ConfigError(f"ci level must be in (0, 1), not {self.ci_level}")
+        if not (np.isfinite(self.bin_budgets) and self.bin_budgets >= 0):
+            raise ConfigError(f"--bin-budgets must be >= 0 bins per decade (0: off), not {self.bin_budgets}")
 
 
 def estimate(value: float, se: float, level: float, dof: int | None = None) -> dict:
@@ -82,6 +85,14 @@ def ols(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 # ---------------------------------------------------------------- isoFLOP profiles
+
+def bin_budgets(runs: Runs, per_decade: float) -> Runs:
+    """Runs with each FLOP count snapped to the geometric centre 10^(i/per_decade) of its bin."""
+    if per_decade <= 0:
+        return runs
+    i = np.round(np.log10(runs.flops) * per_decade)
+    return replace(runs, flops=10.0 ** (i / per_decade))
+
 
 def _cells(flops, params, target):
     """Mean target per (budget, size) cell: repeated seeds count once."""
@@ -207,6 +218,12 @@ def fit_isoflop(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool =
     profiles = isoflop_profiles(runs, target, cfg, maximize, se)
     kept = [p for p in profiles if p["kept"]]
     if len(kept) < 3:
+        enough = sum(p["n_sizes"] >= cfg.min_points for p in profiles)
+        if enough < 3:
+            hint = ("; runs that are not on an isoFLOP grid can share budgets with --bin-budgets"
+                    if enough < len(profiles) else "")
+            raise DataError(f"only {enough} of {len(profiles)} FLOP budgets have >= {cfg.min_points} model sizes "
+                            f"(need 3 such budgets){hint}")
         raise DataError(f"only {len(kept)} FLOP budgets give an optimum (need >= 3); "
                         "try --window 0, --optimum argmin or more budgets")
     C = np.array([p["flops"] for p in kept])
@@ -258,7 +275,12 @@ def fit_quadratic(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool
     if (target <= 0).any():
         raise DataError("quadratic parametric fit needs positive targets")
     x, y, t = np.log(runs.params), np.log(runs.samples), np.log(target)
-    beta, cov, dof = ols(_quad_design(x, y), t)
+    X = _quad_design(x, y)
+    if len(t) < 7:
+        raise DataError(f"quadratic parametric fit needs >= 7 runs, got {len(t)}")
+    if np.linalg.matrix_rank(X) < 6:
+        raise DataError("quadratic parametric fit: the runs do not vary ln N and ln D independently enough")
+    beta, cov, dof = ols(X, t)
     k, lvl = cfg.flops_per_param_sample, cfg.ci_level
     a_val, a_se = delta_method(lambda b: _quad_alloc(b, k)[1], beta, cov)
     g_val, g_se = delta_method(lambda b: _quad_alloc(b, k)[0], beta, cov)
@@ -313,7 +335,11 @@ def chinchilla_grid():
 
 def fit_chinchilla(runs: Runs, target: np.ndarray, cfg: FitConfig) -> dict:
     """L = E + A/N^alpha + B/D^beta: Huber loss on ln L, L-BFGS-B from the best grid starts."""
+    if (target <= 0).any():
+        raise DataError("Chinchilla fit needs positive targets")
     x, y, t = np.log(runs.params), np.log(runs.samples), np.log(target)
+    if len(t) < 6 or len(np.unique(x)) < 2 or len(np.unique(y)) < 2:
+        raise DataError(f"Chinchilla fit needs >= 6 runs with >= 2 sizes and >= 2 sample counts, got {len(t)} runs")
     grid = chinchilla_grid()
     z1 = grid[:, 1, None] - grid[:, 3, None] * x
     z2 = grid[:, 2, None] - grid[:, 4, None] * y
@@ -449,45 +475,88 @@ def fit_all(runs: Runs, cfg: FitConfig | None = None, progress: bool = False) ->
         return _fit_all(runs, cfg or FitConfig(), progress)
 
 
+PARAMETRIC = {False: ("quadratic", "chinchilla"), True: ("quadratic",)}  # by `maximize`
+FIT_ERRORS = (DataError, np.linalg.LinAlgError, ValueError)
+
+
+def fit_target(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = False,
+               se: np.ndarray | None = None, crossval: bool = True) -> dict:
+    """isoFLOP where the budgets allow it, then the parametric fits over all points (or the kept windows).
+
+    `methods` maps each method to {"ran", "reason"}: what it ran on, or why it did not run."""
+    res: dict = {"runs": {"flops": runs.flops.tolist(), "params": runs.params.tolist(),
+                          "samples": runs.samples.tolist(), "value": target.tolist()}}
+    methods = {}
+    try:
+        iso = fit_isoflop(runs, target, cfg, maximize, se)
+    except DataError as e:
+        iso = None
+        methods["isoflop"] = {"ran": False, "reason": str(e)}
+    else:
+        res["isoflop"] = iso
+        methods["isoflop"] = {"ran": True, "reason": f"{len(iso['budgets_kept'])} of {len(iso['profiles'])} "
+                                                      "FLOP budgets give an optimum"}
+    if cfg.parametric_points == "all":
+        pr, pt, on = runs, target, "all runs"
+    elif iso is None:
+        pr, pt, on = runs, target, "all runs: the isoFLOP method did not run"
+    else:
+        (pr, pt), on = near_optimum(runs, target, iso["profiles"], cfg), "inside the kept isoFLOP windows"
+    for meth in PARAMETRIC[maximize]:
+        try:
+            f = fit_quadratic(pr, pt, cfg, maximize) if meth == "quadratic" else fit_chinchilla(pr, pt, cfg)
+        except FIT_ERRORS as e:
+            methods[meth] = {"ran": False, "reason": str(e)}
+            continue
+        res[meth] = f
+        note = "" if f["optimum_exists"] else "; it has no compute-optimal allocation to forecast with"
+        methods[meth] = {"ran": True, "reason": f"on {f['n']} runs ({on}){note}"}
+    res["methods"] = methods
+    if crossval:
+        if iso is None:
+            res["crossval"] = {"folds": [], "rmse": {}, "best_by_y_opt": None,
+                               "skipped": "needs isoFLOP optima to hold out; the isoFLOP method did not run"}
+        else:
+            ran = tuple(m for m in ("isoflop",) + PARAMETRIC[maximize] if m in res)
+            res["crossval"] = rolling_cv(runs, target, iso["profiles"], cfg, ran, maximize)
+    return res
+
+
 def _fit_all(runs: Runs, cfg: FitConfig, progress: bool) -> dict:
     if len(runs) < 8:
         raise DataError(f"only {len(runs)} runs; need at least 8")
     ratio = runs.flops / (runs.params * runs.samples)
     out = {"config": asdict(cfg), "source": runs.source, "n_runs": int(len(runs)),
-           "budgets": runs.budgets.tolist(), "median_flops_per_param_sample": float(np.median(ratio))}
-    loss = {"isoflop": fit_isoflop(runs, runs.loss, cfg, se=runs.loss_se)}
-    pr, pt = near_optimum(runs, runs.loss, loss["isoflop"]["profiles"], cfg)
-    loss["quadratic"] = fit_quadratic(pr, pt, cfg)
-    loss["chinchilla"] = fit_chinchilla(pr, pt, cfg)
-    loss["crossval"] = rolling_cv(runs, runs.loss, loss["isoflop"]["profiles"], cfg,
-                                  ("isoflop", "quadratic", "chinchilla"))
-    out["loss"] = loss
-    has_ret = runs.ret is not None and np.isfinite(runs.ret).sum() >= 8
-    if cfg.fit_return and has_ret:
+           "dropped_non_finite": {"n": int(runs.n_dropped), "of": int(len(runs) + runs.n_dropped),
+                                  "by_column": dict(runs.dropped)},
+           "median_flops_per_param_sample": float(np.median(ratio))}
+    if cfg.bin_budgets > 0:
+        before = len(runs.budgets)
+        runs = bin_budgets(runs, cfg.bin_budgets)
+        out["binning"] = {"bins_per_decade": cfg.bin_budgets, "budgets_before": int(before),
+                          "budgets_after": int(len(runs.budgets))}
+    out["budgets"] = runs.budgets.tolist()
+    out["loss"] = fit_target(runs, runs.loss, cfg, se=runs.loss_se)
+    if not any(st["ran"] for st in out["loss"]["methods"].values()):
+        raise DataError("no loss fit could run: " + "; ".join(
+            f"{m}: {st['reason']}" for m, st in out["loss"]["methods"].items()))
+    if not cfg.fit_return:
+        out["return_skipped"] = "return fits were turned off (--no-return)"
+    elif runs.ret is None:
+        out["return_skipped"] = "the runs table has no return column"
+    elif np.isfinite(runs.ret).sum() < 8:
+        out["return_skipped"] = f"only {int(np.isfinite(runs.ret).sum())} runs have a finite return (need 8)"
+    else:
+        rr = runs.subset(np.isfinite(runs.ret))
+        out["n_runs_with_return"] = int(len(rr))
+        out["return"] = fit_target(rr, rr.ret, cfg, maximize=True, se=rr.ret_se)
         try:
-            out.update(_fit_return(runs.subset(np.isfinite(runs.ret)), cfg))
-        except DataError as e:
-            out["return_skipped"] = str(e)
+            out["return_vs_loss"] = fit_return_vs_loss(rr, cfg)
+        except DataError:
+            pass
     if cfg.bootstrap > 0:
-        out["bootstrap"] = bootstrap(runs, cfg, progress)
+        out["bootstrap"] = bootstrap(runs, cfg, progress, within_budgets="isoflop" in out["loss"])
     out["summary"] = summary(out)
-    return out
-
-
-def _fit_return(rr: Runs, cfg: FitConfig) -> dict:
-    """Return fits (maximised) on the runs that have a return."""
-    ret = {"isoflop": fit_isoflop(rr, rr.ret, cfg, maximize=True, se=rr.ret_se)}
-    pr, pt = near_optimum(rr, rr.ret, ret["isoflop"]["profiles"], cfg)
-    methods = ("isoflop",)
-    if (pt > 0).all():
-        ret["quadratic"] = fit_quadratic(pr, pt, cfg, maximize=True)
-        methods += ("quadratic",)
-    ret["crossval"] = rolling_cv(rr, rr.ret, ret["isoflop"]["profiles"], cfg, methods, maximize=True)
-    out = {"n_runs_with_return": int(len(rr)), "return": ret}
-    try:
-        out["return_vs_loss"] = fit_return_vs_loss(rr, cfg)
-    except DataError:
-        pass
     return out
 
 
@@ -507,32 +576,26 @@ def summary(fit: dict) -> dict:
     return s
 
 
-def bootstrap(runs: Runs, cfg: FitConfig, progress: bool = False) -> dict:
-    """Percentile CIs of the exponents from resampling runs within each budget."""
+def bootstrap(runs: Runs, cfg: FitConfig, progress: bool = False, within_budgets: bool = True) -> dict:
+    """Percentile CIs of the exponents from resampling runs within each budget (or among all runs)."""
     rng = np.random.default_rng(cfg.seed)
     sub = FitConfig(**{**asdict(cfg), "bootstrap": 0, "grid_top_k": min(cfg.grid_top_k, 4)})
     draws: dict[str, list[float]] = {}
-    groups = [np.flatnonzero(runs.flops == c) for c in runs.budgets]
+    groups = [np.flatnonzero(runs.flops == c) for c in runs.budgets] if within_budgets else [np.arange(len(runs))]
     for _ in tqdm(range(cfg.bootstrap), desc="bootstrap", disable=not progress):
         idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
         r = runs.subset(idx)
-        fits = {}
-        try:
-            iso = fit_isoflop(r, r.loss, sub)
-            fits["loss.isoflop"] = iso["a"]["value"]
-            pr, pt = near_optimum(r, r.loss, iso["profiles"], sub)
-            fits["loss.quadratic"] = fit_quadratic(pr, pt, sub)["a"]["value"]
-            fits["loss.chinchilla"] = fit_chinchilla(pr, pt, sub)["a"]["value"]
-        except (DataError, np.linalg.LinAlgError, ValueError):
-            pass
+        targets = [("loss", r, r.loss, False)]
         if r.ret is not None and sub.fit_return and np.isfinite(r.ret).sum() >= 8:
-            try:
-                rr = r.subset(np.isfinite(r.ret))
-                fits["return.isoflop"] = fit_isoflop(rr, rr.ret, sub, maximize=True)["a"]["value"]
-            except (DataError, np.linalg.LinAlgError, ValueError):
-                pass
-        for k, v in fits.items():
-            draws.setdefault(f"{k}.a", []).append(v)
+            rr = r.subset(np.isfinite(r.ret))
+            targets.append(("return", rr, rr.ret, True))
+        for name, rs, t, maximize in targets:
+            res = fit_target(rs, t, sub, maximize, crossval=False)
+            if within_budgets and "isoflop" not in res:
+                continue  # the full fit's parametric points are the isoFLOP windows: no like-for-like draw
+            for meth in ("isoflop",) + PARAMETRIC[maximize]:
+                if meth in res:
+                    draws.setdefault(f"{name}.{meth}.a", []).append(res[meth]["a"]["value"])
     lo, hi = 50 * (1 - cfg.ci_level), 50 * (1 + cfg.ci_level)
     return {k: {"median": float(np.median(v)), "ci": [float(np.percentile(v, lo)), float(np.percentile(v, hi))],
                 "n": len(v)} for k, v in draws.items()}

@@ -14,27 +14,37 @@ def solve_compute(alloc: dict, *, dataset_size=None, compute=None, params=None) 
     given = [v is not None for v in (dataset_size, compute, params)]
     if sum(given) != 1:
         raise ConfigError("give exactly one of --dataset-size, --compute, --params")
-    for name, v in (("dataset size", dataset_size), ("compute", compute), ("params", params)):
-        if v is not None and not v > 0:
-            raise ConfigError(f"{name} must be positive, not {v}")
+    for flag, v in (("--dataset-size", dataset_size), ("--compute", compute), ("--params", params)):
+        if v is not None and not (np.isfinite(v) and v > 0):
+            raise ConfigError(f"{flag} must be a positive finite number, not {v:g}")
     if compute is not None:
         return float(compute)
-    if dataset_size is not None:
-        return float(np.exp((np.log(dataset_size) - alloc["log_gd"]) / alloc["b"]))
-    return float(np.exp((np.log(params) - alloc["log_gn"]) / alloc["a"]))
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        if dataset_size is not None:
+            return float(np.exp((np.log(dataset_size) - alloc["log_gd"]) / alloc["b"]))
+        return float(np.exp((np.log(params) - alloc["log_gn"]) / alloc["a"]))
 
 
 def forecast_one(fit: dict, target: str, method: str, **given) -> dict:
     """One method's forecast for 'loss' (minimised) or 'return' (maximised)."""
-    f = fit.get(target, {}).get(method)
+    sec = fit.get(target)
+    if sec is None:
+        raise DataError(f"the fit has no {target} data ({fit.get(target + '_skipped', 'not fitted')})")
+    f = sec.get(method)
     if f is None:
-        raise DataError(f"fit has no {target} {method} result")
+        status = sec.get("methods", {}).get(method)
+        raise DataError(f"the {target} {method} fit did not run: {status['reason']}" if status
+                        else f"fit has no {target} {method} result")
     alloc = f["allocation"]
     if any(v is None or not np.isfinite(v) for v in alloc.values()):
         raise DataError(f"the {target} {method} fit has no optimum to forecast with")
     C = solve_compute(alloc, **given)
-    N = float(np.exp(alloc["log_gn"]) * C ** alloc["a"])
-    D = float(np.exp(alloc["log_gd"]) * C ** alloc["b"])
+    with np.errstate(over="ignore", invalid="ignore"):
+        N = float(np.exp(alloc["log_gn"]) * C ** alloc["a"])
+        D = float(np.exp(alloc["log_gd"]) * C ** alloc["b"])
+    if not all(np.isfinite(v) and v > 0 for v in (C, N, D)):
+        raise DataError(f"the {target} {method} fit gives no finite compute-optimal run for "
+                        + ", ".join(f"{k}={v:g}" for k, v in given.items() if v is not None))
     if method == "isoflop":
         if f["Y_opt"] is None:
             y = float("nan")
@@ -54,21 +64,29 @@ def forecast_one(fit: dict, target: str, method: str, **given) -> dict:
 
 
 def forecast(fit: dict, methods=None, targets=("loss", "return"), **given) -> list[dict]:
-    """Forecasts for every method and target present in `fit`."""
+    """Forecasts for every method that ran, for each target present in `fit`.
+
+    With no rows to give, the DataError says why for each target and method that was asked for."""
+    explicit = bool(methods)
     methods = methods or METHODS
     bad = set(methods) - set(METHODS)
     if bad:
         raise ConfigError(f"unknown method(s) {', '.join(sorted(bad))} (choose from {', '.join(METHODS)})")
-    rows = []
+    rows, why = [], []
     for t in targets:
+        if t not in fit:
+            if not any(u in fit for u in targets):
+                why.append(f"the fit has no {t} data ({fit.get(t + '_skipped', 'not fitted')})")
+            continue
         for m in methods:
-            if m not in fit.get(t, {}):
+            if m not in fit[t] and not explicit and m not in fit[t].get("methods", {}):
                 continue
             try:
                 rows.append(forecast_one(fit, t, m, **given))
-            except DataError:
-                if len(methods) == 1:
+            except DataError as e:
+                if len(methods) == 1 and m in fit[t]:
                     raise
+                why.append(str(e))
     if not rows:
-        raise DataError("fit has none of the requested methods")
+        raise DataError("; ".join(why) if why else "fit has none of the requested methods")
     return rows

@@ -60,6 +60,36 @@ def plot_isoflop(res: dict, target: str):
     return fig
 
 
+def _c_range(fit: dict) -> np.ndarray:
+    return np.logspace(np.log10(min(fit["budgets"])), np.log10(max(fit["budgets"])) + 1, 100)
+
+
+def plot_runs(fit: dict, target: str):
+    """All runs (no isoFLOP profiles to draw) coloured by budget, with each parametric fit's optimum path."""
+    res = fit[target]
+    pts = res["runs"]
+    C, N, y = (np.array(pts[k]) for k in ("flops", "params", "value"))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    sc = ax.scatter(N, y, c=C, cmap="viridis", norm=matplotlib.colors.LogNorm(C.min(), C.max()),
+                    s=18, edgecolors="k", linewidths=0.3)
+    fig.colorbar(sc, ax=ax, label="FLOP budget C")
+    Cs = np.logspace(np.log10(C.min()), np.log10(C.max()), 100)
+    k = fit["config"]["flops_per_param_sample"]
+    for meth, (color, ls) in METHOD_STYLE.items():
+        if meth in res and res[meth]["optimum_exists"]:
+            No, Yo = predict_optimum(meth, res[meth], Cs, k)
+            ax.plot(No, Yo, ls, color=color, lw=2, label=f"{meth}: compute-optimal runs")
+    ax.set_xscale("log")
+    if (y > 0).all():
+        ax.set_yscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel(LABELS[target])
+    ax.set_title(f"runs ({target}); the isoFLOP method did not run")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return fig
+
+
 def _band(ax, fit: dict, C, color, label):
     """Power-law line with its confidence band from the OLS covariance."""
     cov = np.array(fit["cov"])
@@ -73,20 +103,21 @@ def _band(ax, fit: dict, C, color, label):
 
 def plot_allocation(fit: dict, target: str):
     res = fit[target]
-    iso = res["isoflop"]
-    kept = [p for p in iso["profiles"] if p["kept"]]
+    iso = res.get("isoflop")
+    kept = [p for p in iso["profiles"] if p["kept"]] if iso else []
     Ck = np.array([p["flops"] for p in kept])
-    C = np.logspace(np.log10(min(fit["budgets"])), np.log10(max(fit["budgets"])) + 1, 100)
+    C = _c_range(fit)
     k = fit["config"]["flops_per_param_sample"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, pts, name in ((axes[0], "N_opt", [p["n_opt"] for p in kept], "N"),
                                (axes[1], "D_opt", [p["d_opt"] for p in kept], "D")):
-        e = iso[key]["exponent"]
-        _band(ax, iso[key], C, "tab:blue",
-              f"isoFLOP: {name} ∝ C^{e['value']:.3f} ({e['ci'][0]:.2f}, {e['ci'][1]:.2f})")
-        ax.plot(Ck, pts, "o", color="tab:blue", mec="k")
+        if iso:
+            e = iso[key]["exponent"]
+            _band(ax, iso[key], C, "tab:blue",
+                  f"isoFLOP: {name} ∝ C^{e['value']:.3f} ({e['ci'][0]:.2f}, {e['ci'][1]:.2f})")
+            ax.plot(Ck, pts, "o", color="tab:blue", mec="k")
         for meth, (color, ls) in METHOD_STYLE.items():
-            if meth in res:
+            if meth in res and res[meth]["optimum_exists"]:
                 N = allocation_n(res[meth]["allocation"], C)
                 y = N if name == "N" else C / (k * N)
                 ex = res[meth]["a" if name == "N" else "b"]["value"]
@@ -95,18 +126,19 @@ def plot_allocation(fit: dict, target: str):
         ax.set_yscale("log")
         ax.set_xlabel("FLOPs C")
         ax.set_ylabel(f"{target}-optimal {'parameters N' if name == 'N' else 'samples D'}")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(f"compute-optimal allocation ({target})")
     return fig
 
 
 def plot_y_opt(fit: dict, target: str):
     res = fit[target]
-    iso = res["isoflop"]
-    kept = [p for p in iso["profiles"] if p["kept"]]
-    C = np.logspace(np.log10(min(fit["budgets"])), np.log10(max(fit["budgets"])) + 1, 100)
+    iso = res.get("isoflop")
+    kept = [p for p in iso["profiles"] if p["kept"]] if iso else []
+    C = _c_range(fit)
     k = fit["config"]["flops_per_param_sample"]
-    yf = iso["Y_opt"]
+    yf = iso["Y_opt"] if iso else None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if yf is not None:
         Y = power_plus_const(yf, C)
@@ -115,11 +147,14 @@ def plot_y_opt(fit: dict, target: str):
         ax.plot(C, Y, "-", color="tab:blue",
                 label=f"isoFLOP {form}: E={yf['E']['value']:.3g}, k={yf['k']['value']:.3f}")
     ax.plot([p["flops"] for p in kept], [p["y_opt"] for p in kept], "o", color="tab:blue", mec="k")
+    ys = [p["y_opt"] for p in kept]
     for meth, (color, ls) in METHOD_STYLE.items():
-        if meth in res:
-            ax.plot(C, predict_optimum(meth, res[meth], C, k)[1], ls, color=color, label=f"{meth} at its optimum")
+        if meth in res and res[meth]["optimum_exists"]:
+            Y = predict_optimum(meth, res[meth], C, k)[1]
+            ax.plot(C, Y, ls, color=color, label=f"{meth} at its optimum")
+            ys.extend(Y[np.isfinite(Y)])
     ax.set_xscale("log")
-    if all(p["y_opt"] > 0 for p in kept):
+    if all(v > 0 for v in ys):
         ax.set_yscale("log")
     ax.set_xlabel("FLOPs C")
     ax.set_ylabel(f"optimal {LABELS[target]}")
@@ -156,11 +191,15 @@ def _table(rows, header) -> str:
 
 
 def build_figures(fit: dict) -> dict[str, str]:
-    figs = {"loss_isoflop": plot_isoflop(fit["loss"]["isoflop"], "loss"),
-            "loss_allocation": plot_allocation(fit, "loss"), "loss_optimum": plot_y_opt(fit, "loss")}
-    if "return" in fit:
-        figs.update(return_isoflop=plot_isoflop(fit["return"]["isoflop"], "return"),
-                    return_allocation=plot_allocation(fit, "return"), return_optimum=plot_y_opt(fit, "return"))
+    figs = {}
+    for target in ("loss", "return"):
+        if target not in fit:
+            continue
+        res = fit[target]
+        figs[f"{target}_isoflop"] = (plot_isoflop(res["isoflop"], target) if "isoflop" in res
+                                     else plot_runs(fit, target))
+        figs[f"{target}_allocation"] = plot_allocation(fit, target)
+        figs[f"{target}_optimum"] = plot_y_opt(fit, target)
     if "return_vs_loss" in fit:
         figs["return_vs_loss"] = plot_return_vs_loss(fit)
     return {k: _png(f) for k, f in figs.items()}
@@ -173,6 +212,18 @@ def render_html(fit: dict, figures: dict[str, str]) -> str:
              f"{fit['n_runs']} runs, {len(fit['budgets'])} FLOP budgets; optimum = {cfg['optimum']}, "
              f"window = ±{cfg['window']} sizes, C = {cfg['flops_per_param_sample']:g}·N·D "
              f"(median C/(N·D) in the data: {fit['median_flops_per_param_sample']:.3g}); {level}% CIs.</p>"]
+    notes = []
+    d = fit.get("dropped_non_finite") or {}
+    if d.get("n"):
+        cols = ", ".join(f"{c}: {n}" for c, n in d["by_column"].items())
+        notes.append(f"{d['n']} of {d['of']} runs were dropped for NaN/inf values ({cols}).")
+    if "binning" in fit:
+        b = fit["binning"]
+        notes.append(f"FLOP budgets were binned ({b['bins_per_decade']:g} bins per decade, each run snapped to "
+                     f"its bin's geometric centre): {b['budgets_before']} budgets became {b['budgets_after']}.")
+    if "return_skipped" in fit:
+        notes.append(f"Return fits: not fitted ({fit['return_skipped']}).")
+    parts.extend(f"<p>{html.escape(n)}</p>" for n in notes)
     rows = []
     for key, e in fit["summary"].items():
         bs = fit.get("bootstrap", {}).get(key)
@@ -183,12 +234,19 @@ def render_html(fit: dict, figures: dict[str, str]) -> str:
         if target not in fit:
             continue
         res = fit[target]
-        prof = [[f"{p['flops']:.3g}", p["n_sizes"], "yes" if p["kept"] else "no", p["reason"],
-                 f"{p['n_opt']:.3g}" if p["kept"] else "", f"{p['y_opt']:.4g}" if p["kept"] else ""]
-                for p in res["isoflop"]["profiles"]]
-        parts.append(f"<h2>{target.capitalize()}</h2><h3>isoFLOP profiles</h3>"
-                     f"<img src='data:image/png;base64,{figures[target + '_isoflop']}'>"
-                     + _table(prof, ["budget C", "sizes", "kept", "why dropped", "N_opt", f"{target} at optimum"]))
+        meth_rows = [[m, "yes" if st["ran"] else "no", st["reason"]] for m, st in res["methods"].items()]
+        parts.append(f"<h2>{target.capitalize()}</h2><h3>Methods</h3>"
+                     + _table(meth_rows, ["method", "ran", "on what / why not"]))
+        if "isoflop" in res:
+            prof = [[f"{p['flops']:.3g}", p["n_sizes"], "yes" if p["kept"] else "no", p["reason"],
+                     f"{p['n_opt']:.3g}" if p["kept"] else "", f"{p['y_opt']:.4g}" if p["kept"] else ""]
+                    for p in res["isoflop"]["profiles"]]
+            parts.append(f"<h3>isoFLOP profiles</h3><img src='data:image/png;base64,{figures[target + '_isoflop']}'>"
+                         + _table(prof, ["budget C", "sizes", "kept", "why dropped", "N_opt", f"{target} at optimum"]))
+        else:
+            parts.append(f"<h3>Runs</h3><p>isoFLOP profiles: not fitted "
+                         f"({html.escape(res['methods']['isoflop']['reason'])}).</p>"
+                         f"<img src='data:image/png;base64,{figures[target + '_isoflop']}'>")
         parts.append(f"<h3>Optimal allocation</h3><img src='data:image/png;base64,{figures[target + '_allocation']}'>"
                      f"<h3>Optimal {target} vs compute</h3>"
                      f"<img src='data:image/png;base64,{figures[target + '_optimum']}'>")
@@ -196,6 +254,9 @@ def render_html(fit: dict, figures: dict[str, str]) -> str:
                      for name, e in res[m]["coef"].items()]
         parts.append("<h3>Parametric fits</h3>" + _table(coef_rows, ["method", "coefficient", "estimate"]))
         cv = res["crossval"]
+        if cv.get("skipped"):
+            parts.append(f"<h3>Rolling cross-validation</h3><p>not run: {html.escape(cv['skipped'])}</p>")
+            continue
         cv_rows = [[m, f"{v['log10_n_opt']:.3f}" if v["log10_n_opt"] is not None else "",
                     f"{v['rel_y_opt']:.3f}" if v["rel_y_opt"] is not None else ""] for m, v in cv["rmse"].items()]
         held = ", ".join(f"{r['held_out']:.3g}" for r in cv["folds"])

@@ -1,7 +1,7 @@
 """Read a runs table: one row per evaluated checkpoint (params, samples, FLOPs, loss, return)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,10 @@ REQUIRED = ("flops", "params", "samples", "loss")
 
 @dataclass
 class Runs:
-    """Runs as float arrays; `budgets` are the distinct FLOP budgets, ascending."""
+    """Runs as float arrays; `budgets` are the distinct FLOP budgets, ascending.
+
+    `dropped` counts, per column, the rows of the source table left out for a NaN/inf there;
+    `n_dropped` is how many rows that was in all."""
 
     flops: np.ndarray
     params: np.ndarray
@@ -36,6 +39,8 @@ class Runs:
     ret_se: np.ndarray | None = None
     episodes: np.ndarray | None = None
     source: str = ""
+    dropped: dict[str, int] = field(default_factory=dict)
+    n_dropped: int = 0
 
     def __len__(self) -> int:
         return len(self.flops)
@@ -48,7 +53,7 @@ class Runs:
         pick = lambda a: None if a is None else a[mask]  # noqa: E731
         return Runs(self.flops[mask], self.params[mask], self.samples[mask], self.loss[mask],
                     pick(self.loss_se), pick(self.ret), pick(self.ret_se), pick(self.episodes),
-                    self.source)
+                    self.source, self.dropped, self.n_dropped)
 
     def with_budgets(self, budgets) -> "Runs":
         budgets = np.asarray(list(budgets), dtype=float)
@@ -127,6 +132,7 @@ def runs_from_frame(df: pd.DataFrame, columns: dict[str, str] | None = None, sou
     for role in ("flops", "params", "samples", "loss"):
         if (arrays[role][ok] <= 0).any():
             raise DataError(f"column {cols[role]!r} ({role}) has non-positive values")
+    dropped = {cols[r]: int((~np.isfinite(arrays[r])).sum()) for r in REQUIRED}
     if ok.sum() == 0:
         raise DataError(f"no usable runs in {source or 'runs table'} (every row lacks one of "
                         f"{', '.join(cols[r] for r in REQUIRED)})")
@@ -134,6 +140,7 @@ def runs_from_frame(df: pd.DataFrame, columns: dict[str, str] | None = None, sou
         flops=arrays["flops"], params=arrays["params"], samples=arrays["samples"],
         loss=arrays["loss"], loss_se=arrays.get("loss_se"), ret=arrays.get("return"),
         ret_se=arrays.get("return_se"), episodes=arrays.get("episodes"), source=source,
+        dropped={c: n for c, n in dropped.items() if n}, n_dropped=int((~ok).sum()),
     ).subset(ok)
 
 
