@@ -393,35 +393,30 @@ def test_measured_flops_count_encoders_and_attention():
 
 # ---- learning ------------------------------------------------------------------------------------
 
-def test_tiny_nethack_model_overfits_a_batch():
-    torch.manual_seed(0)
-    m = NetHackModel(NetHackConfig(width=64, layers=1))
-    b = batch(m, 16, B=2, resets=(0, 9))
-    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
+def _overfit(m, b, lr: float, steps: int) -> list[float]:
+    opt = torch.optim.Adam(m.parameters(), lr=lr)
     losses = []
-    for _ in range(25):
+    for _ in range(steps):
         logits, _ = m(b)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["action"].flatten().long())
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_tiny_nethack_model_overfits_a_batch():
+    torch.manual_seed(0)
+    m = NetHackModel(NetHackConfig(width=64, layers=1))
+    losses = _overfit(m, batch(m, 16, B=2, resets=(0, 9)), lr=2e-3, steps=25)
     assert losses[-1] < 0.3 * losses[0], losses
 
 
 def test_tiny_atari_model_overfits_a_batch():
     torch.manual_seed(0)
     m = AtariModel(AtariConfig(4, 6))
-    b = atari.random_batch(m.cfg, 4, 4)
-    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        logits, _ = m(b)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["action"].flatten().long())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _overfit(m, atari.random_batch(m.cfg, 4, 4), lr=3e-3, steps=40)
     assert losses[-1] < 0.3 * losses[0], losses
 
 

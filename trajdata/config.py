@@ -53,17 +53,23 @@ def default(cls, name: str) -> Any:
     raise KeyError(f"{cls.__name__} has no field {name!r}")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` through ``path.tmp`` + fsync + rename (the temp file is removed on failure)."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def open_run_dir(out: str | os.PathLike, config: dict, resume_free: Iterable[str] = (), what: str = "run") -> bool:

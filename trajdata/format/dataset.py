@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from trajdata.config import atomic_write_bytes
 from trajdata.errors import DataError
 from trajdata.format.schema import SCHEMA_VERSION, Schema, get_schema
 from trajdata.format.shard import ShardReader
@@ -34,15 +35,6 @@ STATUSES = ("complete", "truncated", "aborted")
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Dataset:
