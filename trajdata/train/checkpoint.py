@@ -1,0 +1,193 @@
+"""BC checkpoints: one file holds everything a resume or an evaluation needs.
+
+A checkpoint is a ``torch.save`` dict:
+
+    format, version        "trajdata-bc", 1
+    family                 "nethack" | "atari"
+    model_config           the model's config dataclass as a dict
+    model                  the model's state_dict (the unwrapped module, never DDP/compiled)
+    dataset                {"root", "env", "schema", "expert", "frame_stack", "fields"}: what it was trained on
+    train                  the BCConfig as a dict
+    step, samples, flops   optimizer steps, training samples and training FLOPs (paper counting) so far
+    budget                 the FLOP budget this snapshot is for (None for the rolling resume checkpoint)
+    params                 effective parameters N
+    optimizer, scheduler, loader, rng   resume state (only in the rolling checkpoint)
+
+A run directory ``RUN/`` holds ``config.json``, ``checkpoint.pt`` (rolling, for resume),
+``snapshots/budget-<C>.pt`` (one per FLOP budget reached), ``runs.csv`` and ``metrics.jsonl``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from trajdata.config import atomic_write_bytes
+from trajdata.errors import DataError
+from trajdata.models.atari import AtariConfig, AtariModel
+from trajdata.models.nethack import NetHackConfig, NetHackModel
+
+FORMAT = "trajdata-bc"
+VERSION = 1
+FAMILIES = {"nethack": (NetHackConfig, NetHackModel), "atari": (AtariConfig, AtariModel)}
+LATEST = "checkpoint.pt"
+SNAPSHOTS = "snapshots"
+RUNS_CSV = "runs.csv"
+METRICS = "metrics.jsonl"
+_SNAP = re.compile(r"^budget-(.+)\.pt$")
+
+
+def family_of(cfg) -> str:
+    return "atari" if isinstance(cfg, AtariConfig) else "nethack"
+
+
+def build_model(family: str, model_config: dict):
+    """The model of ``family`` with ``model_config`` (a dict of its config dataclass)."""
+    if family not in FAMILIES:
+        raise DataError(f"unknown model family {family!r} (expected one of {', '.join(FAMILIES)})")
+    cfg_cls, model_cls = FAMILIES[family]
+    return model_cls(cfg_cls(**model_config))
+
+
+def budget_name(budget: float) -> str:
+    """``2e+13`` -> ``budget-2e13.pt``: a file name that sorts and reads back as the budget."""
+    mant, exp = f"{float(budget):.6e}".split("e")
+    mant = mant.rstrip("0").rstrip(".")
+    return f"budget-{mant}e{int(exp)}.pt"
+
+
+def snapshot_path(run: str | os.PathLike, budget: float) -> Path:
+    return Path(run) / SNAPSHOTS / budget_name(budget)
+
+
+def snapshots(run: str | os.PathLike) -> list[tuple[float, Path]]:
+    """The run's budget snapshots as (budget, path), ascending by budget."""
+    d = Path(run) / SNAPSHOTS
+    found = []
+    for p in d.glob("budget-*.pt") if d.is_dir() else ():
+        m = _SNAP.match(p.name)
+        if m:
+            try:
+                found.append((float(m.group(1)), p))
+            except ValueError:
+                continue
+    return sorted(found)
+
+
+def save(path: str | os.PathLike, ckpt: dict) -> None:
+    """Write ``ckpt`` atomically (temp file + fsync + rename)."""
+    buf = io.BytesIO()
+    torch.save(dict(ckpt, format=FORMAT, version=VERSION), buf)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a checkpoint; a missing, truncated or foreign file is a one-line ``DataError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise DataError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise DataError(f"{path} is not a trajdata BC checkpoint")
+    if ckpt.get("version") != VERSION:
+        raise DataError(f"checkpoint {path} has version {ckpt.get('version')!r}; this trajdata reads {VERSION}")
+    return ckpt
+
+
+def resolve(target: str | os.PathLike, budget: float | None = None) -> list[Path]:
+    """Checkpoint files named by ``target``: a ``.pt`` file, or a run directory (its snapshot for
+    ``budget``; without one, its latest snapshot, else its rolling checkpoint)."""
+    target = Path(target)
+    if target.is_file():
+        return [target]
+    if not target.is_dir():
+        raise DataError(f"{target} is neither a checkpoint file nor a run directory")
+    snaps = snapshots(target)
+    if budget is not None:
+        hit = [p for b, p in snaps if abs(b - budget) <= 1e-9 * max(abs(b), 1.0)]
+        if not hit:
+            have = ", ".join(f"{b:g}" for b, _ in snaps) or "none"
+            raise DataError(f"run {target} has no snapshot for budget {budget:g} (it has: {have})")
+        return hit
+    if snaps:
+        return [snaps[-1][1]]
+    if (target / LATEST).is_file():
+        return [target / LATEST]
+    raise DataError(f"run {target} has no checkpoint yet ({LATEST} or {SNAPSHOTS}/)")
+
+
+def load_model(path: str | os.PathLike, device="cpu"):
+    """(model in eval mode on ``device``, checkpoint dict without the resume state)."""
+    ckpt = load(path)
+    try:
+        model = build_model(ckpt["family"], ckpt["model_config"])
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise DataError(f"checkpoint {path} does not hold a loadable model ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    for k in ("optimizer", "scheduler", "loader", "rng"):
+        ckpt.pop(k, None)
+    return model.to(device).eval(), ckpt
+
+
+def model_record(model) -> dict:
+    """The model part of a checkpoint for ``model`` (unwrapping DDP and torch.compile)."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    return dict(family=family_of(inner.cfg), model_config=asdict(inner.cfg), model=inner.state_dict())
+
+
+# ---- RUN/runs.csv: one row per budget snapshot, in the columns `trajdata scaling fit` reads -------
+
+RUN_COLUMNS = ("run", "budget", "params", "samples", "flops", "loss", "loss_se", "val_episodes",
+               "family", "width", "layers", "core", "checkpoint")
+EVAL_COLUMNS = ("return", "return_se", "episodes")
+
+
+def read_runs(path: str | os.PathLike) -> list[dict]:
+    """Rows of a runs.csv as dicts of strings ([] when it does not exist)."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_runs(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write rows atomically; columns: RUN_COLUMNS, then EVAL_COLUMNS, then any others, in order seen."""
+    import csv
+
+    cols = list(RUN_COLUMNS)
+    if any(any(r.get(c) not in (None, "") for c in EVAL_COLUMNS) for r in rows):
+        cols += list(EVAL_COLUMNS)
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: "" if r.get(c) is None else r.get(c) for c in cols})
+    atomic_write_bytes(Path(path), buf.getvalue().encode())
+
+
+def upsert_run(path: str | os.PathLike, row: dict, key=("run", "budget")) -> None:
+    """Add ``row`` to runs.csv, replacing (merging into) the row with the same ``key`` values."""
+    rows = read_runs(path)
+    ident = tuple(str(row[k]) for k in key)
+    for r in rows:
+        if tuple(str(r.get(k)) for k in key) == ident:
+            r.update({k: v for k, v in row.items()})
+            break
+    else:
+        rows.append(dict(row))
+    write_runs(path, rows)
