@@ -55,6 +55,9 @@ COMMANDS: dict = {
         "bc": ("trajdata.cli.train:train_bc",
                "Train a behavioural-cloning policy on DATASET, with a snapshot at every FLOP budget.", ("train",)),
     }),
+    "sweep": ("trajdata.cli.sweep:sweep_cmd",
+              "Plan and run a scaling sweep: collect, train bc per size, eval every snapshot, fit, report.",
+              ("train", "scaling")),
     "scaling": ("Fit imitation-learning scaling laws to a runs table and forecast compute-optimal runs.", {
         "fit": ("trajdata.cli.scaling:fit_cmd",
                 "Fit isoFLOP profiles, parametric laws and return-vs-loss to RUNS (CSV or Parquet).", ("scaling",)),

@@ -205,10 +205,24 @@ def build_figures(fit: dict) -> dict[str, str]:
     return {k: _png(f) for k, f in figs.items()}
 
 
+STYLE = ("<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
+         "margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style>")
+
+
+def page(title: str, body: str) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{STYLE}</head>"
+            f"<body>{body}</body></html>")
+
+
 def render_html(fit: dict, figures: dict[str, str]) -> str:
+    return page("trajdata scaling report", render_body(fit, figures))
+
+
+def render_body(fit: dict, figures: dict[str, str], title: str = "Scaling-law fit") -> str:
+    """The report sections of one fit (an h1 title, then h2/h3 sections)."""
     cfg = fit["config"]
     level = int(round(cfg["ci_level"] * 100))
-    parts = [f"<h1>Scaling-law fit</h1><p>source: <code>{html.escape(fit['source'])}</code>; "
+    parts = [f"<h1>{html.escape(title)}</h1><p>source: <code>{html.escape(fit['source'])}</code>; "
              f"{fit['n_runs']} runs, {len(fit['budgets'])} FLOP budgets; optimum = {cfg['optimum']}, "
              f"window = ±{cfg['window']} sizes, C = {cfg['flops_per_param_sample']:g}·N·D "
              f"(median C/(N·D) in the data: {fit['median_flops_per_param_sample']:.3g}); {level}% CIs.</p>"]
@@ -265,10 +279,7 @@ def render_html(fit: dict, figures: dict[str, str]) -> str:
                      + _table(cv_rows, ["method", "RMSE log10 N_opt", f"RMSE relative {target}"]))
     if "return_vs_loss" in figures:
         parts.append(f"<h2>Return vs loss</h2><img src='data:image/png;base64,{figures['return_vs_loss']}'>")
-    style = ("<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
-             "margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style>")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>trajdata scaling report</title>{style}</head>" \
-           f"<body>{''.join(parts)}</body></html>"
+    return "".join(parts)
 
 
 def strict_json(obj):

@@ -1,0 +1,107 @@
+"""The sweep's report: this project's own runs fitted (isoFLOP parabolas for loss and return, optimal
+N and D power laws, return vs loss, a forecast), beside a reference runs table (the paper authors'
+released runs) fitted the same way, with the plan, wall times and the expert / random baselines."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from trajdata.scaling.fits import FitConfig, fit_all
+from trajdata.scaling.forecast import forecast
+from trajdata.scaling.report import _png, _table, build_figures, page, render_body, strict_json
+from trajdata.scaling.runs import load_runs
+from trajdata.sweep.plan import Plan, describe
+from trajdata.train import checkpoint as ckpt_io
+
+DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "tests" / "data" / "il-scaling" / "nethack_llama_isoflop.csv"
+
+
+def plot_returns(plan: Plan, out: Path, baselines: dict):
+    """Mean return ± SE of every snapshot against its FLOPs, one line per size, with the expert's and
+    the random policy's returns on the same seeds."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    cmap = plt.get_cmap("viridis")
+    for i, r in enumerate(plan.active):
+        rows = [x for x in ckpt_io.read_runs(out / "runs" / r.name / ckpt_io.RUNS_CSV) if x.get("return") not in (None, "")]
+        if not rows:
+            continue
+        f = np.array([float(x["flops"]) for x in rows])
+        m = np.array([float(x["return"]) for x in rows])
+        se = np.array([float(x.get("return_se") or 0) for x in rows])
+        o = np.argsort(f)
+        ax.errorbar(f[o], m[o], yerr=se[o], marker="o", capsize=3, color=cmap(i / max(1, len(plan.active) - 1)),
+                    label=f"{r.name} (N={r.params:,})")
+    for key, style in (("expert", "--"), ("random", ":")):
+        b = baselines.get(key)
+        if b and b.get("episodes"):
+            ax.axhline(b["mean"], ls=style, color="k", label=f"{key} ({b['policy']}): {b['mean']:.1f} ± {b['se']:.1f}")
+            ax.axhspan(b["mean"] - b["se"], b["mean"] + b["se"], color="k", alpha=0.08)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("mean return (± SE)")
+    ax.set_title("Return of every snapshot, same seeds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _fit(path: Path, cfg: FitConfig) -> dict:
+    runs = load_runs(path)
+    return fit_all(runs, cfg)
+
+
+def _forecast_rows(fit: dict, **given) -> list[list[str]]:
+    try:
+        rows = forecast(fit, **given)
+    except Exception as e:  # a fit with no optimum: say why in the table
+        return [["-", "-", "-", "-", "-", html.escape(str(e))]]
+    return [[r["target"], r["method"], f"{r['flops']:.3g}", f"{r['params']:.3g}", f"{r['samples']:.3g}",
+             f"{r[r['target']]:.4g}"] for r in rows]
+
+
+def write_sweep_report(plan: Plan, out: Path, baselines: dict, timings: dict) -> str:
+    """Fit the sweep's runs.csv and the reference table; write OUT/report/{fit.json,reference_fit.json,report.html}."""
+    spec = plan.spec
+    rep = out / "report"
+    rep.mkdir(parents=True, exist_ok=True)
+    cfg = FitConfig(**spec.fit)
+    own = _fit(out / "runs.csv", cfg)
+    ref_path = Path(spec.report.get("reference") or DEFAULT_REFERENCE)
+    ref = _fit(ref_path, FitConfig(**spec.report.get("reference_fit", {}))) if ref_path.is_file() else None
+    (rep / "fit.json").write_text(json.dumps(strict_json(own), indent=1, allow_nan=False))
+    if ref is not None:
+        (rep / "reference_fit.json").write_text(json.dumps(strict_json(ref), indent=1, allow_nan=False))
+    (rep / "plan.txt").write_text(describe(plan) + "\n")
+
+    from trajdata.format.dataset import Dataset
+    from trajdata.sweep.run import dataset_path
+
+    ds_steps = int(sum(int(r["steps"]) for r in Dataset(dataset_path(spec, out)).index_rows()))
+    parts = [f"<h1>trajdata sweep <code>{html.escape(spec.name)}</code></h1>",
+             f"<p>{len(plan.active)} runs ({spec.family}), {plan.snapshots} snapshots, {plan.compute:.3g} training FLOPs "
+             f"planned; dataset {ds_steps:,} steps. Wall time: "
+             + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()) + ".</p>",
+             f"<pre>{html.escape(describe(plan))}</pre>"]
+    if baselines:
+        rows = [[k, b["policy"], b["episodes"], f"{b['mean']:.2f} ± {b['se']:.2f}", f"{b['median']:.1f}"]
+                for k, b in baselines.items()]
+        parts.append("<h2>Baselines on the eval seeds</h2>"
+                     + _table(rows, ["baseline", "policy", "episodes", "mean return ± SE", "median"]))
+        parts.append(f"<img src='data:image/png;base64,{plot_returns(plan, out, baselines)}'>")
+    parts.append(render_body(own, build_figures(own), title=f"This project's runs ({spec.name})"))
+    parts.append("<h2>Forecast</h2><p>The compute-optimal run for this sweep's dataset "
+                 f"(D = {ds_steps:,} steps), by each method that ran:</p>"
+                 + _table(_forecast_rows(own, dataset_size=float(ds_steps)),
+                          ["target", "method", "FLOPs", "params", "samples", "predicted"]))
+    if ref is not None:
+        parts.append(render_body(ref, build_figures(ref), title=f"Reference: {ref_path.name}, fitted the same way"))
+        parts.append("<h2>Reference forecast</h2><p>At the paper's 40B-sample dataset:</p>"
+                     + _table(_forecast_rows(ref, dataset_size=40e9),
+                              ["target", "method", "FLOPs", "params", "samples", "predicted"]))
+    (rep / "report.html").write_text(page(f"trajdata sweep {spec.name}", "".join(parts)))
+    return str(rep / "report.html")

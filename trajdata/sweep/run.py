@@ -1,0 +1,245 @@
+"""Run a sweep's plan: data -> train bc per size (snapshots at its budgets) -> eval every snapshot ->
+one runs.csv -> fits -> report. Every stage resumes: finished shards, runs, snapshots and
+evaluations are not redone.
+
+    OUT/data/                  the collected dataset (when the spec collects one)
+    OUT/runs/<run>/            one `train bc` run directory per size (its runs.csv, snapshots/, eval/)
+    OUT/runs.csv               every snapshot's row, gathered
+    OUT/baselines.json         the data's expert and a uniform-random policy on the same eval seeds
+    OUT/report/                fit.json, report.html (ours beside the reference runs), plan.txt
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from trajdata.errors import ConfigError, DataError
+from trajdata.sweep.plan import Plan, PlannedRun, Spec, describe, make_plan
+from trajdata.train import checkpoint as ckpt_io
+
+BACKENDS = ("local", "ray", "print")
+EXPERT_TARGETS = {"scripted": "trajdata.collectors.nethack:ScriptedExpert",
+                  "autoascend": "trajdata.collectors.autoascend:AutoAscendExpert",
+                  "ppo": "trajdata.collectors.atari:PPOExpert"}
+EXPERT_KWARGS = {"scripted": ("character", "fix_moon_phase"), "autoascend": ("character", "fix_moon_phase"),
+                 "ppo": ("model", "game", "deterministic")}
+
+
+@dataclass
+class SweepOptions:
+    out: str
+    parallel: int = 1  # runs trained at once (local backend)
+    backend: str = "local"  # local processes, Ray tasks, or "print": the torchrun commands for a cluster
+    ray_address: str | None = None
+    nproc_per_node: int = 8  # "print": GPUs per torchrun command
+    threads: int | None = None  # torch threads per run (default: cores / parallel)
+    progress: bool = True
+    skip_eval: bool = False
+    skip_report: bool = False
+
+
+def dataset_path(spec: Spec, out: Path) -> Path:
+    return Path(spec.dataset) if spec.dataset else out / "data"
+
+
+def ensure_data(spec: Spec, out: Path, progress: bool) -> Path:
+    """The spec's dataset, collected (or its collection resumed) when the spec says how."""
+    path = dataset_path(spec, out)
+    if spec.collect:
+        from trajdata.collectors.runner import CollectConfig, ExpertSpec, collect
+
+        c = dict(spec.collect)
+        expert = c.pop("expert", "scripted")
+        if expert not in EXPERT_TARGETS:
+            raise ConfigError(f"[data.collect] expert {expert!r}: choose one of {', '.join(EXPERT_TARGETS)}")
+        kwargs = {k: c.pop(k) for k in EXPERT_KWARGS[expert] if k in c}
+        if expert != "ppo":
+            kwargs.setdefault("character", "@")
+            kwargs.setdefault("fix_moon_phase", True)
+        collect(CollectConfig(out=str(path), expert=ExpertSpec(EXPERT_TARGETS[expert], kwargs), **c), progress=progress)
+    elif not (path / "dataset.json").is_file():
+        raise DataError(f"dataset {path} does not exist (and the spec has no [data.collect] to make it)")
+    return path
+
+
+def bc_config(spec: Spec, run: PlannedRun, dataset: Path, out: Path, **extra):
+    from trajdata.train.bc import BCConfig
+
+    size = dict(width=run.size) if spec.family == "atari" else dict(width=run.size[0], layers=run.size[1])
+    return BCConfig(dataset=str(dataset), out=str(out / "runs" / run.name), run_id=run.name, family=spec.family,
+                    budgets=tuple(run.budgets), **size, **spec.train, **extra)
+
+
+def run_done(cfg) -> bool:
+    """Whether the run's rolling checkpoint already holds every budget's snapshot."""
+    latest = Path(cfg.out) / ckpt_io.LATEST
+    if not latest.is_file():
+        return False
+    have = {b for b, _ in ckpt_io.snapshots(cfg.out)}
+    return all(b in have for b in cfg.budgets)
+
+
+def _train_one(cfg_dict: dict, threads: int) -> dict:
+    import torch
+
+    from trajdata.train.bc import BCConfig, train
+
+    torch.set_num_threads(threads)
+    return train(BCConfig(**cfg_dict))
+
+
+def torchrun_command(cfg, nproc: int) -> str:
+    """The `torchrun ... train bc` command of one run, for a cluster."""
+    from trajdata.train.bc import BCConfig
+
+    args = ["torchrun", "--nproc-per-node", str(nproc), "-m", "trajdata.cli", "train", "bc", cfg.dataset,
+            "--out", cfg.out]
+    d = asdict(BCConfig(dataset="-", out="-"))
+    for k, v in asdict(cfg).items():
+        if k in ("dataset", "out") or v == d[k]:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            args.append(flag if v else f"--no-{k.replace('_', '-')}")
+        elif k == "budgets":
+            args += [flag, ",".join(repr(b) for b in v)]
+        else:
+            args += [flag, str(v)]
+    return shlex.join(args)
+
+
+def train_all(plan: Plan, dataset: Path, out: Path, opts: SweepOptions) -> list[dict]:
+    """Train every planned run that is not finished: sequentially, K at a time, or on Ray."""
+    from tqdm import tqdm
+
+    cfgs = [bc_config(plan.spec, r, dataset, out, progress=opts.progress and opts.parallel == 1 and opts.backend == "local")
+            for r in plan.active]
+    if opts.backend == "print":
+        for c in cfgs:
+            print(torchrun_command(c, opts.nproc_per_node))
+        return []
+    by_name = {r.name: r for r in plan.active}
+    todo = [c for c in cfgs if not run_done(c)]
+    spent = sum(by_name[c.run_id].compute for c in cfgs if c not in todo)
+    total = plan.compute
+    bar = tqdm(total=len(cfgs), initial=len(cfgs) - len(todo), unit="run", desc="sweep train", disable=not opts.progress)
+    bar.set_postfix_str(f"compute {spent:.3g} done, {total - spent:.3g} left")
+    threads = opts.threads or max(1, (os.cpu_count() or 1) // max(1, opts.parallel))
+    results = []
+
+    def finished(c, r):
+        nonlocal spent
+        spent += by_name[c.run_id].compute
+        results.append(r)
+        bar.update(1)
+        bar.set_postfix_str(f"compute {spent:.3g} done, {total - spent:.3g} left")
+
+    if opts.backend == "ray":
+        import ray
+
+        ray.init(address=opts.ray_address, ignore_reinit_error=True, log_to_driver=False)
+        remote = ray.remote(num_cpus=threads)(_train_one)
+        refs = {remote.remote(asdict(c), threads): c for c in todo}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            finished(refs[ready[0]], ray.get(ready[0]))
+    elif opts.parallel > 1:
+        with ProcessPoolExecutor(opts.parallel, mp_context=get_context("spawn")) as pool:
+            futs = {pool.submit(_train_one, asdict(c), threads): c for c in todo}
+            for f in as_completed(futs):
+                finished(futs[f], f.result())
+    else:
+        import torch
+
+        torch.set_num_threads(threads)
+        from trajdata.train.bc import train
+
+        for c in todo:
+            finished(c, train(c))
+    bar.close()
+    return results
+
+
+def eval_all(plan: Plan, out: Path, progress: bool) -> dict:
+    """Roll out every snapshot of every run (seeds already played are kept), then, on the same seeds,
+    the data's expert ([eval] expert = "scripted" | "autoascend" | "ppo:MODEL") and a uniform-random
+    policy: the report's ceiling and floor. Returns their summaries by name."""
+    ev = dict(plan.spec.eval)
+    if int(ev.get("episodes", 0)) <= 0:
+        return {}
+    from trajdata.evaluate import EvalConfig, evaluate
+
+    expert = ev.pop("expert", None)
+    baselines = {}
+    for r in plan.active:
+        evaluate(str(out / "runs" / r.name), EvalConfig(all=True, **ev), progress=progress)
+    first = str(out / "runs" / plan.active[0].name)  # its checkpoints name the env the data came from
+    for name in ([expert] if expert else []) + ["random"]:
+        docs = evaluate(first, EvalConfig(expert=name, out=str(out / "baselines"), update_runs=False,
+                                          **{k: v for k, v in ev.items() if k != "out"}), progress=progress)
+        if docs:
+            baselines["expert" if name == expert else "random"] = dict(policy=name, **docs[0]["summary"])
+    (out / "baselines.json").write_text(json.dumps(baselines, indent=1) + "\n")
+    return baselines
+
+
+def gather(plan: Plan, out: Path) -> Path:
+    """One runs.csv of every planned snapshot that exists (rows of runs not in the plan are left out)."""
+    rows = []
+    for r in plan.active:
+        for row in ckpt_io.read_runs(out / "runs" / r.name / ckpt_io.RUNS_CSV):
+            if float(row["budget"]) in r.budgets:
+                rows.append(dict(row, checkpoint=f"runs/{r.name}/{row['checkpoint']}"))
+    if not rows:
+        raise DataError(f"sweep {out} has no snapshots yet")
+    path = out / "runs.csv"
+    ckpt_io.write_runs(path, rows)
+    return path
+
+
+def run_sweep(spec: Spec, opts: SweepOptions) -> dict:
+    """The whole pipeline for ``spec``; returns a summary (plan, wall time, where the report is)."""
+    if opts.backend not in BACKENDS:
+        raise ConfigError(f"backend {opts.backend!r}: choose one of {', '.join(BACKENDS)}", field="backend")
+    t0 = time.time()
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1, default=str) + "\n")
+    dataset = ensure_data(spec, out, opts.progress) if opts.backend != "print" else dataset_path(spec, out)
+    n_actions = None
+    if spec.family == "atari" and (dataset / "dataset.json").is_file():
+        from trajdata.format.dataset import Dataset
+        from trajdata.train.bc import atari_actions
+
+        n_actions = atari_actions(Dataset(dataset).info)
+    plan = make_plan(spec, n_actions)
+    (out / "plan.txt").write_text(describe(plan) + "\n")
+    timings = {"data_s": round(time.time() - t0, 1)}
+    train_all(plan, dataset, out, opts)
+    if opts.backend == "print":
+        return dict(plan=describe(plan), printed=True)
+    timings["train_s"] = round(time.time() - t0 - timings["data_s"], 1)
+    baselines = {}
+    if not opts.skip_eval:
+        t1 = time.time()
+        baselines = eval_all(plan, out, opts.progress)
+        timings["eval_s"] = round(time.time() - t1, 1)
+    runs_csv = gather(plan, out)
+    result = dict(out=str(out), runs_csv=str(runs_csv), plan=describe(plan), compute=plan.compute,
+                  snapshots=plan.snapshots, baselines=baselines, timings=timings)
+    if not opts.skip_report:
+        from trajdata.sweep.report import write_sweep_report
+
+        t1 = time.time()
+        result["report"] = write_sweep_report(plan, out, baselines, timings)
+        timings["report_s"] = round(time.time() - t1, 1)
+    timings["total_s"] = round(time.time() - t0, 1)
+    (out / "sweep.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    return result
