@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Scaling-law report on the paper authors' NetHack runs: scaling-report/{fit.json,report.html}.
-# Extra arguments go to `trajdata scaling fit` (e.g. --bootstrap 200, --min-budget 2e15).
+# The whole pipeline on the CPU-sized default spec: collect scripted NetHack games, train bc at 4 sizes
+# with snapshots at 3 FLOP budgets, roll out every snapshot, fit, and report beside the paper authors'
+# released runs: scaling-report/{runs.csv,fit.json,reference_fit.json,report.html}. Rerun to resume.
+# Extra arguments go to `trajdata sweep` (e.g. --parallel 2, --skip-eval).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec trajdata scaling fit tests/data/il-scaling/nethack_llama_isoflop.csv --out scaling-report/ "$@"
+exec trajdata sweep specs/cpu.toml --out scaling-report "$@"

@@ -142,8 +142,12 @@ def fit_cmd(runs_path, out, bootstrap, seed, **opts):
               help="Fit(s) to forecast with (default: all present).")
 @click.option("--target", type=click.Choice(["loss", "return", "both"]), default="both", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--dataset", default=None, type=click.Path(file_okay=False),
+              help="Dataset for the printed `train bc` command of the compute-optimal model (needed by --run).")
+@click.option("--run-out", default=None, type=click.Path(file_okay=False), help="--out of that run [runs/forecast-...].")
+@click.option("--run", "start", is_flag=True, help="Start that `train bc` run now.")
 @runs_options
-def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json, **opts):
+def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json, dataset, run_out, start, **opts):
     """Compute-optimal N, D, C and predicted loss/return from a fit JSON (or a RUNS file, fitted first).
 
     Give exactly one of --dataset-size, --compute, --params; e.g. `--dataset-size 40e9`.
@@ -166,11 +170,25 @@ def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json
             click.echo(line, err=True)
     targets = ("loss", "return") if target == "both" else (target,)
     rows = forecast(fit, methods or None, targets, dataset_size=dataset_size, compute=compute, params=params)
+    if start and not dataset:
+        raise ConfigError("--run needs --dataset (the data to train the forecast model on)")
     if as_json:
         click.echo(json.dumps(rows, indent=1))
-        return
-    click.echo(f"{'target':7s} {'method':10s} {'FLOPs':>10s} {'params':>10s} {'samples':>10s} {'predicted':>10s}")
-    for r in rows:
-        click.echo(f"{r['target']:7s} {r['method']:10s} {r['flops']:10.3g} {r['params']:10.3g} "
-                   f"{r['samples']:10.3g} {r[r['target']]:10.4g}")
+    else:
+        click.echo(f"{'target':7s} {'method':10s} {'FLOPs':>10s} {'params':>10s} {'samples':>10s} {'predicted':>10s}")
+        for r in rows:
+            click.echo(f"{r['target']:7s} {r['method']:10s} {r['flops']:10.3g} {r['params']:10.3g} "
+                       f"{r['samples']:10.3g} {r[r['target']]:10.4g}")
+    from trajdata.scaling.forecast import pick, train_bc_args
+
+    best = pick(rows, "loss" if target in ("loss", "both") else "return")
+    args = train_bc_args(best, dataset or "DATASET", run_out)
+    if not as_json:
+        import shlex
+
+        click.echo(f"compute-optimal run ({best['target']} {best['method']}): trajdata {shlex.join(args)}")
+    if start:
+        from trajdata.cli.main import cli
+
+        cli.main(args, prog_name="trajdata")
 

@@ -26,7 +26,7 @@ def sweep_cmd(spec_path, out, dry_run, parallel, backend, ray_address, nproc_per
 
     SPEC.toml names the data (or how to collect it), the model family and sizes, the FLOP budgets,
     the shared training settings and the eval episodes (see specs/cpu.toml, specs/paper-nethack.toml).
-    Writes OUT/runs/<run>/, OUT/runs.csv and OUT/report/report.html. Finished runs, snapshots and
+    Writes OUT/runs/<run>/, OUT/runs.csv, OUT/fit.json and OUT/report.html. Finished runs, snapshots and
     evaluations are not redone.
     """
     from trajdata.sweep.plan import describe, load_spec, make_plan

@@ -90,3 +90,25 @@ def forecast(fit: dict, methods=None, targets=("loss", "return"), **given) -> li
     if not rows:
         raise DataError("; ".join(why) if why else "fit has none of the requested methods")
     return rows
+
+
+# the paper's forecast-run schedule (DESIGN.md section 6): cosine from 2e-4, 2000 warm-up steps, to 0.1x
+FORECAST_SCHEDULE = dict(schedule="cosine", lr=2e-4, warmup_steps=2000, min_lr_ratio=0.1)
+
+
+def pick(rows: list[dict], target: str = "loss") -> dict:
+    """The forecast to act on: the isoFLOP method's if it ran, else the first for ``target``."""
+    mine = [r for r in rows if r["target"] == target] or rows
+    return next((r for r in mine if r["method"] == "isoflop"), mine[0])
+
+
+def train_bc_args(row: dict, dataset: str, out: str | None = None, **schedule) -> list[str]:
+    """The `trajdata train bc` arguments of the compute-optimal model of forecast ``row``:
+    ``--params N --samples D`` with the paper's forecast schedule (overridable)."""
+    n, d = int(round(row["params"])), int(round(row["samples"]))
+    sched = dict(FORECAST_SCHEDULE, **schedule)
+    out = out or f"runs/forecast-N{n:.3g}-D{d:.3g}".replace("+", "")
+    args = ["train", "bc", dataset, "--out", out, "--params", str(n), "--samples", str(d)]
+    for k, v in sched.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    return args

@@ -65,10 +65,12 @@ def _forecast_rows(fit: dict, **given) -> list[list[str]]:
 
 
 def write_sweep_report(plan: Plan, out: Path, baselines: dict, timings: dict) -> str:
-    """Fit the sweep's runs.csv and the reference table; write OUT/report/{fit.json,reference_fit.json,report.html}."""
+    """Fit the sweep's runs.csv and the reference table; write OUT/{fit.json,reference_fit.json,report.html}."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=RuntimeWarning)  # overflowing extrapolations of poor fits
     spec = plan.spec
-    rep = out / "report"
-    rep.mkdir(parents=True, exist_ok=True)
+    rep = out
     cfg = FitConfig(**spec.fit)
     own = _fit(out / "runs.csv", cfg)
     ref_path = Path(spec.report.get("reference") or DEFAULT_REFERENCE)
@@ -76,7 +78,6 @@ def write_sweep_report(plan: Plan, out: Path, baselines: dict, timings: dict) ->
     (rep / "fit.json").write_text(json.dumps(strict_json(own), indent=1, allow_nan=False))
     if ref is not None:
         (rep / "reference_fit.json").write_text(json.dumps(strict_json(ref), indent=1, allow_nan=False))
-    (rep / "plan.txt").write_text(describe(plan) + "\n")
 
     from trajdata.format.dataset import Dataset
     from trajdata.sweep.run import dataset_path

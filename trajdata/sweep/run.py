@@ -6,7 +6,7 @@ evaluations are not redone.
     OUT/runs/<run>/            one `train bc` run directory per size (its runs.csv, snapshots/, eval/)
     OUT/runs.csv               every snapshot's row, gathered
     OUT/baselines.json         the data's expert and a uniform-random policy on the same eval seeds
-    OUT/report/                fit.json, report.html (ours beside the reference runs), plan.txt
+    OUT/plan.txt, fit.json, reference_fit.json, report.html (ours beside the reference runs)
 """
 from __future__ import annotations
 

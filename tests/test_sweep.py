@@ -1,0 +1,177 @@
+"""`trajdata sweep`: exact plans, resume without redoing finished work, printed cluster commands, the
+whole pipeline on tiny real data."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trajdata.errors import ConfigError
+from trajdata.models.flops import effective_params
+from trajdata.models.nethack import NetHackConfig
+from trajdata.sweep.plan import describe, load_spec, make_plan
+from trajdata.train import checkpoint as ckpt_io
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAJDATA = [sys.executable, "-m", "trajdata.cli"]
+
+
+def write_spec(tmp_path: Path, dataset, sizes="[[32, 1], [64, 1], [96, 1], [128, 1]]", budgets="[2e9, 4e9]",
+               extra="", eval_table="") -> Path:
+    p = tmp_path / "spec.toml"
+    p.write_text(f"""[sweep]
+name = "tiny"
+family = "nethack"
+sizes = {sizes}
+budgets = {budgets}
+{extra}
+[data]
+dataset = "{dataset}"
+[train]
+seq_len = 64
+batch_size = 4
+lr = 1e-3
+val_fraction = 0.3
+checkpoint_every = 2
+[fit]
+window = 0
+cv_folds = 0
+{eval_table}
+[report]
+reference = "{ROOT / 'tests/data/il-scaling/nethack_llama_isoflop.csv'}"
+""")
+    return p
+
+
+def test_plan_is_exact(tmp_path):
+    spec = load_spec(write_spec(tmp_path, tmp_path, budgets="[1e9, 2e9, 1e10]",
+                                extra="samples_per_param = [0.001, 0.2]"))
+    plan = make_plan(spec)
+    assert plan.step_samples == 4 * 64
+    want = {}
+    for h, L in [(32, 1), (64, 1), (96, 1), (128, 1)]:
+        n = effective_params(NetHackConfig(width=h, layers=L))
+        kept = [c for c in (1e9, 2e9, 1e10) if 0.001 <= math.ceil(c / (6 * n)) / n <= 0.2
+                and math.ceil(c / (6 * n)) >= 256]
+        want[f"nethack-h{h}-L{L}"] = (n, kept, max((math.ceil(c / (6 * n)) for c in kept), default=0))
+    got = {r.name: (r.params, r.budgets, r.samples) for r in plan.runs}
+    assert got == want
+    # by hand: (32,1) N=77,049: D(1e10) = 21,632, D/N = 0.28 > 0.2 -> skipped; D(2e9) = 4,327
+    assert want["nethack-h32-L1"] == (77_049, [1e9, 2e9], 4_327)
+    assert plan.compute == sum(6 * n * d for n, _, d in want.values())
+    assert plan.snapshots == sum(len(k) for _, k, _ in want.values())
+    text = describe(plan)
+    assert "skip 1e+10: overtrained: D/N = 0.281" in text and f"{plan.compute:.3g} FLOPs" in text
+
+
+def test_bad_specs_are_one_line(tmp_path):
+    cases = {
+        "[sweep]\nfamily = 'nethack'\nsizes = [[64, 1]]\n": "needs 'budgets'",
+        "[sweep]\nfamily = 'go'\nsizes = [[64, 1]]\nbudgets = [1e9]\n[data]\ndataset = 'x'\n": "'go': choose one of",
+        "[sweep]\nfamily = 'nethack'\nsizes = [64]\nbudgets = [1e9]\n[data]\ndataset = 'x'\n": "[width, layers] pairs",
+        "[sweep]\nfamily = 'nethack'\nsizes = [[64, 1]]\nbudgets = [1e9]\n[data]\ndataset = 'x'\n[train]\nwidht = 3\n":
+            "unknown key 'widht' in [train]",
+        "[sweep]\nfamily = 'nethack'\nsizes = [[64, 1]]\nbudgets = [1e9]\n[data]\ndataset = 'x'\n[train]\nwidth = 3\n":
+            "may not set 'width'",
+        "[sweeep]\n": "unknown table [sweeep]",
+        "[sweep\n": "not valid TOML",
+    }
+    for i, (text, want) in enumerate(cases.items()):
+        p = tmp_path / f"s{i}.toml"
+        p.write_text(text)
+        r = subprocess.run([*TRAJDATA, "sweep", str(p), "--dry-run"], capture_output=True, text=True)
+        assert r.returncode == 1 and want in r.stderr and r.stderr.count("\n") == 1, (text, r.stderr)
+        with pytest.raises(ConfigError):
+            load_spec(p)
+
+
+def test_shipped_specs_plan(tmp_path):
+    r = subprocess.run([*TRAJDATA, "sweep", str(ROOT / "specs/paper-nethack.toml"), "--dry-run", "--flops-per-s", "1e15"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("sweep paper-nethack: 10 runs") and "h at 1e+15 FLOP/s" in r.stdout
+    cpu = make_plan(load_spec(ROOT / "specs/cpu.toml"))
+    assert len(cpu.active) >= 4 and len(load_spec(ROOT / "specs/cpu.toml").budgets) >= 3
+    kept_per_budget = {b: sum(b in r.budgets for r in cpu.runs) for b in cpu.spec.budgets}
+    assert min(kept_per_budget.values()) >= 3  # every budget can have a parabola
+
+
+def test_print_backend_commands_parse_back(scripted_data, tmp_path):
+    """`--backend print` gives one torchrun command per run whose flags rebuild that run's BCConfig."""
+    import shlex
+
+    from trajdata.cli.train import train_bc
+    from trajdata.sweep.run import bc_config
+
+    spec_path = write_spec(tmp_path, scripted_data)
+    r = subprocess.run([*TRAJDATA, "sweep", str(spec_path), "--out", str(tmp_path / "o"), "--backend", "print",
+                        "--nproc-per-node", "4"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    plan = make_plan(load_spec(spec_path))
+    assert len(lines) == len(plan.active)
+    for line, run in zip(lines, plan.active):
+        argv = shlex.split(line)
+        assert argv[:6] == ["torchrun", "--nproc-per-node", "4", "-m", "trajdata.cli", "train"]
+        ctx = train_bc.make_context("bc", argv[7:])
+        want = bc_config(plan.spec, run, Path(scripted_data), tmp_path / "o")
+        for k, v in ctx.params.items():
+            if hasattr(want, k) and k not in ("progress",):
+                assert v == getattr(want, k) or (k == "budgets" and tuple(v) == want.budgets), (k, v, getattr(want, k))
+    assert not (tmp_path / "o" / "runs").exists()
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_redoing_finished_runs(scripted_data, tmp_path):
+    spec_path = write_spec(tmp_path, scripted_data)
+    out = tmp_path / "o"
+    cmd = [*TRAJDATA, "sweep", str(spec_path), "--out", str(out), "--skip-eval", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    first = out / "runs" / "nethack-h32-L1"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(ckpt_io.read_runs(first / "runs.csv")) < 2:
+        time.sleep(0.2)
+    time.sleep(1.5)  # into the second run
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert len(ckpt_io.read_runs(first / "runs.csv")) == 2
+    before = {f: f.stat().st_mtime_ns for f in first.rglob("*") if f.is_file()}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    after = {f: f.stat().st_mtime_ns for f in first.rglob("*") if f.is_file()}
+    assert after == before  # the finished run was not touched
+    rows = ckpt_io.read_runs(out / "runs.csv")
+    assert sorted((x["run"], float(x["budget"])) for x in rows) == sorted(
+        (r.name, b) for r in make_plan(load_spec(spec_path)).active for b in r.budgets)
+    assert (out / "report.html").stat().st_size > 10_000
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["n_runs"] == len(rows) == 8
+
+
+def test_forecast_prints_the_train_bc_command():
+    import shlex
+
+    from trajdata.cli.train import train_bc
+
+    src = ROOT / "tests/data/il-scaling/nethack_llama_isoflop.csv"
+    r = subprocess.run([*TRAJDATA, "scaling", "forecast", str(src), "--dataset-size", "40e9", "--target", "loss",
+                        "--dataset", "data/x"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("compute-optimal run"))
+    argv = shlex.split(line.split(": ", 1)[1])
+    assert argv[:4] == ["trajdata", "train", "bc", "data/x"]
+    params = dict(train_bc.make_context("bc", argv[3:]).params)
+    assert params["samples"] == 40_000_000_000 and params["schedule"] == "cosine" and params["lr"] == 2e-4
+    isoflop = next(x for x in r.stdout.splitlines() if x.startswith("loss    isoflop"))
+    assert float(isoflop.split()[3]) == pytest.approx(float(params["params"]), rel=1e-2)
+    r = subprocess.run([*TRAJDATA, "scaling", "forecast", str(src), "--dataset-size", "40e9", "--run"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "--run needs --dataset" in r.stderr
