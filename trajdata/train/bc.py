@@ -413,7 +413,7 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
     metric_lines = _read_metrics(metrics_path, step) if writer else []
     tb = _tensorboard(run, cfg.tensorboard) if writer else None
     peak = peak_flops(device)
-    total_per_sample = counting.measured_flops_per_sample(model, min(T, 256)) if peak else None
+    total_per_sample = counting.measured_flops_per_sample(model, T) if peak else None
 
     def save_latest(loader_state, carried_state) -> None:
         if writer:
@@ -433,7 +433,7 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
                                     params=n_params, budget=budget, val=val))
             ckpt_io.upsert_run(run / ckpt_io.RUNS_CSV, dict(
                 run=cfg.run_id, budget=repr(budget), params=n_params, samples=samples,
-                flops=f"{samples * per_sample:.6g}", loss=f"{val['loss']:.6f}", loss_se=f"{val['loss_se']:.6f}",
+                flops=repr(budget), flops_actual=f"{samples * per_sample:.6g}", loss=f"{val['loss']:.6f}", loss_se=f"{val['loss_se']:.6f}",
                 val_episodes=val["episodes"], family=family, width=mcfg.width,
                 layers=getattr(mcfg, "layers", ""), core=getattr(mcfg, "core", "cnn"),
                 checkpoint=str(path.relative_to(run))))
@@ -529,7 +529,9 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
                 t_last, wait, busy_samples, n_log, log_loss, log_ok = time.perf_counter(), 0.0, 0, 0, 0.0, 0
             while pending and samples >= pending[0][1]:
                 budget, _ = pending.pop(0)
+                t_snap = time.perf_counter()
                 val = snapshot(budget)
+                t_last += time.perf_counter() - t_snap  # samples/s and data-wait count training time only
                 bar.write(f"budget {budget:.3g}: {samples:,} samples, val loss {val['loss']:.4f} ± {val['loss_se']:.4f} "
                           f"({val['episodes']} episodes)")
             if step % cfg.checkpoint_every == 0:

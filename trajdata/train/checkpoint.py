@@ -148,7 +148,8 @@ def model_record(model) -> dict:
 
 # ---- RUN/runs.csv: one row per budget snapshot, in the columns `trajdata scaling fit` reads -------
 
-RUN_COLUMNS = ("run", "budget", "params", "samples", "flops", "loss", "loss_se", "val_episodes",
+# flops is the budget (runs at one budget share it, as isoFLOP fits need); flops_actual = samples x FLOPs/sample
+RUN_COLUMNS = ("run", "budget", "params", "samples", "flops", "flops_actual", "loss", "loss_se", "val_episodes",
                "family", "width", "layers", "core", "checkpoint")
 EVAL_COLUMNS = ("return", "return_se", "episodes")
 
