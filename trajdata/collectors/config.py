@@ -51,7 +51,13 @@ class CollectConfig:
     def __post_init__(self):
         at_least(self, 1, "shards", "episodes_per_shard", "workers", "chunk_steps")
         at_least(self, 1, "max_steps", optional=True)
-        at_least(self, 0, "max_shard_retries")
+        at_least(self, 0, "max_shard_retries", "seed")
+        require(self.stall_seconds is None or self.stall_seconds >= 0, "stall_seconds",
+                f"must be 0 (off) or positive (got {self.stall_seconds})")
+        require(self.max_seconds is None or self.max_seconds > 0, "max_seconds",
+                f"must be positive (got {self.max_seconds})")
+        require(self.ray_address is None or self.backend == "ray", "ray_address",
+                "needs backend 'ray' (it is ignored by the local backend)")
         require(self.hard_stall_seconds is None or self.hard_stall_seconds >= 0, "hard_stall_seconds",
                 f"must be 0 (off) or positive (got {self.hard_stall_seconds})")
         hard = self.hard_seconds()

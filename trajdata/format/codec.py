@@ -257,6 +257,8 @@ def encode_chunk(schema: Schema, arrays: dict[str, np.ndarray], meta: dict, leve
         a = arrays[f.name]
         if a.shape != (steps, *f.shape) or a.dtype != f.np_dtype:
             raise ValueError(f"field {f.name}: got {a.dtype}{a.shape}, want {f.dtype}{(steps, *f.shape)}")
+    if steps == 0:  # an episode that ended before its first step: every field an empty raw array
+        return _encode_empty(schema, meta, cctx)
     sparse_parts = _sparse_forward(schema, prof, arrays)
     entries, blobs, offset = {}, [], 0
     for f in schema.fields:
@@ -321,6 +323,20 @@ def encode_chunk(schema: Schema, arrays: dict[str, np.ndarray], meta: dict, leve
             offset += len(blob)
         entries[f.name] = entry
     header = dict(meta, steps=steps, schema=schema.name, schema_version=schema.version, fields=entries)
+    hjson = cctx.compress(json.dumps(header, separators=(",", ":")).encode())
+    return b"".join([MAGIC, struct.pack("<I", len(hjson)), hjson, *blobs])
+
+
+def _encode_empty(schema: Schema, meta: dict, cctx) -> bytes:
+    """A zero-step chunk (whatever the profile): each field one empty frame, no derivation or stage."""
+    entries, blobs, offset = {}, [], 0
+    for f in schema.fields:
+        blob = cctx.compress(b"")
+        entries[f.name] = {"data": {"dtype": f.np_dtype.str, "shape": [0, *f.shape], "offset": offset,
+                                    "nbytes": len(blob), "crc32": zlib.crc32(blob)}}
+        blobs.append(blob)
+        offset += len(blob)
+    header = dict(meta, steps=0, schema=schema.name, schema_version=schema.version, fields=entries)
     hjson = cctx.compress(json.dumps(header, separators=(",", ":")).encode())
     return b"".join([MAGIC, struct.pack("<I", len(hjson)), hjson, *blobs])
 
