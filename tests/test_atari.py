@@ -23,10 +23,11 @@ TINY = dict(game="Breakout", n_envs=2, n_steps=32, batch_size=64, checkpoint_eve
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ppo")
-    train_ppo(PPOConfig(timesteps=128, **TINY), out, progress=False)
-    return out
+def run_dir(ppo_expert, tmp_path_factory):
+    """A private copy of the session's expert (a test here continues training it)."""
+    import shutil
+
+    return Path(shutil.copytree(ppo_expert, tmp_path_factory.mktemp("ppo-own") / "run"))
 
 
 def _episode(ds, row):

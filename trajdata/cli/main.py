@@ -52,6 +52,8 @@ COMMANDS: dict = {
     "train": ("Train experts (PPO) or behavioural-cloning models.", {
         "ppo": ("trajdata.cli.train:train_ppo",
                 "Train an SB3 PPO CnnPolicy expert on an Atari game (rl-zoo settings).", ("atari", "train")),
+        "bc": ("trajdata.cli.train:train_bc",
+               "Train a behavioural-cloning policy on DATASET, with a snapshot at every FLOP budget.", ("train",)),
     }),
     "scaling": ("Fit imitation-learning scaling laws to a runs table and forecast compute-optimal runs.", {
         "fit": ("trajdata.cli.scaling:fit_cmd",

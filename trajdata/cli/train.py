@@ -49,3 +49,113 @@ def train_ppo(game, timesteps, n_envs, seed, out, eval_episodes, checkpoint_ever
     if "mean_return" in r:
         msg += f", return {r['mean_return']:.2f} ± {r['se_return']:.2f} over {r['episodes']} games"
     click.echo(msg)
+
+
+# ---- train bc: every BCConfig field is a flag ------------------------------------------------------
+
+BC_HELP = {
+    "run_id": "Name of this run in runs.csv [default: the --out directory's name].",
+    "family": "Model family; auto picks the Atari CNN for Atari datasets, else the NetHack agent.",
+    "preset": "A size of the paper's NetHack grid: grid-1 (64,1) .. grid-10 (1088,10); paper = (384,4).",
+    "params": "Target effective parameters (10M, 250k): picks (width, layers) at width ~ 100 x layers (Atari: the CNN width).",
+    "width": "Core width h (NetHack) or CNN width multiplier w (Atari).",
+    "layers": "Transformer / LSTM layers (NetHack).",
+    "heads": "Attention heads (0: width // 64).",
+    "core": "Sequence core: transformer, lstm, or mamba (needs mamba-ssm, CUDA).",
+    "use_glyphs": "Also embed the dungeon glyphs (information parity with the paper's text).",
+    "use_inventory": "Use the inventory encoder (--no-use-inventory: the paper's ablation).",
+    "use_message": "Use the message encoder (--no-use-message: the paper's ablation).",
+    "seq_len": "Unroll length T (lanes of whole episodes, back to back).",
+    "batch_size": "Lanes per micro-batch per rank (B).",
+    "grad_accum": "Micro-batches per optimizer step.",
+    "samples_per_step": "Samples per optimizer step over all ranks (sets --grad-accum; paper: 262144).",
+    "val_fraction": "Fraction of episodes (by hash of id) held out for the validation loss.",
+    "val_batches": "Validation batches per snapshot (0: the whole split).",
+    "num_workers": "Loader worker processes per rank.",
+    "lr": "Peak learning rate (AdamW).",
+    "schedule": "constant (isoFLOP runs: one run serves every budget) or cosine (warm-up, then decay).",
+    "warmup_steps": "Linear warm-up optimizer steps.",
+    "min_lr_ratio": "Cosine: final LR as a fraction of --lr.",
+    "decay_steps": "Cosine length in optimizer steps [default: the run's end].",
+    "weight_decay": "AdamW weight decay (the paper: 0).",
+    "beta1": "AdamW beta1.",
+    "beta2": "AdamW beta2.",
+    "eps": "AdamW epsilon.",
+    "grad_clip": "Max global gradient norm, on unscaled gradients (0: off).",
+    "budgets": "FLOP budgets, comma-separated (1e13,2e13,5e13): a snapshot, validation loss and runs.csv row at each.",
+    "samples": "Stop after this many samples (steps) [default: the largest budget, else one pass over the data].",
+    "device": "auto (CUDA when present), cpu or cuda.",
+    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32.",
+    "compile": "torch.compile the model.",
+    "seed": "Seed of the model init and of the episode order.",
+    "log_every": "Optimizer steps between metrics.jsonl rows.",
+    "checkpoint_every": "Optimizer steps between rolling checkpoints (RUN/checkpoint.pt).",
+    "progress": "Show a progress bar.",
+    "trace_episodes": "Log the steps each rank trained on, per episode and epoch (RUN/episodes.rank<r>.jsonl).",
+    "tensorboard": "Write TensorBoard events to RUN/tb when tensorboard is installed.",
+}
+
+
+class _Budgets(click.ParamType):
+    name = "C,C,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(float(x) for x in str(value).split(",") if x.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of FLOP counts (like 1e13,2e13)", param, ctx)
+
+
+def _bc_options(f):
+    import dataclasses
+
+    from trajdata.train.bc import PRESETS, BCConfig
+
+    for fld in reversed([x for x in dataclasses.fields(BCConfig) if x.name not in ("dataset", "out")]):
+        flag = "--" + fld.name.replace("_", "-")
+        d = default(BCConfig, fld.name)
+        kind = str(fld.type)
+        help_ = BC_HELP[fld.name]
+        if kind == "bool":
+            f = click.option(f"{flag}/--no-{fld.name.replace('_', '-')}", fld.name, default=d, show_default=True, help=help_)(f)
+        elif fld.name == "budgets":
+            f = click.option(flag, fld.name, type=_Budgets(), default="", help=help_)(f)
+        elif fld.name in ("samples", "samples_per_step"):
+            f = click.option(flag, fld.name, type=_Count(), default=d, help=help_)(f)
+        elif fld.name == "preset":
+            f = click.option(flag, fld.name, type=click.Choice(list(PRESETS)), default=None, help=help_)(f)
+        else:
+            typ = int if "int" in kind else float if "float" in kind else str
+            f = click.option(flag, fld.name, type=typ, default=d, show_default=d is not None and d != "", help=help_)(f)
+    return f
+
+
+@click.command("bc")
+@click.argument("dataset", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (rerun to resume).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML file of BCConfig fields (top level or [bc]); flags given on the command line override it.")
+@_bc_options
+def train_bc(dataset, out, config_file, **flags):
+    """Train a behavioural-cloning policy on DATASET, with a snapshot at every FLOP budget.
+
+    Writes RUN/config.json, metrics.jsonl, checkpoint.pt (rolling, for resume), snapshots/budget-C.pt
+    and runs.csv (run, params, samples, flops, validation loss ± SE: the columns `trajdata scaling
+    fit` reads). Rerunning the same command resumes exactly; a different config in the same --out
+    is refused. Several GPUs: torchrun --nproc-per-node K -m trajdata.cli train bc ...
+    """
+    from trajdata.train.bc import BCConfig, train
+
+    ctx = click.get_current_context()
+    given = {k: v for k, v in flags.items()
+             if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+    if config_file:
+        cfg = BCConfig.from_toml(config_file, dataset=dataset, out=out, **given)
+    else:
+        cfg = BCConfig(dataset=dataset, out=out, **flags)
+    r = train(cfg)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        click.echo(f"{r['run']}: {r['step']:,} steps, {r['samples']:,} samples, {r['flops']:.3g} FLOPs, "
+                   f"N={r['params']:,}, {len(r['snapshots'])} snapshot(s)")

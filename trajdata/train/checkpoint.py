@@ -54,9 +54,10 @@ def build_model(family: str, model_config: dict):
 
 
 def budget_name(budget: float) -> str:
-    """``2e+13`` -> ``budget-2e13.pt``: a file name that sorts and reads back as the budget."""
-    mant, exp = f"{float(budget):.6e}".split("e")
-    mant = mant.rstrip("0").rstrip(".")
+    """``2e+13`` -> ``budget-2e13.pt``: a file name that reads back as exactly the budget."""
+    from decimal import Decimal
+
+    mant, exp = format(Decimal(repr(float(budget))).normalize(), "E").split("E")
     return f"budget-{mant}e{int(exp)}.pt"
 
 
