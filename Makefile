@@ -28,6 +28,8 @@ demo: install
 	$(BIN)/trajdata inspect demo-data
 	$(BIN)/trajdata verify demo-data
 	$(BIN)/trajdata show demo-data --episode 000000-0000 --step 200
+	$(BIN)/trajdata train bc demo-data --out demo-run --width 64 --layers 1 --seq-len 128 --batch-size 4 --lr 1e-3 --samples 4000
+	$(BIN)/trajdata eval demo-run --episodes 4 --max-steps 300 --workers 2 --envs 2
 
 bench: install
 	mkdir -p bench-results
@@ -38,4 +40,4 @@ scaling-report: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash bin/scaling_report.sh
 
 clean:
-	rm -rf demo-data bench-results scaling-report
+	rm -rf demo-data demo-run bench-results scaling-report
