@@ -130,3 +130,15 @@ def test_schema_version_of_another_type_is_named(scripted_copy):
     (scripted_copy / "dataset.json").write_text(json.dumps(info))
     line = one_line_error(*run("inspect", scripted_copy), "dataset.json")
     assert f"'{info['schema_version']}'" in line
+
+
+# ---- 6. silent loss on import ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", ["-1", "0"])
+def test_import_nld_max_games_must_be_positive(tmp_path, n):
+    """Failed before the fix: -1 exited 0 having imported 2 of 3 games (gameids[:-1]); 0 said 'has no ttyrecs'."""
+    db = tmp_path / "ttyrecs.db"
+    db.write_bytes(b"")
+    code, text = run("import", "nld", "--db", db, "--name", "test", "--out", tmp_path / "o", "--max-games", n)
+    one_line_error(code, text, f"--max-games must be at least 1 (got {n})")
+    assert not (tmp_path / "o").exists()
