@@ -85,3 +85,60 @@ def test_invalid_collect_options_fail_up_front(tmp_path, flag, value, message):
     code, text = collect_cli(tmp_path / "x", "--shards", "1", "--max-steps", "5", flag, value)
     one_line_error(code, text, message)
     assert not (tmp_path / "x").exists()
+
+
+# ---- 7. wrong metadata -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("character,names", [
+    ("foo-bar", ["foo"]), ("bar-elf", ["elf", "bar"]), ("val-hum-law-mal", ["female"]),
+    ("wiz-elf-neu", ["neu", "elf"]), ("kni-hum-law-xyz", ["xyz"]),
+])
+def test_unknown_characters_are_refused(tmp_path, character, names):
+    """Failed before the fix: 'foo-bar' was recorded in the index while NLE played a Barbarian."""
+    code, text = collect_cli(tmp_path / "x", "--shards", "1", "--max-steps", "5", "--character", character)
+    one_line_error(code, text, "--character", character, *names)
+    assert not (tmp_path / "x").exists()
+
+
+def test_valid_characters_are_accepted_and_played():
+    from trajdata.envs.nethack import ROLE_OPTIONS, character_problem, make_nethack_env, random_character
+
+    assert all(character_problem(random_character(s)) is None for s in range(200))
+    for c in ["@", "bar", "mon-hum", "pri-elf-cha", "val-dwa-law-fem", *ROLE_OPTIONS]:
+        assert character_problem(c) is None, c
+    env = make_nethack_env("pri-elf-cha-fem")  # what we accept, NLE plays: an elven priestess
+    try:
+        obs, _ = env.reset(seed=1)
+        top = bytes(obs["tty_chars"].reshape(-1)).decode("latin-1")
+        assert "elven" in top.lower() or "priestess" in top.lower(), top[:400]
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"text"', "3", "null"])
+def test_dataset_json_not_an_object(scripted_copy, content):
+    """Failed before the fix: AttributeError traceback ('list' object has no attribute 'get')."""
+    (scripted_copy / "dataset.json").write_text(content)
+    for cmd in (["inspect"], ["verify"], ["index"]):
+        one_line_error(*run(*cmd, scripted_copy), "dataset.json")
+
+
+def test_schema_version_of_another_type_is_named(scripted_copy):
+    """Failed before the fix: 'version 1 is not supported (this trajdata reads 1)'."""
+    info = json.loads((scripted_copy / "dataset.json").read_text())
+    info["schema_version"] = str(info["schema_version"])
+    (scripted_copy / "dataset.json").write_text(json.dumps(info))
+    line = one_line_error(*run("inspect", scripted_copy), "dataset.json")
+    assert f"'{info['schema_version']}'" in line
+
+
+# ---- 6. silent loss on import ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", ["-1", "0"])
+def test_import_nld_max_games_must_be_positive(tmp_path, n):
+    """Failed before the fix: -1 exited 0 having imported 2 of 3 games (gameids[:-1]); 0 said 'has no ttyrecs'."""
+    db = tmp_path / "ttyrecs.db"
+    db.write_bytes(b"")
+    code, text = run("import", "nld", "--db", db, "--name", "test", "--out", tmp_path / "o", "--max-games", n)
+    one_line_error(code, text, f"--max-games must be at least 1 (got {n})")
+    assert not (tmp_path / "o").exists()

@@ -23,7 +23,7 @@ def _d(name):
 @click.option("--codec", default=_d("codec"), show_default=True, type=click.Choice(sorted(PROFILES)),
               help="Storage profile: stream (smallest; the loader decodes it straight into batches), "
                    "compact or fast (older profiles; kept for comparison).")
-@click.option("--max-games", default=_d("max_games"), type=int, help="Import only the first N games (by gameid).")
+@click.option("--max-games", default=_d("max_games"), type=int, help="Import only the first N games (by gameid; N >= 1; default: all).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def import_nld(db, name, out, episodes_per_shard, chunk_steps, codec, max_games, quiet):
     """Import an NLD dataset indexed by nle.dataset into trajdata shards (schema "nld").

@@ -30,12 +30,38 @@ def random_character(seed: int) -> str:
     return f"{role}-{race}-{align}-{gender}"
 
 
+GENDERS = ("mal", "fem")
+
+
+def character_problem(character: str) -> str | None:
+    """Why NLE would not play ``character`` as written ('@' = random; else role[-race[-alignment[-gender]]]
+    in NetHack's 3-letter codes, e.g. 'mon-hum-neu-mal'), or None if it is valid."""
+    if character == "@":
+        return None
+    if not _CHARACTER.match(character):
+        return "use '@' (random) or role-race-alignment-gender, e.g. 'mon-hum-neu-mal'"
+    role, *rest = character.split("-")
+    if role not in ROLE_OPTIONS:
+        return f"unknown role {role!r} (one of {', '.join(sorted(ROLE_OPTIONS))})"
+    races, aligns = (x.split() for x in ROLE_OPTIONS[role])
+    kinds = [("race", races), ("alignment", aligns), ("gender", list(GENDERS))]
+    for (kind, allowed), value in zip(kinds, rest):
+        if value not in allowed:
+            return f"{kind} {value!r} is not one NetHack allows for role {role!r} ({', '.join(allowed)})"
+    if len(rest) >= 2 and rest[1] not in RACE_ALIGNMENTS[rest[0]].split():
+        return f"alignment {rest[1]!r} is not one NetHack allows for race {rest[0]!r} ({RACE_ALIGNMENTS[rest[0]]})"
+    if role == "val" and len(rest) == 3 and rest[2] != "fem":
+        return "valkyries are female ('val-...-fem')"
+    return None
+
+
 def check_character(character: str) -> str:
     """``character`` if it names a NetHack character NLE accepts ('@' = random), else a ConfigError."""
-    if not _CHARACTER.match(character):
+    problem = character_problem(character)
+    if problem is not None:
         from trajdata.errors import ConfigError
 
-        raise ConfigError(f"character {character!r}: use '@' (random) or e.g. 'mon-hum-neu-mal'", field="character")
+        raise ConfigError(f"character {character!r}: {problem}", field="character")
     return character
 
 

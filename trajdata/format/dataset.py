@@ -51,13 +51,15 @@ class Dataset:
             self.info = json.loads(meta_path.read_text())
         except ValueError:
             raise DataError(f"{meta_path} is not valid JSON") from None
-        if self.info.get("format") != FORMAT_NAME:
+        if not isinstance(self.info, dict) or self.info.get("format") != FORMAT_NAME:
             raise DataError(f"{meta_path}: not a trajdata dataset description")
         if self.info.get("schema_version") != SCHEMA_VERSION:
             raise DataError(
-                f"{meta_path}: schema version {self.info.get('schema_version')} is not supported "
-                f"(this trajdata reads {SCHEMA_VERSION})"
+                f"{meta_path}: schema version {self.info.get('schema_version')!r} is not supported "
+                f"(this trajdata reads {SCHEMA_VERSION!r})"
             )
+        if not isinstance(self.info.get("schema"), str):
+            raise DataError(f"{meta_path}: no schema name (corrupt dataset description)")
         self.schema: Schema = get_schema(self.info["schema"])
 
     @property

@@ -202,7 +202,7 @@ class ShardReader:
         header, start = codec.read_header(blob, where)
         if header.get("schema_version") != SCHEMA_VERSION:
             raise DataError(
-                f"{where}: schema version {header.get('schema_version')} is not supported (this trajdata reads {SCHEMA_VERSION})"
+                f"{where}: schema version {header.get('schema_version')!r} is not supported (this trajdata reads {SCHEMA_VERSION!r})"
             )
         return header, start
 

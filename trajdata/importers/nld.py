@@ -38,6 +38,7 @@ class NldImportConfig:
 
     def __post_init__(self):
         at_least(self, 1, "episodes_per_shard", "chunk_steps")
+        at_least(self, 1, "max_games", optional=True)
         choose(self.codec, PROFILES, "codec")
 
 
