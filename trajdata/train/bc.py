@@ -410,7 +410,8 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     metrics_path = run / ckpt_io.METRICS
-    metric_lines = _read_metrics(metrics_path, step) if writer else []
+    if writer and resumed:  # rows logged after the checkpoint are logged again
+        metrics_path.write_text("".join(ln + "\n" for ln in _read_metrics(metrics_path, step)))
     tb = _tensorboard(run, cfg.tensorboard) if writer else None
     peak = peak_flops(device)
     total_per_sample = counting.measured_flops_per_sample(model, T) if peak else None
@@ -422,7 +423,6 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
                 samples=samples, flops=samples * per_sample, params=n_params, budget=None,
                 optimizer=opt.state_dict(), loader=loader_state, rng=rng_state(),
                 carried=state_to(carried_state, "cpu") if carried_state is not None else None))
-            metrics_path.write_text("".join(ln + "\n" for ln in metric_lines))
 
     def snapshot(budget: float) -> dict:
         val = validate(model, cfg, mcfg, device, autocast)
@@ -456,7 +456,8 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
             with open(run / f"episodes.rank{rank}.jsonl", "a") as f:
                 f.write(json.dumps(dict(epoch=epoch, rank=rank, steps={ids[e]: n for e, n in sorted(trace.items())})) + "\n")
             trace.clear()
-    t_last, wait, busy_samples, n_log, log_loss, log_ok = time.perf_counter(), 0.0, 0, 0, 0.0, 0
+    t_last, wait, busy_samples = time.perf_counter(), 0.0, 0
+    tally = torch.zeros(3, dtype=torch.float64, device=device)  # this rank's CE sum, correct, steps: read at log time only
     try:
         while samples < target:
             lr = lr_at(cfg, step, last_step)
@@ -484,7 +485,6 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
                 exhausted = True
                 break
             opt.zero_grad(set_to_none=True)
-            loss_sum, ok_sum = 0.0, 0
             for i, b in enumerate(micro):
                 sync = nullcontext() if (world == 1 or i == len(micro) - 1) else core.no_sync()
                 with sync, autocast:
@@ -494,8 +494,7 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
                     loss = ce.sum() * (world / n_steps)
                 loss.backward()
                 carried = carried.detach() if carried is not None else None
-                loss_sum += float(ce.detach().sum())
-                ok_sum += int(ok.sum())
+                tally += torch.stack([ce.detach().sum().double(), ok.sum().double(), b["mask"].sum().double()])
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
@@ -503,30 +502,28 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
             samples += n_steps
             calls += 1
             busy_samples += n_steps
-            n_log += int(sum(int(b["mask"].sum()) for b in micro))
-            log_loss += loss_sum
-            log_ok += ok_sum
             boundary_loader, boundary_carried = loader.state_dict(), carried
             bar.update(min(samples, target) - bar.n)
             if step % cfg.log_every == 0 or samples >= target:
                 now = time.perf_counter()
                 dt = max(now - t_last, 1e-9)
-                row = dict(step=step, samples=samples, flops=samples * per_sample, loss=log_loss / max(n_log, 1),
-                           accuracy=log_ok / max(n_log, 1), lr=lr, samples_per_s=busy_samples / dt,
+                ce_sum, n_ok, n_log = tally.tolist()
+                row = dict(step=step, samples=samples, flops=samples * per_sample, loss=ce_sum / max(n_log, 1),
+                           accuracy=n_ok / max(n_log, 1), lr=lr, samples_per_s=busy_samples / dt,
                            data_wait=min(1.0, wait / dt))
                 if peak:
                     row["mfu_6n"] = row["samples_per_s"] * per_sample / (peak * world)
                     row["mfu_total"] = row["samples_per_s"] * total_per_sample / (peak * world)
                 if writer:
-                    metric_lines.append(json.dumps(row))
                     with open(metrics_path, "a") as f:
-                        f.write(metric_lines[-1] + "\n")
+                        f.write(json.dumps(row) + "\n")
                     if tb is not None:
                         for k, v in row.items():
                             if k not in ("step",):
                                 tb.add_scalar(k, v, step)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}")
-                t_last, wait, busy_samples, n_log, log_loss, log_ok = time.perf_counter(), 0.0, 0, 0, 0.0, 0
+                t_last, wait, busy_samples = time.perf_counter(), 0.0, 0
+                tally.zero_()
             while pending and samples >= pending[0][1]:
                 budget, _ = pending.pop(0)
                 t_snap = time.perf_counter()
