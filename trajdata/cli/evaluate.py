@@ -1,11 +1,9 @@
 """`trajdata eval`: roll out BC snapshots or experts on a fixed list of seeded episodes."""
 from __future__ import annotations
 
-import dataclasses
-
 import click
 
-from trajdata.config import default
+from trajdata.cli.options import dataclass_options
 from trajdata.evaluate.config import EvalConfig
 
 HELP = {
@@ -34,23 +32,9 @@ HELP = {
 }
 
 
-def _options(f):
-    for fld in reversed(dataclasses.fields(EvalConfig)):
-        flag = "--" + fld.name.replace("_", "-")
-        d = default(EvalConfig, fld.name)
-        kind = str(fld.type)
-        if kind == "bool":
-            f = click.option(f"{flag}/--no-{fld.name.replace('_', '-')}", fld.name, default=d, show_default=True,
-                             help=HELP[fld.name])(f)
-        else:
-            typ = int if "int" in kind else float if "float" in kind else str
-            f = click.option(flag, fld.name, type=typ, default=d, show_default=d is not None, help=HELP[fld.name])(f)
-    return f
-
-
 @click.command("eval")
 @click.argument("target", metavar="RUN_OR_CKPT", required=False, type=click.Path())
-@_options
+@dataclass_options(EvalConfig, HELP)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def eval_cmd(target, no_progress, **flags):
     """Roll out BC snapshots (or an expert) on a fixed, seeded list of episodes: mean ± SE into runs.csv.

@@ -109,27 +109,13 @@ class _Budgets(click.ParamType):
 
 
 def _bc_options(f):
-    import dataclasses
-
+    from trajdata.cli.options import dataclass_options
     from trajdata.train.bc import PRESETS, BCConfig
 
-    for fld in reversed([x for x in dataclasses.fields(BCConfig) if x.name not in ("dataset", "out")]):
-        flag = "--" + fld.name.replace("_", "-")
-        d = default(BCConfig, fld.name)
-        kind = str(fld.type)
-        help_ = BC_HELP[fld.name]
-        if kind == "bool":
-            f = click.option(f"{flag}/--no-{fld.name.replace('_', '-')}", fld.name, default=d, show_default=True, help=help_)(f)
-        elif fld.name == "budgets":
-            f = click.option(flag, fld.name, type=_Budgets(), default="", help=help_)(f)
-        elif fld.name in ("samples", "samples_per_step"):
-            f = click.option(flag, fld.name, type=_Count(), default=d, help=help_)(f)
-        elif fld.name == "preset":
-            f = click.option(flag, fld.name, type=click.Choice(list(PRESETS)), default=None, help=help_)(f)
-        else:
-            typ = int if "int" in kind else float if "float" in kind else str
-            f = click.option(flag, fld.name, type=typ, default=d, show_default=d is not None and d != "", help=help_)(f)
-    return f
+    special = {"budgets": dict(type=_Budgets(), default=""),
+               "samples": dict(type=_Count(), default=None), "samples_per_step": dict(type=_Count(), default=None),
+               "preset": dict(type=click.Choice(list(PRESETS)), default=None)}
+    return dataclass_options(BCConfig, BC_HELP, skip=("dataset", "out"), special=special)(f)
 
 
 @click.command("bc")
