@@ -29,14 +29,15 @@ def collect_options(f=None, *, max_steps: int | None = None, max_seconds: float 
     options = [
         click.option("--out", required=True, type=click.Path(file_okay=False), help="Dataset directory (created, or resumed)."),
         click.option("--shards", default=_d("shards"), show_default=True, type=int, help="Number of shards (units of work)."),
-        click.option("--episodes-per-shard", default=_d("episodes_per_shard"), show_default=True, type=int),
+        click.option("--episodes-per-shard", default=_d("episodes_per_shard"), show_default=True, type=int,
+                     help="Episodes played into each shard (a dataset holds shards x this many)."),
         click.option("--workers", default=_d("workers"), show_default=True, type=int, help="Parallel worker processes."),
         click.option("--seed", default=_d("seed"), show_default=True, type=int, help="Base seed; episode seeds derive from it."),
         click.option("--max-steps", default=max_steps, show_default=True, type=int,
                      help="Per-episode step cap (episode kept, marked truncated)."),
         click.option("--max-seconds", default=max_seconds, show_default=True, type=float, help="Per-episode wall-time cap."),
         click.option("--stall-seconds", default=_d("stall_seconds"), show_default=True, type=float,
-                     help="Watchdog: truncate an episode after this long without a step."),
+                     help="Watchdog: truncate an episode after this long without a step; 0 disables the watchdog."),
         click.option("--hard-stall-seconds", default=_d("hard_stall_seconds"), type=float,
                      help="Backstop for hangs inside C code: dump the stack and kill the worker after this long "
                           "without a step (its shard is retried). Default: max(2 x stall, stall + 30); 0 = off."),

@@ -54,8 +54,8 @@ def index(dataset):
 @click.command()
 @click.argument("dataset", type=click.Path())
 @click.option("--episode", required=True, help="Episode id (see index.parquet / inspect).")
-@click.option("--step", default=0, show_default=True, type=int)
-@click.option("--no-color", is_flag=True)
+@click.option("--step", default=0, show_default=True, type=int, help="Step of the episode to render (0 = its first).")
+@click.option("--no-color", is_flag=True, help="Plain text: no ANSI colours or reverse-video cursor.")
 def show(dataset, episode, step, no_color):
     """Render one step's screen (NetHack tty in colour, or the Atari frame) in the terminal."""
     from trajdata.format.inspect import render_atari, render_tty, step_frame

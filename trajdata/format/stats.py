@@ -55,6 +55,8 @@ def dataset_stats(root) -> dict:
            "truncation_reasons": dict(Counter(str(r.get("end_reason")).split(" (")[0]
                                               for r in rows if r.get("status") != "complete"))}
     out["distributions"] = {key: _dist(r.get(key) for r in rows) for key in NUMERIC}
+    out["missing"] = [key for key, d in out["distributions"].items() if d is None]
+    out["death_source"] = "death" if any(r.get("death") for r in ended) else "end_reason"
     out["death_causes"] = dict(Counter(death_cause(r.get("death") or r.get("end_reason")) for r in ended).most_common())
     out["characters"] = dict(Counter(str(r.get("character", ""))[:3] for r in rows).most_common())
     out["nld_aa"] = NLD_AA
@@ -71,8 +73,15 @@ def format_stats(s: dict) -> str:
         d = s["distributions"].get(key)
         if d:
             lines.append(f"  {key:<10}" + "".join(f"{d[k]:>10,.0f}" for k in ("mean", "median", "p10", "p90", "min", "max")))
-    if s["death_causes"]:
-        lines.append("  end of complete games:")
+    if s.get("missing"):
+        lines.append(f"  not in this dataset's index (no panel): {', '.join(s['missing'])}")
+    if s["death_causes"] and len(s["death_causes"]) == 1 and s.get("death_source") == "end_reason":
+        (cause, c), = s["death_causes"].items()
+        lines.append(f"  end of complete games: all {c} ended by {cause!r} (the index has no death column; "
+                     "no cause breakdown)")
+    elif s["death_causes"]:
+        src = "" if s.get("death_source", "death") == "death" else " (end_reason; the index has no death column)"
+        lines.append(f"  end of complete games{src}:")
         n = sum(s["death_causes"].values())
         for cause, c in list(s["death_causes"].items())[:15]:
             lines.append(f"    {c:>6}  {100 * c / n:5.1f}%  {cause}")
@@ -100,16 +109,32 @@ def plot_stats(root, png: str | Path | None = None) -> Path:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for ax, key in zip(axes.flat, ("score", "turns", "steps", "depth", "max_depth")):
         vals = [r[key] for r in rows if r.get(key) is not None]
+        if not vals:
+            _note(ax, key, f"no {key} column in this dataset's index")
+            continue
         ax.hist(vals, bins=min(50, max(5, len(vals))), color="tab:blue")
         ax.set_title(f"{key} (n={len(vals)})")
-    causes = Counter(death_cause(r.get("death") or r.get("end_reason")) for r in rows if r.get("status") == "complete")
+    complete = [r for r in rows if r.get("status") == "complete"]
+    causes = Counter(death_cause(r.get("death") or r.get("end_reason")) for r in complete)
     top = causes.most_common(10)[::-1]
     ax = axes.flat[5]
-    ax.barh([c for c, _ in top], [n for _, n in top], color="tab:red")
-    ax.set_title("end of complete games")
+    if not any(r.get("death") for r in complete) and len(causes) <= 1:
+        _note(ax, "end of complete games", f"{len(complete)} complete games" + (f", all {top[0][0]!r}" if top else "")
+              + "\n(no death column in the index: no cause breakdown)")
+    else:
+        ax.barh([c for c, _ in top], [n for _, n in top], color="tab:red")
+        ax.set_title("end of complete games")
     ax.tick_params(axis="y", labelsize=7)
     fig.suptitle(f"{ds.root.name}: {len(rows)} episodes")
     fig.tight_layout()
     fig.savefig(png, dpi=80)
     plt.close(fig)
     return png
+
+
+def _note(ax, title: str, text: str) -> None:
+    """A panel with no data: its title and a note saying why, instead of empty axes."""
+    ax.set_title(title)
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, wrap=True, transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])

@@ -536,7 +536,18 @@ def _fit_all(runs: Runs, cfg: FitConfig, progress: bool) -> dict:
         out["binning"] = {"bins_per_decade": cfg.bin_budgets, "budgets_before": int(before),
                           "budgets_after": int(len(runs.budgets))}
     out["budgets"] = runs.budgets.tolist()
+    # Fit steps: the loss fits, the return fits, return vs loss (the bootstrap has its own bar).
+    bar = tqdm(total=3, desc="fit loss", unit="fit", disable=not progress, leave=False)
+    try:
+        return _fit_steps(runs, cfg, progress, out, bar)
+    finally:
+        bar.close()
+
+
+def _fit_steps(runs: Runs, cfg: FitConfig, progress: bool, out: dict, bar) -> dict:
     out["loss"] = fit_target(runs, runs.loss, cfg, se=runs.loss_se)
+    bar.update()
+    bar.set_description("fit return")
     if not any(st["ran"] for st in out["loss"]["methods"].values()):
         raise DataError("no loss fit could run: " + "; ".join(
             f"{m}: {st['reason']}" for m, st in out["loss"]["methods"].items()))
@@ -550,10 +561,13 @@ def _fit_all(runs: Runs, cfg: FitConfig, progress: bool) -> dict:
         rr = runs.subset(np.isfinite(runs.ret))
         out["n_runs_with_return"] = int(len(rr))
         out["return"] = fit_target(rr, rr.ret, cfg, maximize=True, se=rr.ret_se)
+        bar.update()
+        bar.set_description("fit return vs loss")
         try:
             out["return_vs_loss"] = fit_return_vs_loss(rr, cfg)
         except DataError:
             pass
+    bar.update(bar.total - bar.n)
     if cfg.bootstrap > 0:
         out["bootstrap"] = bootstrap(runs, cfg, progress, within_budgets="isoflop" in out["loss"])
     out["summary"] = summary(out)
