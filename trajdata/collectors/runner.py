@@ -162,6 +162,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
     bar = tqdm(total=len(todo), desc=f"collect {cfg.expert.target.rpartition(':')[2]}", unit="shard",
                disable=None if progress else True, dynamic_ncols=True)
     stats = {"live": 0, "steps": 0, "episodes": 0, "t0": time.monotonic()}
+    written: list[dict] = []
 
     def on_steps(n: int) -> None:
         stats["live"] += n
@@ -173,6 +174,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
         # Totals come from the shard's own rows: live progress reports are best-effort (a Ray task's
         # last report may arrive after the driver's last poll, and a retried task reports twice).
         stats["episodes"] += len(rows)
+        written.extend(rows)  # their wall-clock columns, which shards do not store, go to the index
         stats["steps"] += sum(int(r["steps"]) for r in rows)
         bar.update(1)
 
@@ -185,7 +187,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
             failed = _run_local(cfg, todo, on_steps, on_shard)
     finally:
         bar.close()
-    table = build_index(cfg.out)
+    table = build_index(cfg.out, wall_clock=written)
     if failed:
         raise ExpertError(failure_message(failed))
     elapsed = time.monotonic() - stats["t0"]

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from trajdata.config import atomic_write_bytes
 from trajdata.errors import DataError
 from trajdata.format.schema import SCHEMA_VERSION, Schema, get_schema
-from trajdata.format.shard import ShardReader
+from trajdata.format.shard import WALL_CLOCK_FIELDS, ShardReader
 
 DATASET_JSON = "dataset.json"
 INDEX_FILE = "index.parquet"
@@ -106,8 +106,13 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(norm)
 
 
-def build_index(root: str | os.PathLike, write: bool = True, progress: bool = False) -> pa.Table:
-    """Rebuild the episode index from the shards' chunk headers (and write it atomically)."""
+def build_index(root: str | os.PathLike, write: bool = True, progress: bool = False,
+                wall_clock: list[dict] | None = None) -> pa.Table:
+    """Rebuild the episode index from the shards' chunk headers (and write it atomically).
+
+    The wall-clock columns (``WALL_CLOCK_FIELDS``), which shards do not store, come from the index
+    being replaced and from ``wall_clock`` (rows of a run that just wrote episodes). An episode id
+    in two shards (a copied shard) is refused, naming both."""
     root = Path(root)
     ds = Dataset(root)
     paths = ds.shard_paths()
@@ -116,6 +121,19 @@ def build_index(root: str | os.PathLike, write: bool = True, progress: bool = Fa
 
         paths = tqdm(paths, desc="index", unit="shard", disable=None)
     rows = [r for p in paths for r in ShardReader(p).episode_rows()]
+    where: dict[str, str] = {}
+    for r in rows:
+        if r["id"] in where:
+            raise DataError(f"{root}: episode {r['id']} is in both {where[r['id']]} and {r['shard']} (a copied "
+                            f"shard?); move one of them out of {ds.shard_dir} and rerun `trajdata index {root}`")
+        where[r["id"]] = r["shard"]
+    carry = {r["id"]: r for r in _old_rows(root / INDEX_FILE)}
+    carry.update((r["id"], r) for r in wall_clock or ())
+    for r in rows:
+        old = carry.get(r["id"], {})
+        for k in WALL_CLOCK_FIELDS:
+            if r.get(k) is None and old.get(k) is not None:
+                r[k] = old[k]
     rows.sort(key=lambda r: r["id"])
     table = rows_to_table(rows)
     if write:
@@ -123,6 +141,16 @@ def build_index(root: str | os.PathLike, write: bool = True, progress: bool = Fa
         pq.write_table(table, sink, compression="zstd")
         atomic_write_bytes(root / INDEX_FILE, sink.getvalue().to_pybytes())
     return table
+
+
+def _old_rows(path: Path) -> list[dict]:
+    """The rows of an index about to be replaced (none if it is missing or unreadable)."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError):
+        return []
+    cols = [c for c in ("id", *WALL_CLOCK_FIELDS) if c in table.column_names]
+    return [r for r in table.select(cols).to_pylist() if isinstance(r.get("id"), str)] if "id" in cols else []
 
 
 def create_or_check(root: str | os.PathLike, info: dict) -> dict:
@@ -191,5 +219,5 @@ def recode(src: str | os.PathLike, out: str | os.PathLike, profile: str, progres
                 sw._add_member(f"{c.episode_id}-c{c.index:05d}.{CHUNK_EXT}", blob)
                 steps += c.steps
         written += 1
-    build_index(out)
+    build_index(out, wall_clock=ds.index_rows() if (ds.root / INDEX_FILE).is_file() else None)
     return {"shards_written": written, "shards_skipped": skipped, "steps": steps}

@@ -7,7 +7,7 @@ import numpy as np
 
 from trajdata.errors import DataError
 from trajdata.format.dataset import Dataset
-from trajdata.format.shard import ShardReader
+from trajdata.format.shard import WALL_CLOCK_FIELDS, ShardReader
 
 
 def summarize(root) -> dict:
@@ -115,7 +115,7 @@ def render_atari(frame: np.ndarray, width: int = 84) -> str:
     return "\n".join(rows)
 
 
-VOLATILE_COLUMNS = ("wall_seconds", "collection_date")
+VOLATILE_COLUMNS = WALL_CLOCK_FIELDS
 
 
 def diff_datasets(a, b, ignore=VOLATILE_COLUMNS) -> str | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +24,15 @@ from trajdata.format.schema import Schema, get_schema, SCHEMA_VERSION
 
 DEFAULT_CHUNK_STEPS = 4096
 CHUNK_EXT = "tdc"
+# Episode columns that depend on the wall clock, not on what was played: kept out of the shard bytes
+# (so the same command writes the same shards) and carried in the index only (``build_index``).
+# Shards of older trajdata versions still carry them in their headers, and are read as before.
+WALL_CLOCK_FIELDS = ("wall_seconds", "collection_date")
+TAR_MTIME = 0  # every member's mtime: tar headers hold no wall-clock time either (uid/gid 0, no names)
+
+
+def _no_wall_clock(d: dict | None) -> dict | None:
+    return None if d is None else {k: v for k, v in d.items() if k not in WALL_CLOCK_FIELDS}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -89,9 +97,9 @@ class EpisodeWriter:
         n = self._fill
         meta = {"episode_id": self.episode_id, "chunk": self.chunks, "start": self.steps - n, "last": last}
         if self.chunks == 0:
-            meta["episode_meta"] = self.meta
+            meta["episode_meta"] = _no_wall_clock(self.meta)
         if last:
-            meta["episode"] = episode_row
+            meta["episode"] = _no_wall_clock(episode_row)
         blob = codec.encode_chunk(self.shard.schema, {k: v[:n] for k, v in self.buffers.items()}, meta,
                                   profile=self.shard.profile)
         self.shard._add_member(f"{self.episode_id}-c{self.chunks:05d}.{CHUNK_EXT}", blob)
@@ -133,7 +141,9 @@ class ShardWriter:
 
     def _add_member(self, name: str, blob: bytes) -> None:
         info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(blob), int(time.time()), 0o644
+        info.size, info.mtime, info.mode = len(blob), TAR_MTIME, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
         pad = -len(blob) % tarfile.BLOCKSIZE
         self._f.write(info.tobuf(tarfile.USTAR_FORMAT) + blob + tarfile.NUL * pad)
         self.bytes_written += len(blob)
