@@ -15,6 +15,8 @@ def inspect(dataset, as_json):
     from trajdata.format.inspect import summarize
 
     s = summarize(dataset)
+    for w in s["warnings"]:
+        click.echo(f"trajdata: warning: {w}", err=True)
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
@@ -34,11 +36,37 @@ def inspect(dataset, as_json):
 
 @click.command()
 @click.argument("dataset", type=click.Path())
-def verify(dataset):
-    """Decode every chunk, check every checksum, and cross-check the index."""
-    from trajdata.format.inspect import verify as run
+@click.option("--quarantine", is_flag=True,
+              help="Move bad shards into DATASET/quarantine/ and rebuild the index from the rest, so the dataset is "
+                   "usable again; says how many episodes were lost.")
+def verify(dataset, quarantine):
+    """Decode every chunk, check every checksum, and cross-check the index.
 
-    click.echo(json.dumps(run(dataset, progress=True)))
+    Reports every problem (one line each, naming shard, episode, chunk and field) and exits non-zero
+    with a count; with --quarantine, exits 0 once what is left verifies."""
+    import sys
+
+    from tqdm import tqdm
+
+    from trajdata.errors import DataError
+    from trajdata.format.inspect import check, problem_summary, quarantine as move_aside
+
+    keys = ("dataset", "shards", "episodes", "chunks", "steps", "ok")
+    r = check(dataset, progress=True, on_problem=lambda line: tqdm.write(f"problem: {line}", file=sys.stderr))
+    if not r["problems"]:
+        click.echo(json.dumps({k: r[k] for k in keys}))
+        return
+    if not quarantine:
+        raise DataError(problem_summary(r))
+    q = move_aside(dataset, r)
+    again = check(dataset)
+    if again["problems"]:
+        raise DataError(f"after moving {len(q['quarantined'])} shard(s) aside: {problem_summary(again)}")
+    gone = q["quarantined"] + [f"{m} (missing)" for m in q["missing_shards"]]
+    click.echo(f"quarantined {len(q['quarantined'])} shard(s) into {q['quarantine_dir']}: {', '.join(gone) or 'none'}; "
+               f"{q['episodes_lost']} episode(s) lost ({q['steps_lost_per_old_index']:,} steps per the old index); "
+               f"index rebuilt: {q['episodes_left']} episodes left", err=True)
+    click.echo(json.dumps({k: again[k] for k in keys}))
 
 
 @click.command()

@@ -42,6 +42,9 @@ class Dataset:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise DataError(f"{self.root} is a file, not a dataset directory (give the directory holding "
+                            f"{DATASET_JSON}, {SHARD_DIR}/ and {INDEX_FILE})")
         if not self.root.is_dir():
             raise DataError(f"dataset directory {self.root} does not exist")
         meta_path = self.root / DATASET_JSON

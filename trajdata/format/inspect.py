@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 
 from trajdata.errors import DataError
 from trajdata.format.dataset import Dataset
-from trajdata.format.shard import WALL_CLOCK_FIELDS, ShardReader
+from trajdata.format import codec
+from trajdata.format.schema import get_schema
+from trajdata.format.shard import (WALL_CLOCK_FIELDS, ShardReader, chunk_header, member_name, member_where,
+                                   tar_members)
 
 
 def summarize(root) -> dict:
@@ -15,12 +19,26 @@ def summarize(root) -> dict:
     ds = Dataset(root)
     per_field: dict[str, int] = defaultdict(int)
     total_bytes = 0
-    for path in ds.shard_paths():
-        total_bytes += path.stat().st_size
-        for h in ShardReader(path).headers():
-            for name, parts in h["fields"].items():
-                per_field[name] += sum(p.get("nbytes", 0) for p in parts.values())
     rows = ds.index_rows()
+    present = {p.name: p for p in ds.shard_paths()}
+    listed = {r["shard"] for r in rows}
+    warnings = []
+    missing = sorted(listed - set(present))
+    if missing:
+        n = sum(1 for r in rows if r["shard"] in missing)
+        warnings.append(f"shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} listed in index.parquet "
+                        f"{'do' if len(missing) > 1 else 'does'} not exist: counts exclude {n} episode(s) "
+                        f"(`trajdata verify --quarantine {ds.root}` reindexes without them)")
+        rows = [r for r in rows if r["shard"] not in missing]
+    unindexed = sorted(set(present) - listed)
+    if unindexed:
+        warnings.append(f"shard{'s' if len(unindexed) > 1 else ''} {', '.join(unindexed)} not in index.parquet: "
+                        f"counts exclude {'them' if len(unindexed) > 1 else 'it'} (rebuild with `trajdata index {ds.root}`)")
+    for name in sorted(listed & set(present)):
+        total_bytes += present[name].stat().st_size
+        for h in ShardReader(present[name]).headers():
+            for field, parts in h["fields"].items():
+                per_field[field] += sum(p.get("nbytes", 0) for p in parts.values())
     steps = sum(r["steps"] for r in rows)
 
     def dist(key):
@@ -32,7 +50,7 @@ def summarize(root) -> dict:
 
     return {
         "dataset": str(ds.root), "schema": ds.schema.name, "expert": ds.info.get("expert", {}),
-        "shards": len(ds.shard_paths()), "episodes": len(rows), "steps": steps,
+        "shards": len(listed & set(present)), "episodes": len(rows), "warnings": warnings, "steps": steps,
         "bytes": total_bytes, "bytes_per_step": total_bytes / steps if steps else None,
         "field_bytes_per_step": {k: v / steps for k, v in per_field.items()} if steps else {},
         "raw_bytes_per_step": ds.schema.step_nbytes,
@@ -41,33 +59,209 @@ def summarize(root) -> dict:
     }
 
 
-def verify(root, progress: bool = False) -> dict:
-    """Decode every field of every chunk (checking all checksums) and cross-check the index."""
+def check_shard(path: Path) -> dict:
+    """Decode every chunk of one shard, going on past bad chunks: the episode rows whose chunks all
+    read back (``rows``), every episode id seen (``ids``), chunk/step counts and problem lines (each
+    naming the shard, and the episode, chunk and field where known)."""
+    name = path.name
+    problems: list[str] = []
+    rows, ids, state = [], set(), {}
+    chunks = steps = 0
+    try:
+        with open(path, "rb") as f:
+            for m in tar_members(f, name):
+                f.seek(m.offset_data)
+                blob = f.read(m.size)
+                header = None
+                try:
+                    if len(blob) != m.size:
+                        raise DataError(f"shard {name}: {member_where(m.name)}: truncated ({len(blob)} of {m.size} bytes)")
+                    header, start = chunk_header(blob, name, m.name)
+                    eid, k = header["episode_id"], header["chunk"]
+                    ids.add(eid)
+                    where = f"shard {name}: episode {eid} chunk {k}"
+                    codec.decode_chunk(get_schema(header["schema"]), header, memoryview(blob)[start:], where=where)
+                except DataError as e:
+                    problems.append(str(e))
+                    named = (header["episode_id"], header["chunk"]) if header else member_name(m.name)
+                    if named is not None:  # go on checking the episode's other chunks, without follow-on noise
+                        ids.add(named[0])
+                        st = state.setdefault(named[0], _episode_state())
+                        st["bad"] = True
+                        st["next"] = named[1] + 1
+                        if header is None:
+                            st["unknown"] = True
+                        else:
+                            st["steps"] += header["steps"]
+                            st["done"] = st["done"] or header["last"]
+                    continue
+                chunks += 1
+                steps += header["steps"]
+                st = state.setdefault(eid, _episode_state())
+                if st["done"] or k != st["next"] or (header["start"] != st["steps"] and not st["unknown"]):
+                    problems.append(f"shard {name}: episode {eid} chunk {k}: out of order (expected chunk "
+                                    f"{st['next']} at step {st['steps']})")
+                    st["bad"] = True
+                st["next"], st["steps"] = k + 1, st["steps"] + header["steps"]
+                if header["last"]:
+                    st["done"] = True
+                    row = header.get("episode")
+                    if not isinstance(row, dict) or row.get("id") != eid:
+                        problems.append(f"shard {name}: episode {eid} chunk {k}: final chunk has no episode row")
+                    elif not st["unknown"] and (row.get("steps") != st["steps"] or row.get("chunks") != st["next"]):
+                        problems.append(f"shard {name}: episode {eid}: episode row says {row.get('steps')} steps in "
+                                        f"{row.get('chunks')} chunks, its chunks hold {st['steps']} in {st['next']}")
+                    else:
+                        rows.append(dict(row, shard=name, _complete=not st["bad"]))
+    except DataError as e:
+        problems.append(str(e))
+    except OSError as e:
+        problems.append(f"shard {name}: unreadable ({e.strerror or e})")
+    for eid, st in state.items():
+        if not st["done"]:
+            problems.append(f"shard {name}: episode {eid}: no final chunk (chunks 0..{st['next'] - 1} found)")
+    return {"shard": name, "rows": rows, "ids": ids, "chunks": chunks, "steps": steps, "problems": problems}
+
+
+def _episode_state() -> dict:
+    return {"next": 0, "steps": 0, "bad": False, "done": False, "unknown": False}
+
+
+# Index columns checked against the shards' episode rows (the rest are the episode's own metadata).
+CHECKED_COLUMNS = ("shard", "chunks", "steps", "status", "score", "return", "seed")
+
+
+def check(root, progress: bool = False, on_problem=None) -> dict:
+    """Every problem with dataset ``root``: decodes every chunk of every shard (checking all
+    checksums), going on past bad ones, and cross-checks the index against the shards. Returns
+    counts plus ``problems`` (one line each) and ``bad_shards``; ``on_problem`` gets each line as
+    it is found."""
     ds = Dataset(root)
+    problems: list[str] = []
+    bad: list[str] = []
+
+    def report(line: str, shard: str | None = None) -> None:
+        problems.append(line)
+        if shard is not None and shard not in bad:
+            bad.append(shard)
+        if on_problem is not None:
+            on_problem(line)
+
     paths = ds.shard_paths()
+    it = paths
     if progress:
         from tqdm import tqdm
 
-        paths = tqdm(paths, desc="verify", unit="shard", disable=None)
+        it = tqdm(paths, desc="verify", unit="shard", disable=None)
     steps = chunks = 0
-    shard_rows = []
-    for path in paths:
-        reader = ShardReader(path)
-        for c in reader.chunks():
-            steps += c.steps
-            chunks += 1
-        shard_rows += reader.episode_rows()
-    index_ids = sorted(r["id"] for r in ds.index_rows())
-    shard_ids = sorted(r["id"] for r in shard_rows)
-    if len(set(shard_ids)) != len(shard_ids):
-        dup = next(i for i, n in Counter(shard_ids).items() if n > 1)
-        raise DataError(f"{ds.root}: episode {dup} appears in more than one shard")
-    if index_ids != shard_ids:
-        raise DataError(f"{ds.root}: index.parquet does not match the shards; rebuild it with `trajdata index {ds.root}`")
-    if steps != sum(r["steps"] for r in shard_rows):
-        raise DataError(f"{ds.root}: step counts in chunk headers disagree with episode rows")
-    return {"dataset": str(ds.root), "shards": len(ds.shard_paths()), "episodes": len(shard_ids),
-            "chunks": chunks, "steps": steps, "ok": True}
+    by_id: dict[str, dict] = {}
+    seen: dict[str, set] = {}
+    for path in it:
+        r = check_shard(path)
+        steps += r["steps"]
+        chunks += r["chunks"]
+        seen[path.name] = r["ids"]
+        for line in r["problems"]:
+            report(line, path.name)
+        for row in r["rows"]:
+            if row["id"] in by_id:
+                report(f"shard {path.name}: episode {row['id']} is also in {by_id[row['id']]['shard']} (a copied "
+                       "shard?)", path.name)
+                continue
+            by_id[row["id"]] = row
+    try:
+        index = ds.index_rows()
+    except DataError as e:
+        report(str(e))
+        index = None
+    missing: dict[str, int] = {}
+    if index is not None:
+        listed = set()
+        names = {p.name for p in paths}
+        for r in index:
+            eid, shard = r.get("id"), r.get("shard")
+            listed.add(eid)
+            if shard not in names:
+                missing[shard] = missing.get(shard, 0) + 1
+                continue
+            if shard in bad:
+                continue
+            got = by_id.get(eid)
+            if got is None or got["shard"] != shard:
+                where = f" (it is in {got['shard']})" if got is not None else ""
+                report(f"index.parquet does not match the shards: episode {eid} is listed in {shard}, which does "
+                       f"not hold it{where}; rebuild it with `trajdata index {ds.root}`")
+                continue
+            for col in CHECKED_COLUMNS:
+                if col in got and not _same(r.get(col), got[col]):
+                    report(f"index.parquet does not match the shards: episode {eid} ({shard}): {col} is "
+                           f"{r.get(col)!r}, the shard says {got[col]!r}; rebuild it with `trajdata index {ds.root}`")
+                    break
+        for shard, n in sorted(missing.items()):
+            report(f"shard {shard} is listed in index.parquet ({n} episode(s)) but does not exist in {ds.shard_dir}")
+        for eid, row in sorted(by_id.items()):
+            if eid not in listed:
+                report(f"index.parquet does not match the shards: episode {eid} ({row['shard']}) is not in the "
+                       f"index; rebuild it with `trajdata index {ds.root}`")
+    good = {e: r for e, r in by_id.items() if r["shard"] not in bad}
+    return {"dataset": str(ds.root), "shards": len(paths), "episodes": len(good), "chunks": chunks,
+            "steps": sum(r["steps"] for r in good.values()) if bad else steps, "ok": not problems,
+            "problems": problems, "bad_shards": bad, "missing_shards": sorted(missing), "ids": seen, "index": index}
+
+
+def _same(a, b) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+
+
+def verify(root, progress: bool = False, on_problem=None) -> dict:
+    """``check`` the dataset; raises one DataError summing up its problems (naming the bad shards)."""
+    r = check(root, progress, on_problem)
+    if r["problems"]:
+        raise DataError(problem_summary(r))
+    return {k: r[k] for k in ("dataset", "shards", "episodes", "chunks", "steps", "ok")}
+
+
+def problem_summary(r: dict) -> str:
+    n, bad = len(r["problems"]), r["bad_shards"]
+    shards = f"{len(bad)} of {r['shards']} shards bad ({', '.join(bad)})" if bad else "no shard bad"
+    return (f"{r['dataset']}: verify found {n} problem{'s' if n != 1 else ''}, {shards}; first: {r['problems'][0]}"
+            + ("; `trajdata verify --quarantine` moves bad shards aside" if bad else ""))
+
+
+QUARANTINE_DIR = "quarantine"
+
+
+def quarantine(root, report: dict) -> dict:
+    """Move ``report``'s bad shards into ``root/quarantine/`` and rebuild the index from the rest:
+    returns the shards moved and the episodes and steps lost (as the old index, or the shards'
+    readable headers, count them)."""
+    from trajdata.format.dataset import build_index
+
+    ds = Dataset(root)
+    qdir = ds.root / QUARANTINE_DIR
+    qdir.mkdir(exist_ok=True)
+    index = report.get("index") or []
+    lost_ids: set[str] = set()
+    moved = []
+    for name in report["bad_shards"]:
+        src = ds.shard_dir / name
+        if not src.is_file():
+            continue
+        lost_ids |= {r.get("id") for r in index if r.get("shard") == name} | set(report["ids"].get(name, ()))
+        moved.append(name)
+        dst, i = qdir / name, 1
+        while dst.exists():
+            dst, i = qdir / f"{name}.{i}", i + 1
+        src.rename(dst)
+    for name in report.get("missing_shards", ()):  # deleted shards: their episodes are lost too
+        lost_ids |= {r.get("id") for r in index if r.get("shard") == name}
+    table = build_index(ds.root)
+    kept = set(table.column("id").to_pylist()) if table.num_rows else set()
+    lost_ids -= kept  # a duplicate's other copy is still there
+    gone = set(moved) | set(report.get("missing_shards", ()))
+    lost_steps = sum(int(r.get("steps") or 0) for r in index if r.get("id") in lost_ids and r.get("shard") in gone)
+    return {"quarantined": moved, "missing_shards": list(report.get("missing_shards", ())), "quarantine_dir": str(qdir), "episodes_lost": len(lost_ids),
+            "steps_lost_per_old_index": lost_steps, "episodes_left": table.num_rows}
 
 
 def step_frame(root, episode_id: str, step: int) -> dict[str, np.ndarray]:

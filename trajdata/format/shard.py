@@ -11,6 +11,7 @@ partial shard.
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,66 @@ class ShardWriter:
         _fsync_dir(self.path.parent)
 
 
+def tar_members(f, shard: str) -> Iterator[tarfile.TarInfo]:
+    """The chunk members of the open shard file ``f``, in order. tarfile alone ends the archive
+    silently at a corrupt or truncated member header; here anything but the end-of-archive marker
+    (zero blocks to the end of the file) after the last member is a DataError."""
+    try:
+        tar = tarfile.open(fileobj=f, mode="r:")
+        while True:
+            m = tar.next()
+            if m is None:
+                break
+            if not m.isfile() or not m.name.endswith("." + CHUNK_EXT):
+                continue
+            yield m
+        end = tar.offset
+    except (tarfile.TarError, EOFError) as e:
+        raise DataError(f"shard {shard}: truncated or not a tar file ({e})") from None
+    f.seek(end)
+    rest = f.read()
+    if len(rest) < 2 * tarfile.BLOCKSIZE or rest.count(0) != len(rest):
+        what = "no end-of-archive marker (truncated)" if not rest.strip(b"\0") else "corrupt member header"
+        raise DataError(f"shard {shard}: {what} at byte {end}")
+
+
+_MEMBER = re.compile(r"(?:.*/)?(.+)-c(\d+)\." + CHUNK_EXT)
+
+
+def member_name(member: str) -> tuple[str, int] | None:
+    """(episode id, chunk) a member's name ``<episode>-c<chunk>.tdc`` says it holds."""
+    m = _MEMBER.fullmatch(member)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def member_where(member: str) -> str:
+    named = member_name(member)
+    return f"episode {named[0]} chunk {named[1]}" if named else f"chunk {member}"
+
+
+def chunk_header(blob: bytes, shard: str, member: str) -> tuple[dict, int]:
+    """A chunk's header and payload start, checked against its member name ``<episode>-c<chunk>.tdc``."""
+    where = f"shard {shard}: {member_where(member)}"
+    header, start = codec.read_header(blob, where)
+    if not isinstance(header, dict):
+        raise DataError(f"{where}: chunk header is not an object (corrupt data)")
+    if header.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(
+            f"{where}: schema version {header.get('schema_version')!r} is not supported (this trajdata reads {SCHEMA_VERSION!r})"
+        )
+    try:
+        name = f"{header['episode_id']}-c{header['chunk']:05d}.{CHUNK_EXT}"
+        ok = (isinstance(header["steps"], int) and isinstance(header["start"], int) and isinstance(header["last"], bool)
+              and isinstance(header["fields"], dict))
+    except (KeyError, TypeError, ValueError):
+        name, ok = None, False
+    if not ok:
+        raise DataError(f"{where}: chunk header lacks episode_id/chunk/start/steps/last/fields (corrupt data)")
+    if name != member.rpartition("/")[2]:
+        raise DataError(f"{where}: header says episode {header['episode_id']} chunk {header['chunk']} (corrupt data)")
+    return header, start
+
+
 @dataclass
 class Chunk:
     shard: str
@@ -186,17 +247,8 @@ class ShardReader:
             raise DataError(f"shard {self.path} does not exist")
 
     def _members(self, f) -> Iterator[tuple[tarfile.TarInfo, int]]:
-        try:
-            tar = tarfile.open(fileobj=f, mode="r:")
-            while True:
-                m = tar.next()
-                if m is None:
-                    return
-                if not m.isfile() or not m.name.endswith("." + CHUNK_EXT):
-                    continue
-                yield m, m.offset_data
-        except tarfile.ReadError as e:
-            raise DataError(f"shard {self.path}: truncated or not a tar file ({e})") from None
+        for m in tar_members(f, self.path.name):
+            yield m, m.offset_data
 
     def headers(self) -> Iterator[dict]:
         """Chunk headers only (cheap: reads a few KB per chunk)."""
@@ -208,13 +260,7 @@ class ShardReader:
                 yield header
 
     def _header(self, blob: bytes, m: tarfile.TarInfo) -> tuple[dict, int]:
-        where = f"shard {self.path.name}: chunk {m.name}"
-        header, start = codec.read_header(blob, where)
-        if header.get("schema_version") != SCHEMA_VERSION:
-            raise DataError(
-                f"{where}: schema version {header.get('schema_version')!r} is not supported (this trajdata reads {SCHEMA_VERSION!r})"
-            )
-        return header, start
+        return chunk_header(blob, self.path.name, m.name)
 
     def chunks(self, fields=None, episode_id: str | None = None) -> Iterator[Chunk]:
         """Decoded chunks in file order (of one episode if ``episode_id``); ``fields=None`` decodes
@@ -246,6 +292,8 @@ class ShardReader:
                 raise DataError(f"shard {self.path.name}: episode {eid}: chunk {h['chunk']} out of order")
             expect[eid] = h["chunk"] + 1
             if h["last"]:
+                if not isinstance(h.get("episode"), dict) or h["episode"].get("id") != eid:
+                    raise DataError(f"shard {self.path.name}: episode {eid}: final chunk has no episode row (corrupt data)")
                 rows.append(dict(h["episode"], shard=self.path.name))
                 del expect[eid]
         if expect:
