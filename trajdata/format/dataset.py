@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -31,6 +32,10 @@ INDEX_COLUMNS = [
     "collection_date", "wall_seconds",
 ]
 STATUSES = ("complete", "truncated", "aborted")
+# Columns readers rely on, and the arrow types they may have.
+REQUIRED_COLUMNS = {"id": (pa.types.is_string, pa.types.is_large_string),
+                    "shard": (pa.types.is_string, pa.types.is_large_string),
+                    "steps": (pa.types.is_integer,), "chunks": (pa.types.is_integer,)}
 
 
 def shard_name(index: int) -> str:
@@ -76,13 +81,29 @@ class Dataset:
         path = self.root / INDEX_FILE
         if rebuild or not path.is_file():
             return build_index(self.root)
+        fix = f"rebuild it with `trajdata index {self.root}`"
         try:
-            return pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{path}: unreadable index ({e}); rebuild it with `trajdata index {self.root}`") from None
+            table = pq.read_table(path, page_checksum_verification=True)
+        except (pa.ArrowException, OSError, ValueError, KeyError, IndexError) as e:
+            msg = " ".join(str(e).split())[:200]
+            raise DataError(f"{path}: unreadable index ({msg}); {fix}") from None
+        for col, types in REQUIRED_COLUMNS.items() if table.num_rows else ():
+            if col not in table.column_names or not any(t(table.schema.field(col).type) for t in types):
+                raise DataError(f"{path}: no {col} column of the right type (corrupt index); {fix}")
+            if table.column(col).null_count:
+                raise DataError(f"{path}: column {col} has empty values (corrupt index); {fix}")
+        return table
 
     def index_rows(self) -> list[dict]:
-        return self.index().to_pylist()
+        rows = self.index().to_pylist()
+        if len({r["id"] for r in rows}) != len(rows):
+            dup = next(i for i, n in Counter(r["id"] for r in rows).items() if n > 1)
+            raise DataError(f"{self.root / INDEX_FILE}: episode {dup} listed twice (corrupt index); "
+                            f"rebuild it with `trajdata index {self.root}`")
+        if any(r["steps"] < 0 or r["chunks"] < 0 for r in rows):
+            raise DataError(f"{self.root / INDEX_FILE}: negative step or chunk count (corrupt index); "
+                            f"rebuild it with `trajdata index {self.root}`")
+        return rows
 
     def shard(self, name: str) -> ShardReader:
         return ShardReader(self.shard_dir / name)
@@ -105,7 +126,7 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
             d[c] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
         norm.append(d)
     if not norm:
-        return pa.table({c: pa.array([], pa.string()) for c in cols})
+        return pa.table({c: pa.array([], pa.int64() if c in ("steps", "chunks") else pa.string()) for c in cols})
     return pa.Table.from_pylist(norm)
 
 
@@ -141,7 +162,7 @@ def build_index(root: str | os.PathLike, write: bool = True, progress: bool = Fa
     table = rows_to_table(rows)
     if write:
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
+        pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
         atomic_write_bytes(root / INDEX_FILE, sink.getvalue().to_pybytes())
     return table
 

@@ -22,7 +22,7 @@ import hashlib
 import heapq
 import itertools
 import mmap
-import tarfile
+import warnings
 import weakref
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
@@ -38,9 +38,15 @@ from trajdata.envs.atari import stack_frames
 from trajdata.errors import ConfigError, DataError
 from trajdata.format import codec, kernels
 from trajdata.format.dataset import Dataset
-from trajdata.format.shard import CHUNK_EXT
+from trajdata.format.shard import chunk_header, tar_members
 
 MODES = ("lanes", "windows")
+ON_CORRUPT = ("raise", "skip")
+
+
+class CorruptDataWarning(UserWarning):
+    """A corrupt episode was skipped (``LoaderConfig.on_corrupt="skip"``)."""
+
 SPLITS = (None, "train", "val")
 EXTRA_FIELDS = ("mask", "reset", "episode", "step")
 FRAME_FIELD = "frame"
@@ -68,9 +74,13 @@ class LoaderConfig:
     cache_chunks: int = 4  # windows mode: decoded chunks kept for neighbouring crops
     even_batches: bool = True  # every slot yields as many batches as the busiest (padding-only extras): DDP-safe
     tune_malloc: bool = True  # glibc: keep freed decode buffers in the process (see keep_freed_memory)
+    # A corrupt chunk or episode: "raise" a DataError, or "skip" it (warned about and counted; its rows
+    # become padding, so every rank still yields the same batches).
+    on_corrupt: str = "raise"
 
     def __post_init__(self):
         choose(self.mode, MODES, "mode")
+        choose(self.on_corrupt, ON_CORRUPT, "on_corrupt")
         choose(self.split, SPLITS, "split")
         at_least(self, 1, "batch_size", "seq_len", "frame_stack", "shuffle_buffer")
         require(0.0 <= self.val_fraction <= 1.0, "val_fraction", f"must be in [0, 1] (got {self.val_fraction})")
@@ -222,28 +232,34 @@ class ChunkSource:
             self._files[shard] = open(path, "rb")
         return self._files[shard]
 
-    def chunks(self, shard: str, episode_id: str) -> list[tuple]:
-        """(offset, size, start, steps) of the episode's chunks, in order."""
+    def chunks(self, shard: str, episode_id: str, steps: int | None = None) -> list[tuple]:
+        """(offset, size, start, steps) of the episode's chunks, in order; checks they are its whole
+        episode (chunks 0.. in order, contiguous, ending with its final chunk) and, given the index's
+        ``steps``, that they hold that many steps."""
         if shard not in self._tables:
             table: dict[str, list[tuple]] = {}
             f = self._file(shard)
             f.seek(0)
-            try:
-                tar = tarfile.open(fileobj=f, mode="r:")
-                for m in tar:
-                    if not m.isfile() or not m.name.endswith("." + CHUNK_EXT):
-                        continue
-                    f.seek(m.offset_data)
-                    header, _ = codec.read_header(f.read(min(m.size, 1 << 16)), f"shard {shard}: chunk {m.name}")
-                    table.setdefault(header["episode_id"], []).append(
-                        (m.offset_data, m.size, header["start"], header["steps"]))
-            except tarfile.ReadError as e:
-                raise DataError(f"shard {shard}: truncated or not a tar file ({e})") from None
+            for m in tar_members(f, shard):
+                f.seek(m.offset_data)
+                header, _ = chunk_header(f.read(min(m.size, 1 << 16)), shard, m.name)
+                table.setdefault(header["episode_id"], []).append(
+                    (m.offset_data, m.size, header["start"], header["steps"], header["chunk"], header["last"]))
             self._tables[shard] = table
         try:
-            return self._tables[shard][episode_id]
+            table = self._tables[shard][episode_id]
         except KeyError:
             raise DataError(f"shard {shard}: no episode {episode_id!r} (index out of date?)") from None
+        at = 0
+        for k, (_, _, start, n, chunk, last) in enumerate(table):
+            if chunk != k or start != at or last != (k == len(table) - 1):
+                raise DataError(f"shard {shard}: episode {episode_id}: chunk {chunk} out of order or after its "
+                                f"final chunk, or final chunk missing (corrupt shard)")
+            at += n
+        if steps is not None and at != steps:
+            raise DataError(f"shard {shard}: episode {episode_id}: its chunks hold {at} steps, index.parquet says "
+                            f"{steps} (rebuild it with `trajdata index {self.root}`)")
+        return table
 
     def decode(self, shard: str, episode_id: str, k: int):
         """Chunk ``k`` of the episode: a fresh ``ChunkCursor`` (read once, in step order) if any
@@ -252,7 +268,7 @@ class ChunkSource:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        offset, size, _, steps = self.chunks(shard, episode_id)[k]
+        offset, size = self.chunks(shard, episode_id)[k][:2]
         f = self._file(shard)
         f.seek(offset)
         blob = f.read(size)
@@ -260,6 +276,8 @@ class ChunkSource:
         if len(blob) != size:
             raise DataError(f"{where}: truncated ({len(blob)} of {size} bytes)")
         header, start = codec.read_header(blob, where)
+        if header.get("chunk") != k or header.get("episode_id") != episode_id:
+            raise DataError(f"{where}: header says episode {header.get('episode_id')} chunk {header.get('chunk')}")
         payload = memoryview(blob)[start:]
         if any(header["fields"].get(n, {}).get("data", {}).get("stage") == "sparse" for n in self.fields):
             return ChunkCursor(self.schema, header, payload, self.fields, where)
@@ -328,9 +346,10 @@ class EpisodeReader:
     ``frame_stack`` k > 1 it stacks frames by the rule of ``trajdata.envs.atari`` (the last k frames of
     the current life, zeros before it), reading ``lives`` and keeping k - 1 frames of history."""
 
-    def __init__(self, src: ChunkSource, shard: str, episode_id: str, start: int, frame_stack: int = 1):
+    def __init__(self, src: ChunkSource, shard: str, episode_id: str, start: int, frame_stack: int = 1,
+                 steps: int | None = None):
         self.src, self.shard, self.episode_id, self.k = src, shard, episode_id, frame_stack
-        self.table = src.chunks(shard, episode_id)
+        self.table = src.chunks(shard, episode_id, steps)
         self._chunk, self._data = -1, None
         self.pos = start
         if self.k > 1:
@@ -342,9 +361,12 @@ class EpisodeReader:
 
     def _locate(self) -> tuple[DenseChunk, int, int]:
         while self._chunk < 0 or self.pos >= self.table[self._chunk][2] + self.table[self._chunk][3]:
-            self._chunk = next(i for i, c in enumerate(self.table) if c[2] <= self.pos < c[2] + c[3])
+            self._chunk = next((i for i, c in enumerate(self.table) if c[2] <= self.pos < c[2] + c[3]), None)
+            if self._chunk is None:
+                raise DataError(f"shard {self.shard}: episode {self.episode_id}: no step {self.pos} "
+                                "(index out of date, or a corrupt shard)")
             self._data = self.src.decode(self.shard, self.episode_id, self._chunk)
-        _, _, cstart, csteps = self.table[self._chunk]
+        _, _, cstart, csteps = self.table[self._chunk][:4]
         return self._data, self.pos - cstart, cstart + csteps - self.pos
 
     def read_into(self, out: dict[str, np.ndarray], row: int, col: int, n: int) -> None:
@@ -498,6 +520,8 @@ class TrajectoryStream(IterableDataset):
         self.delivered: dict[int, int] = {}
         self.slots: int | None = None
         self._resume: dict[int, int] = {}
+        self.skipped: dict[str, str] = {}  # on_corrupt="skip": episode id -> why (this process's readers)
+        self._skip_counts: dict[int, int] = {}  # slot -> episodes it reported skipped
 
     @property
     def total_steps(self) -> int:
@@ -559,11 +583,22 @@ class TrajectoryStream(IterableDataset):
                 out["reset"][:] = False
                 for row, segs in enumerate(batch):
                     for e, start, n, col in segs:
-                        r = readers.get(row)
-                        if r is None or r.episode_id != self.episode_ids[e] or r.pos != start:
-                            r = readers[row] = EpisodeReader(src, self.rows[e]["shard"], self.episode_ids[e],
-                                                             start, cfg.frame_stack)
-                        r.read_into(out, row, col, n)
+                        if self.episode_ids[e] in self.skipped:
+                            self._pad(out, row, col, n)
+                            continue
+                        try:
+                            r = readers.get(row)
+                            if r is None or r.episode_id != self.episode_ids[e] or r.pos != start:
+                                r = readers[row] = EpisodeReader(src, self.rows[e]["shard"], self.episode_ids[e],
+                                                                 start, cfg.frame_stack, self.steps[e])
+                            r.read_into(out, row, col, n)
+                        except DataError as err:
+                            if cfg.on_corrupt == "raise":
+                                raise
+                            readers.pop(row, None)
+                            self._skip(e, err)
+                            self._pad(out, row, col, n)
+                            continue
                         out["mask"][row, col : col + n] = True
                         out["episode"][row, col : col + n] = e
                         out["step"][row, col : col + n] = np.arange(start, start + n)
@@ -571,10 +606,31 @@ class TrajectoryStream(IterableDataset):
                             out["reset"][row, col] = True
                     if cfg.mode == "windows":
                         readers.pop(row, None)
-                yield dict(out, slot=np.int64(slot), batch_index=np.int64(b))
+                yield dict(out, slot=np.int64(slot), batch_index=np.int64(b),
+                           corrupt_skipped=np.int64(len(self.skipped)))
                 del out
         finally:
             src.close()
+
+    def _skip(self, e: int, err: DataError) -> None:
+        """``on_corrupt="skip"``: episode ``e`` is corrupt; warn (once) and count it."""
+        eid = self.episode_ids[e]
+        if eid not in self.skipped:
+            self.skipped[eid] = str(err)
+            warnings.warn(f"trajdata loader: skipping corrupt episode {eid} ({self.rows[e]['shard']}; "
+                          f"{self.steps[e]} steps, now padding): {err}", CorruptDataWarning, stacklevel=2)
+
+    def _pad(self, out: dict, row: int, col: int, n: int) -> None:
+        """Rows ``col:col+n`` of batch row ``row`` as padding (mask False, zeros): a skipped episode's
+        place in the plan, so the batch count (and every DDP rank's) is unchanged."""
+        for name, arr in out.items():
+            arr[row, col : col + n] = -1 if name == "episode" else 0
+
+    @property
+    def corrupt_skipped(self) -> int:
+        """Episodes skipped as corrupt (``on_corrupt="skip"``), in this process's readers or, with
+        workers, as their batches reported (the largest count each slot reported)."""
+        return max(len(self.skipped), sum(self._skip_counts.values()))
 
     def __iter__(self) -> Iterator[dict]:
         slot, slots = self.slot()
@@ -593,11 +649,15 @@ class TrajectoryStream(IterableDataset):
     def observe(self, batch: dict) -> None:
         """Record that a batch reached the consumer (``make_dataloader`` calls this for worker batches)."""
         self.delivered[int(batch["slot"])] = int(batch["batch_index"]) + 1
+        if "corrupt_skipped" in batch:
+            slot = int(batch["slot"])
+            self._skip_counts[slot] = max(self._skip_counts.get(slot, 0), int(batch["corrupt_skipped"]))
 
     def state_dict(self) -> dict:
         done = dict(self._resume)
         done.update(self.delivered)
-        return {"epoch": self.epoch, "slots": self.slots, "delivered": done, "config": asdict(self.cfg)}
+        return {"epoch": self.epoch, "slots": self.slots, "delivered": done, "config": asdict(self.cfg),
+                "corrupt_skipped": self.corrupt_skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]
@@ -629,6 +689,11 @@ class StreamLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
+
+    @property
+    def corrupt_skipped(self) -> int:
+        """Episodes skipped as corrupt so far (``on_corrupt="skip"``), across workers."""
+        return self.dataset.corrupt_skipped
 
     def state_dict(self) -> dict:
         return self.dataset.state_dict()
