@@ -617,8 +617,9 @@ class TrajectoryStream(IterableDataset):
         eid = self.episode_ids[e]
         if eid not in self.skipped:
             self.skipped[eid] = str(err)
-            warnings.warn(f"trajdata loader: skipping corrupt episode {eid} ({self.rows[e]['shard']}; "
-                          f"{self.steps[e]} steps, now padding): {err}", CorruptDataWarning, stacklevel=2)
+            warnings.warn(f"trajdata loader: skipping corrupt episode {eid} ({self.rows[e]['shard']}, "
+                          f"{self.steps[e]} steps; its steps not yet delivered become padding): {err}",
+                          CorruptDataWarning, stacklevel=2)
 
     def _pad(self, out: dict, row: int, col: int, n: int) -> None:
         """Rows ``col:col+n`` of batch row ``row`` as padding (mask False, zeros): a skipped episode's
