@@ -42,8 +42,9 @@ def inspect(dataset, as_json):
 def verify(dataset, quarantine):
     """Decode every chunk, check every checksum, and cross-check the index.
 
-    Reports every problem (one line each, naming shard, episode, chunk and field) and exits non-zero
-    with a count; with --quarantine, exits 0 once what is left verifies."""
+    Reports every problem on stdout (one line each, naming shard, episode, chunk and field) and exits
+    non-zero with a count (one error line on stderr); with --quarantine, exits 0 once what is left
+    verifies."""
     import sys
 
     from tqdm import tqdm
@@ -52,7 +53,7 @@ def verify(dataset, quarantine):
     from trajdata.format.inspect import check, problem_summary, quarantine as move_aside
 
     keys = ("dataset", "shards", "episodes", "chunks", "steps", "ok")
-    r = check(dataset, progress=True, on_problem=lambda line: tqdm.write(f"problem: {line}", file=sys.stderr))
+    r = check(dataset, progress=True, on_problem=lambda line: tqdm.write(f"problem: {line}", file=sys.stdout))
     if not r["problems"]:
         click.echo(json.dumps({k: r[k] for k in keys}))
         return
