@@ -242,3 +242,22 @@ def test_verify_json_summary_unchanged_on_good_data(scripted_data):
     code, out = run("verify", scripted_data)
     assert code == 0, out
     assert json.loads(out.strip().splitlines()[-1])["ok"] is True
+
+
+def test_scaling_fit_shows_progress_on_stderr(capsys):
+    """Failed before the fix: `scaling fit` ran its fits (12-20 s on real runs) with no output."""
+    pytest.importorskip("scipy")
+    pd = pytest.importorskip("pandas")
+    from trajdata.scaling.fits import FitConfig, fit_all
+    from trajdata.scaling.runs import runs_from_frame
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for C in np.logspace(15, 19, 9):  # isoFLOP grid around L = E + A/N^a + B/D^b
+        for N in (C / 6) ** 0.5 * np.logspace(-1, 1, 9):
+            D = C / (6 * N)
+            rows.append({"flops": C, "params": N, "samples": D,
+                         "loss": (1.7 + 400 / N ** 0.34 + 410 / D ** 0.28) * np.exp(0.003 * rng.standard_normal())})
+    fit_all(runs_from_frame(pd.DataFrame(rows), source="synthetic"), FitConfig(bootstrap=0), progress=True)
+    err = capsys.readouterr().err
+    assert "fit loss" in err and "1/3" in err, err

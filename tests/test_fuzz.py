@@ -138,9 +138,9 @@ def test_fuzz_corrupt_datasets_end_in_original_data_or_one_line_error(fuzz_data,
     failures = []
     t0 = time.monotonic()
     old = signal.signal(signal.SIGALRM, _alarm)
-    faulthandler.dump_traceback_later(TRIAL_SECONDS * 3, repeat=True, exit=True)  # a hang inside native code
     try:
         for trial in range(TRIALS):
+            faulthandler.dump_traceback_later(TRIAL_SECONDS * 3, exit=True)  # a hang inside native code
             rng = np.random.default_rng([2026, trial])
             root = tmp_path / f"t{trial}"
             shutil.copytree(fuzz_data, root)
