@@ -169,3 +169,34 @@ def test_recode_between_profiles_keeps_every_value_and_resumes(scripted_data, tm
             for k in x.fields:
                 np.testing.assert_array_equal(x.fields[k], y.fields[k], err_msg=k)
     assert recode(src, dst, "stream")["shards_skipped"] == 3
+
+
+def test_older_shards_with_wall_clock_headers_still_read(tmp_path):
+    """Shards of earlier trajdata carry wall_seconds / collection_date in their chunk headers and real
+    tar mtimes and owner names (and tarfile's record padding): they still verify, index and load."""
+    import io
+    import tarfile
+
+    from trajdata.format.dataset import Dataset, build_index, create_or_check
+    from trajdata.format.inspect import verify
+    from trajdata.loaders.stream import LoaderConfig, TrajectoryStream
+
+    root = tmp_path / "old"
+    create_or_check(root, {"schema": "atari", "env": "test", "expert": "test", "collection": {}})
+    T = 40
+    arrays = {"frame": np.full((T, 84, 84), 7, np.uint8), "lives": np.full(T, 3, np.uint8),
+              "action": (np.arange(T) % 5).astype(np.uint8), "reward": np.zeros(T, np.float32),
+              "done": np.arange(T) == T - 1}
+    row = {"id": "ep0", "steps": T, "chunks": 1, "status": "complete", "wall_seconds": 1.5,
+           "collection_date": "2025-01-02"}
+    blob = codec.encode_chunk(ATARI, arrays, {"episode_id": "ep0", "chunk": 0, "start": 0, "last": True,
+                                              "episode_meta": {"collection_date": "2025-01-02"}, "episode": row})
+    with tarfile.open(Dataset(root).shard_dir / "shard-000000.tar", "w") as tar:
+        info = tarfile.TarInfo("ep0-c00000.tdc")
+        info.size, info.mtime, info.uname = len(blob), 1_700_000_000, "someone"
+        tar.addfile(info, io.BytesIO(blob))
+    got = build_index(root).to_pylist()
+    assert [(r["id"], r["steps"], r["wall_seconds"], r["collection_date"]) for r in got] == [("ep0", T, 1.5, "2025-01-02")]
+    assert verify(root)["steps"] == T
+    batch = next(TrajectoryStream(LoaderConfig(str(root), batch_size=1, seq_len=T, tune_malloc=False)).numpy_batches(0, 1))
+    np.testing.assert_array_equal(batch["action"][0], arrays["action"])
