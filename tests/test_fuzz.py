@@ -11,18 +11,21 @@ from __future__ import annotations
 import collections
 import faulthandler
 import hashlib
+import os
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from trajdata.errors import TrajdataError
+from trajdata.loaders.stream import CorruptDataWarning
 
 FUZZ = dict(shards=2, episodes_per_shard=2, max_steps=150, chunk_steps=64, seed=11)
-TRIALS = 300
+TRIALS = int(os.environ.get("TRAJDATA_FUZZ_TRIALS", 300))  # more for a longer hunt, off CI
 TRIAL_SECONDS = 10  # a trial that takes longer has hung
 
 
@@ -53,10 +56,12 @@ def _episodes_from_shards(root: Path) -> dict[str, dict[str, np.ndarray]]:
     return {e: {k: np.concatenate(v) for k, v in d.items()} for e, d in out.items()}
 
 
-def _episodes_from_loader(root: Path) -> dict[str, dict[str, np.ndarray]]:
+def _episodes_from_loader(root: Path, on_corrupt: str = "raise"):
+    """Every episode as the loader delivers it; with ``on_corrupt="skip"``, (episodes, steps seen)."""
     from trajdata.loaders.stream import LoaderConfig, TrajectoryStream
 
-    stream = TrajectoryStream(LoaderConfig(str(root), batch_size=2, seq_len=128, shuffle=False, tune_malloc=False))
+    stream = TrajectoryStream(LoaderConfig(str(root), batch_size=2, seq_len=128, shuffle=False, tune_malloc=False,
+                                           on_corrupt=on_corrupt))
     names = list(stream.fields)
     got: dict[str, dict[str, np.ndarray]] = {
         eid: {n: np.zeros((n_steps, *stream.schema[n].shape), stream.schema[n].np_dtype) for n in names}
@@ -71,6 +76,8 @@ def _episodes_from_loader(root: Path) -> dict[str, dict[str, np.ndarray]]:
             seen[eid][t] = True
             for n in names:
                 got[eid][n][t] = batch[n][r, c]
+    if on_corrupt == "skip":
+        return got, seen
     assert all(s.all() for s in seen.values()), "loader left steps out without an error"
     return got
 
@@ -79,6 +86,18 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
         a[e].keys() == b[e].keys() and all(x.shape == b[e][k].shape and np.array_equal(x, b[e][k])
                                            for k, x in a[e].items()) for e in a)
+
+
+def _delivered_match(got: dict, seen: dict, original: dict) -> bool:
+    """Every step the loader delivered (``seen``) equals the original's."""
+    for e, d in got.items():
+        if not seen[e].any():
+            continue
+        if e not in original or any(len(seen[e]) != len(original[e][k]) for k in d):
+            return False
+        if not all(np.array_equal(v[seen[e]], original[e][k][seen[e]]) for k, v in d.items()):
+            return False
+    return True
 
 
 def _mutate(rng: np.random.Generator, root: Path) -> str:
@@ -149,10 +168,12 @@ def test_fuzz_corrupt_datasets_end_in_original_data_or_one_line_error(fuzz_data,
             step = int(rng.integers(0, row["steps"]))
             errors = []
             signal.alarm(TRIAL_SECONDS)
+            warnings.simplefilter("ignore", CorruptDataWarning)
             try:
                 for name, op in [("verify", lambda: verify(root)),
                                  ("loader", lambda: _episodes_from_loader(root)),
-                                 ("show", lambda: step_frame(root, row["id"], step))]:
+                                 ("show", lambda: step_frame(root, row["id"], step)),
+                                 ("skip", lambda: _episodes_from_loader(root, "skip"))]:
                     try:
                         got = op()
                     except TrajdataError as e:
@@ -169,6 +190,9 @@ def test_fuzz_corrupt_datasets_end_in_original_data_or_one_line_error(fuzz_data,
                         continue
                     if name == "loader" and not _same(got, original):
                         failures.append(f"trial {trial} ({what}): loader: different data without an error")
+                    if name == "skip":  # skipped steps are padding; every delivered step is original
+                        if not _delivered_match(*got, original):
+                            failures.append(f"trial {trial} ({what}): loader (skip): different data delivered")
                     if name == "show":
                         want = {k: v[step] for k, v in original[row["id"]].items()}
                         if got.keys() != want.keys() or not all(np.array_equal(got[k], want[k]) for k in want):
