@@ -502,7 +502,8 @@ def run_job(job: Job, cfg: EvalConfig, progress: bool = True) -> dict:
     if record is not None:
         from trajdata.format.dataset import build_index
 
-        build_index(record)
+        build_index(record, wall_clock=[{"id": r["recorded"], "wall_seconds": r.get("wall_seconds")}
+                                        for r in done.values() if r.get("recorded")])
     if job.run is not None and cfg.update_runs:
         _update_runs(job, doc)
     return doc
