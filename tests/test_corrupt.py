@@ -261,3 +261,15 @@ def test_scaling_fit_shows_progress_on_stderr(capsys):
     fit_all(runs_from_frame(pd.DataFrame(rows), source="synthetic"), FitConfig(bootstrap=0), progress=True)
     err = capsys.readouterr().err
     assert "fit loss" in err and "1/3" in err, err
+
+
+def test_loader_skip_counter_reaches_the_main_process_from_workers(scripted_copy):
+    """With DataLoader workers the skip happens in a worker: its batches carry the count."""
+    from trajdata.loaders.stream import LoaderConfig, make_dataloader
+
+    eid, _ = _flip_chunk_payload(_shards(scripted_copy)[2], 0)
+    loader = make_dataloader(LoaderConfig(str(scripted_copy), batch_size=2, seq_len=256, shuffle=False,
+                                          on_corrupt="skip"), num_workers=1)
+    batches = list(loader)
+    assert batches and loader.corrupt_skipped == 1
+    assert loader.state_dict()["corrupt_skipped"] == 1
