@@ -216,11 +216,11 @@ def chunk_header(blob: bytes, shard: str, member: str) -> tuple[dict, int]:
     try:
         name = f"{header['episode_id']}-c{header['chunk']:05d}.{CHUNK_EXT}"
         ok = (isinstance(header["steps"], int) and isinstance(header["start"], int) and isinstance(header["last"], bool)
-              and isinstance(header["fields"], dict))
+              and isinstance(header["fields"], dict) and isinstance(header["schema"], str))
     except (KeyError, TypeError, ValueError):
         name, ok = None, False
     if not ok:
-        raise DataError(f"{where}: chunk header lacks episode_id/chunk/start/steps/last/fields (corrupt data)")
+        raise DataError(f"{where}: chunk header lacks episode_id/chunk/start/steps/last/schema/fields (corrupt data)")
     if name != member.rpartition("/")[2]:
         raise DataError(f"{where}: header says episode {header['episode_id']} chunk {header['chunk']} (corrupt data)")
     return header, start
