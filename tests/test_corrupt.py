@@ -273,3 +273,24 @@ def test_loader_skip_counter_reaches_the_main_process_from_workers(scripted_copy
     batches = list(loader)
     assert batches and loader.corrupt_skipped == 1
     assert loader.state_dict()["corrupt_skipped"] == 1
+
+
+def test_corrupt_member_header_mid_shard_is_an_error_not_the_end(scripted_copy):
+    """Failed before the fix: tarfile ends the archive silently at a bad member header, so readers saw a
+    shorter shard (the loader then raised RuntimeError: generator raised StopIteration)."""
+    import tarfile
+
+    from trajdata.format.shard import ShardReader
+
+    shard = _shards(scripted_copy)[0]
+    with tarfile.open(shard) as tar:
+        m = [m for m in tar.getmembers()][2]
+    data = bytearray(shard.read_bytes())
+    data[m.offset + 100] ^= 0x01  # the member header's mode field: its checksum no longer matches
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"shard {shard.name}: corrupt member header at byte {m.offset}"):
+        list(ShardReader(shard).chunks())
+    with pytest.raises(DataError, match=shard.name):
+        _batches(scripted_copy)
+    code, out = run("verify", scripted_copy)
+    error_line(code, out, shard.name)
