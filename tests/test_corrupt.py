@@ -89,6 +89,9 @@ def test_verify_index_mismatch_names_the_shard(scripted_copy):
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), scripted_copy / "index.parquet")
     code, out = run("verify", scripted_copy)
     error_line(code, out, "does not match", rows[1]["shard"], rows[1]["id"], "steps")
+    # The loader checks an episode's chunks against the index too (before: StopIteration -> RuntimeError).
+    with pytest.raises(DataError, match=rf"{rows[1]['shard']}: episode {rows[1]['id']}: its chunks hold"):
+        _batches(scripted_copy)
 
 
 def test_verify_quarantine_moves_bad_shards_and_reindexes(scripted_copy):
