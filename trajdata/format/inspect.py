@@ -112,7 +112,7 @@ def check_shard(path: Path) -> dict:
                         problems.append(f"shard {name}: episode {eid}: episode row says {row.get('steps')} steps in "
                                         f"{row.get('chunks')} chunks, its chunks hold {st['steps']} in {st['next']}")
                     else:
-                        rows.append(dict(row, shard=name, _complete=not st["bad"]))
+                        rows.append(dict(row, shard=name))
     except DataError as e:
         problems.append(str(e))
     except OSError as e:
