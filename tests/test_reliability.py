@@ -142,3 +142,129 @@ def test_import_nld_max_games_must_be_positive(tmp_path, n):
     code, text = run("import", "nld", "--db", db, "--name", "test", "--out", tmp_path / "o", "--max-games", n)
     one_line_error(code, text, f"--max-games must be at least 1 (got {n})")
     assert not (tmp_path / "o").exists()
+
+
+# ---- 2. full disk ------------------------------------------------------------------------------------
+
+import errno  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+FIT_RUNS = Path(__file__).parent / "data" / "il-scaling" / "nethack_llama_isoflop.csv"
+
+# Loaded by every Python process of a CLI run (workers too) through PYTHONPATH: shard files fail with
+# ENOSPC at byte TRAJDATA_TEST_FULL_AT, like a disk that fills up mid-shard.
+FULL_DISK_SITECUSTOMIZE = '''
+import errno, os
+LIMIT = int(os.environ["TRAJDATA_TEST_FULL_AT"])
+import trajdata.format.shard as shard
+
+class _Full:
+    def __init__(self, f):
+        self._f = f
+    def write(self, b):
+        if self._f.tell() + len(b) > LIMIT:
+            room = max(LIMIT - self._f.tell(), 0)
+            self._f.write(b[:room])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._f.write(b)
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+def _open(path, *a, **k):
+    f = open(path, *a, **k)
+    return _Full(f) if str(path).endswith(".tar.tmp") else f
+
+shard.open = _open
+'''
+
+
+def cli_proc(*args, env=None, preexec_fn=None, timeout=300):
+    return subprocess.run([*TRAJDATA, *map(str, args)], capture_output=True, text=True, env=env,
+                          preexec_fn=preexec_fn, timeout=timeout)
+
+
+def full_disk_env(tmp_path, at: int) -> dict:
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(FULL_DISK_SITECUSTOMIZE)
+    path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", ""), str(Path(__file__).parent.parent)])
+    return dict(os.environ, PYTHONPATH=path, TRAJDATA_TEST_FULL_AT=str(at))
+
+
+def file_size_limit(n: int):
+    """preexec_fn: writes past ``n`` bytes of any file fail with EFBIG (Python ignores SIGXFSZ)."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
+    return limit
+
+
+def proc_error_line(res, *names) -> str:
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr and len(lines) == 1 and lines[0].startswith("trajdata: error:"), res.stderr
+    for n in names:
+        assert str(n) in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and p.name != "collect.lock"}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_collect_onto_a_full_disk(tmp_path, workers):
+    """Failed before the fix: chained `OSError: [Errno 28]` tracebacks and shard-*.tar.tmp left behind."""
+    out = tmp_path / "x"
+    args = ["collect", "scripted", "--out", out, "--max-steps", 50, "--quiet", "--workers", workers]
+    assert cli_proc(*args, "--shards", 2).returncode == 0
+    before = snapshot(out)
+    res = cli_proc(*args, "--shards", 4, env=full_disk_env(tmp_path, 3000))
+    line = proc_error_line(res, "shard-00000", "No space left on device")
+    assert str(out) in line
+    assert not list(out.rglob("*.tmp"))
+    assert snapshot(out) == before  # finished shards, dataset.json and the previous index untouched
+    res = cli_proc(*args, "--shards", 4)  # space freed
+    assert res.returncode == 0, res.stderr
+    assert verify(out)["episodes"] == 4
+
+
+def test_index_stats_and_fit_on_a_full_disk(scripted_copy, tmp_path):
+    """Failed before the fix: tracebacks, index.parquet.tmp left, 0-byte stats.png and fit.json."""
+    ds, fit = scripted_copy, tmp_path / "fit"
+    assert cli_proc("scaling", "fit", FIT_RUNS, "--out", fit).returncode == 0
+    before, fit_before = snapshot(ds), snapshot(fit)
+    full = file_size_limit(2048)
+    proc_error_line(cli_proc("index", ds, preexec_fn=full), ds / "index.parquet", "File too large")
+    proc_error_line(cli_proc("stats", ds, preexec_fn=full), ds / "stats.png", "File too large")
+    proc_error_line(cli_proc("scaling", "fit", FIT_RUNS, "--out", fit, preexec_fn=full), fit / "fit.json",
+                    "File too large")
+    assert not list(ds.rglob("*.tmp")) and not list(fit.rglob("*.tmp"))
+    assert snapshot(ds) == before and snapshot(fit) == fit_before  # no stats.png, the old index and fit intact
+    assert cli_proc("index", ds).returncode == 0
+    assert cli_proc("stats", ds).returncode == 0 and (ds / "stats.png").stat().st_size > 0
+    assert cli_proc("scaling", "fit", FIT_RUNS, "--out", fit).returncode == 0
+
+
+def test_full_disk_in_process_is_one_line(tmp_path, monkeypatch):
+    """ENOSPC from a shard write, in this process (workers 1): one line naming the shard, no .tmp."""
+    from trajdata.format import shard
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(shard, "open", lambda p, *a: Full(open(p, *a)), raising=False)
+    out = tmp_path / "x"
+    code, text = collect_cli(out, "--shards", "1", "--max-steps", "5")
+    one_line_error(code, text, "shard-000000.tar", "No space left on device")
+    assert not list(out.rglob("*.tmp"))
