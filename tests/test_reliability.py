@@ -268,3 +268,120 @@ def test_full_disk_in_process_is_one_line(tmp_path, monkeypatch):
     code, text = collect_cli(out, "--shards", "1", "--max-steps", "5")
     one_line_error(code, text, "shard-000000.tar", "No space left on device")
     assert not list(out.rglob("*.tmp"))
+
+
+# ---- 8. an unreachable Ray cluster -----------------------------------------------------------------
+
+def test_unreachable_ray_address_fails_fast_in_one_line(tmp_path):
+    """Failed before the fix: Ray retried 127.0.0.1:1 for more than 200 s."""
+    pytest.importorskip("ray")
+    t0 = time.monotonic()
+    code, text = collect_cli(tmp_path / "x", "--shards", "1", "--max-steps", "5", "--backend", "ray",
+                             "--ray-address", "127.0.0.1:1")
+    one_line_error(code, text, "--ray-address 127.0.0.1:1", "cannot connect")
+    assert time.monotonic() - t0 < 45
+
+
+# ---- 3. signals: workers die with the collect, SIGTERM cleans up like Ctrl-C --------------------------
+
+def _children() -> dict[int, int]:
+    """pid -> parent pid of every live (non-zombie) process, from /proc."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rpartition(")")[2].split()
+            if fields[0] != "Z":
+                out[int(d.name)] = int(fields[1])
+    return out
+
+
+def descendants(pid: int) -> set[int]:
+    procs, found, todo = _children(), set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, pp in procs.items() if pp == p}
+        found |= kids
+        todo.extend(kids)
+    return found
+
+
+def alive(pids) -> set[int]:
+    live = _children()
+    return {p for p in pids if p in live}
+
+
+def start_collect(out, *extra, seed=11, shards=6):
+    args = ["collect", "scripted", "--out", out, "--shards", shards, "--episodes-per-shard", 1, "--workers", 2,
+            "--max-steps", 600, "--seed", seed, "--quiet", *extra]
+    proc = subprocess.Popen([*TRAJDATA, *map(str, args)], start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, args
+
+
+def wait_for(cond, seconds=120.0, step=0.02):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError("timed out waiting")
+
+
+def finished(out) -> set[str]:
+    return {p.name for p in (out / "shards").glob("shard-*.tar")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killing_the_collect_kills_its_workers(tmp_path, sig):
+    """Failed before the fix: workers outlived the killed collect by minutes and renamed their shards."""
+    out = tmp_path / "x"
+    proc, args = start_collect(out)
+    try:
+        wait_for(lambda: list((out / "shards").glob("*.tar.tmp")) and len(descendants(proc.pid)) >= 2)
+        workers = descendants(proc.pid)
+        os.kill(proc.pid, sig)  # the main process only, not its group
+        _, err = proc.communicate(timeout=30)
+        wait_for(lambda: not alive(workers), seconds=5)
+        after = finished(out)
+        time.sleep(2)
+        assert finished(out) == after  # no shard renamed after the collect died
+        if sig == signal.SIGTERM:
+            lines = err.strip().splitlines()
+            assert proc.returncode == 143 and lines == ["trajdata: terminated"], err
+            assert not list(out.rglob("*.tmp"))
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    res = cli_proc(*args)
+    assert res.returncode == 0, res.stderr
+    assert f'"shards_skipped": {len(after)}' in res.stdout
+    assert verify(out)["episodes"] == 6
+    assert [r["id"] for r in Dataset(out).index_rows()] == [f"{s:06d}-0000" for s in range(6)]
+    assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3, 1.0])
+def test_ctrl_c_while_workers_start_is_one_line(tmp_path, delay):
+    """Failed before the fix: ~100 lines of KeyboardInterrupt tracebacks from starting workers."""
+    out = tmp_path / "x"
+    proc, _ = start_collect(out)
+    try:
+        wait_for(lambda: descendants(proc.pid), step=0.005)  # the first process is starting
+        time.sleep(delay)
+        workers = descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C in a terminal: the whole group
+        _, err = proc.communicate(timeout=60)
+        wait_for(lambda: not alive(workers), seconds=5)
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) < 5 and "trajdata: interrupted" in lines and "Traceback" not in err, err
+    assert not list(out.rglob("*.tmp"))

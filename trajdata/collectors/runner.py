@@ -85,15 +85,25 @@ def _check_parent() -> None:
 def _no_sigint_in_children():
     """Start processes with SIGINT blocked (the mask is inherited): Ctrl-C reaches only this process,
     which stops the workers itself, instead of every starting worker printing a KeyboardInterrupt
-    traceback. A Ctrl-C meanwhile is delivered here when the block ends."""
+    traceback. A Ctrl-C or SIGTERM meanwhile is held (a process half started would be orphaned) and
+    raised when the block ends."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # starting it later would unblock SIGINT (it blocks and unblocks it)
+    held: list[int] = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def _kill_pools(pools: list[ProcessPoolExecutor]) -> None:
@@ -256,51 +266,56 @@ def _run_pools(cfg: CollectConfig, ctx, todo: list[int], on_steps, on_shard) -> 
     manager = SyncManager(ctx=ctx)
     with _no_sigint_in_children():
         manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
-    with manager:
-        q = manager.Queue()
-        try:
-            while todo or running:
-                while todo and idle:
-                    pool, s = idle.pop() or new_pool(), todo.pop(0)
-                    try:
-                        fut = submit(pool, s)
-                    except BrokenProcessPool:  # its worker died while idle
-                        pool.shutdown(wait=False)
-                        pool = new_pool()
-                        fut = submit(pool, s)
-                    running[fut] = (pool, s)
-                done, _ = wait(running, timeout=0.25, return_when=FIRST_COMPLETED)
+    try:
+        with manager:
+            q = manager.Queue()
+            try:
+                while todo or running:
+                    while todo and idle:
+                        pool, s = idle.pop() or new_pool(), todo.pop(0)
+                        try:
+                            fut = submit(pool, s)
+                        except BrokenProcessPool:  # its worker died while idle
+                            pool.shutdown(wait=False)
+                            pool = new_pool()
+                            fut = submit(pool, s)
+                        running[fut] = (pool, s)
+                    done, _ = wait(running, timeout=0.25, return_when=FIRST_COMPLETED)
+                    _drain(q, steps)
+                    for fut in done:
+                        pool, s = running.pop(fut)
+                        try:
+                            rows = fut.result()
+                        except BrokenProcessPool:
+                            pool.shutdown(wait=False)
+                            idle.append(None)
+                            on_steps(-live.pop(s, 0))
+                            deaths[s] = deaths.get(s, 0) + 1
+                            if deaths[s] > cfg.max_shard_retries:
+                                failed[s] = WORKER_DIED.format(n=deaths[s])
+                            else:
+                                todo.append(s)
+                            continue
+                        idle.append(pool)
+                        live.pop(s, None)
+                        on_shard(s, rows)
                 _drain(q, steps)
-                for fut in done:
-                    pool, s = running.pop(fut)
-                    try:
-                        rows = fut.result()
-                    except BrokenProcessPool:
-                        pool.shutdown(wait=False)
-                        idle.append(None)
-                        on_steps(-live.pop(s, 0))
-                        deaths[s] = deaths.get(s, 0) + 1
-                        if deaths[s] > cfg.max_shard_retries:
-                            failed[s] = WORKER_DIED.format(n=deaths[s])
-                        else:
-                            todo.append(s)
-                        continue
-                    idle.append(pool)
-                    live.pop(s, None)
-                    on_shard(s, rows)
-            _drain(q, steps)
-        except BaseException:  # Ctrl-C, SIGTERM, a worker's error: stop the other workers now
-            _kill_pools(pools)
-            for _, s in running.values():
-                (Path(cfg.out) / SHARD_DIR / (shard_name(s) + ".tmp")).unlink(missing_ok=True)
-            for pool in pools:
-                pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        finally:
-            for fut in running:
-                fut.cancel()
-            for pool in pools:
-                pool.shutdown(wait=True, cancel_futures=True)
+            except BaseException:  # Ctrl-C, SIGTERM, a worker's error: stop the other workers now
+                _kill_pools(pools)
+                for _, s in running.values():
+                    (Path(cfg.out) / SHARD_DIR / (shard_name(s) + ".tmp")).unlink(missing_ok=True)
+                for pool in pools:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            finally:
+                for fut in running:
+                    fut.cancel()
+                for pool in pools:
+                    pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:  # the queue's manager too (it is started even before the first worker)
+        with contextlib.suppress(Exception):
+            manager._process.kill()
+        raise
     return failed
 
 
