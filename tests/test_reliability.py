@@ -385,3 +385,89 @@ def test_ctrl_c_while_workers_start_is_one_line(tmp_path, delay):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) < 5 and "trajdata: interrupted" in lines and "Traceback" not in err, err
     assert not list(out.rglob("*.tmp"))
+
+
+# ---- 4. two collects into one --out ----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_second_collect_into_the_same_out_is_refused(tmp_path):
+    """Failed before the fix: both collects wrote every shard through the same .tmp paths."""
+    out = tmp_path / "x"
+    first, args = start_collect(out, shards=4)
+    try:
+        wait_for(lambda: list((out / "shards").glob("*.tar.tmp")))
+        second = cli_proc(*args)
+        line = proc_error_line(second, str(out), f"pid {first.pid}", "another collect")
+        assert "wait for it" in line
+        _, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+    assert verify(out)["episodes"] == 4
+    assert [r["id"] for r in Dataset(out).index_rows()] == [f"{s:06d}-0000" for s in range(4)]
+
+
+@pytest.mark.slow
+def test_lock_of_a_killed_collect_does_not_block_a_rerun(tmp_path):
+    out = tmp_path / "x"
+    proc, args = start_collect(out, shards=4)
+    try:
+        wait_for(lambda: list((out / "shards").glob("*.tar.tmp")))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (out / "collect.lock").read_text().split()[0] == str(proc.pid)  # left behind, naming a dead pid
+    res = cli_proc(*args)
+    assert res.returncode == 0, res.stderr
+    assert verify(out)["episodes"] == 4 and not list(out.rglob("*.tmp"))
+
+
+# ---- 9. a corrected rerun after a collect that finished no shard -----------------------------------
+
+def test_rerun_with_other_settings_after_nothing_was_finished(tmp_path, monkeypatch):
+    """Failed before the fix: 'already holds a dataset with a different collection'."""
+    from trajdata.format import shard
+
+    out = tmp_path / "x"
+    real = shard.ShardWriter._add_member
+
+    def full(self, name, blob):
+        raise shard.write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), self.path)
+
+    monkeypatch.setattr(shard.ShardWriter, "_add_member", full)
+    one_line_error(*collect_cli(out, "--shards", "2", "--max-steps", "5"), "No space left")
+    assert (out / "dataset.json").is_file() and not list((out / "shards").iterdir())
+    monkeypatch.setattr(shard.ShardWriter, "_add_member", real)
+    code, text = collect_cli(out, "--shards", "2", "--max-steps", "7")  # corrected
+    assert code == 0, text
+    notes = [ln for ln in text.splitlines() if ln.startswith("trajdata: note:")]
+    assert len(notes) == 1 and "no finished shard" in notes[0] and "collection" in notes[0], text
+    assert json.loads((out / "dataset.json").read_text())["collection"]["max_steps"] == 7
+    assert verify(out)["steps"] == 14
+    # with a finished shard, other settings are still refused
+    one_line_error(*collect_cli(out, "--shards", "2", "--max-steps", "9"), "different collection")
+
+
+# ---- a truncated finished shard on resume ---------------------------------------------------------
+
+def test_resume_redoes_a_truncated_shard(tmp_path):
+    """Failed before the fix: the truncated shard was skipped and the run ended with a stale index."""
+    out = tmp_path / "x"
+    args = ("--shards", "3", "--max-steps", "60", "--chunk-steps", "16")
+    code, text = collect_cli(out, *args)
+    assert code == 0, text
+    good = (out / "shards" / "shard-000001.tar").read_bytes()
+    key = lambda: [(r["id"], r["steps"], r["chunks"], r["score"], r["seed"]) for r in Dataset(out).index_rows()]  # noqa: E731
+    rows = key()
+    for cut in (len(good) // 2, len(good) - 1024, 1536):
+        (out / "shards" / "shard-000001.tar").write_bytes(good[:cut])
+        code, text = collect_cli(out, *args)
+        assert code == 0, text
+        warnings = [ln for ln in text.splitlines() if ln.startswith("trajdata: warning:")]
+        assert len(warnings) == 1 and "shard-000001.tar is truncated" in warnings[0], text
+        assert '"shards_written": 1' in text and '"shards_skipped": 2' in text
+        assert (out / "shards" / "shard-000001.tar").stat().st_size == len(good)
+        assert key() == rows and verify(out)["episodes"] == 3
