@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from trajdata.cli.main import cli
+from trajdata.errors import DataError
 from trajdata.format.dataset import Dataset, build_index
 from trajdata.format.inspect import verify
 
@@ -435,7 +436,7 @@ def test_rerun_with_other_settings_after_nothing_was_finished(tmp_path, monkeypa
     real = shard.ShardWriter._add_member
 
     def full(self, name, blob):
-        raise shard.write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), self.path)
+        raise DataError(f"cannot write {self.path}: No space left on device")
 
     monkeypatch.setattr(shard.ShardWriter, "_add_member", full)
     one_line_error(*collect_cli(out, "--shards", "2", "--max-steps", "5"), "No space left")
