@@ -472,3 +472,21 @@ def test_resume_redoes_a_truncated_shard(tmp_path):
         assert '"shards_written": 1' in text and '"shards_skipped": 2' in text
         assert (out / "shards" / "shard-000001.tar").stat().st_size == len(good)
         assert key() == rows and verify(out)["episodes"] == 3
+
+
+def test_sigterm_with_one_worker_cleans_up_like_ctrl_c(tmp_path):
+    """Failed before the fix: SIGTERM killed the collect on the spot, leaving shard-*.tar.tmp."""
+    out = tmp_path / "x"
+    proc, args = start_collect(out, "--workers", "1", shards=3)  # the later --workers wins
+    try:
+        wait_for(lambda: list((out / "shards").glob("*.tar.tmp")))
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143 and err.strip().splitlines() == ["trajdata: terminated"], err
+    assert not list(out.rglob("*.tmp"))
+    res = cli_proc(*args)
+    assert res.returncode == 0, res.stderr
+    assert verify(out)["episodes"] == 3
