@@ -5,11 +5,16 @@ line naming the thing (``trajdata: error: ...``), a non-zero exit, no traceback 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,10 +152,6 @@ def test_import_nld_max_games_must_be_positive(tmp_path, n):
 
 # ---- 2. full disk ------------------------------------------------------------------------------------
 
-import errno  # noqa: E402
-import resource  # noqa: E402
-import signal  # noqa: E402
-import time  # noqa: E402
 
 FIT_RUNS = Path(__file__).parent / "data" / "il-scaling" / "nethack_llama_isoflop.csv"
 
@@ -357,7 +358,7 @@ def test_killing_the_collect_kills_its_workers(tmp_path, sig):
             assert proc.returncode == 143 and lines == ["trajdata: terminated"], err
             assert not list(out.rglob("*.tmp"))
     finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     res = cli_proc(*args)
     assert res.returncode == 0, res.stderr
@@ -380,7 +381,7 @@ def test_ctrl_c_while_workers_start_is_one_line(tmp_path, delay):
         _, err = proc.communicate(timeout=60)
         wait_for(lambda: not alive(workers), seconds=5)
     finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -403,7 +404,7 @@ def test_second_collect_into_the_same_out_is_refused(tmp_path):
         _, err = first.communicate(timeout=300)
         assert first.returncode == 0, err
     finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(first.pid, signal.SIGKILL)
     assert verify(out)["episodes"] == 4
     assert [r["id"] for r in Dataset(out).index_rows()] == [f"{s:06d}-0000" for s in range(4)]
@@ -418,7 +419,7 @@ def test_lock_of_a_killed_collect_does_not_block_a_rerun(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     assert (out / "collect.lock").read_text().split()[0] == str(proc.pid)  # left behind, naming a dead pid
     res = cli_proc(*args)
@@ -461,7 +462,9 @@ def test_resume_redoes_a_truncated_shard(tmp_path):
     code, text = collect_cli(out, *args)
     assert code == 0, text
     good = (out / "shards" / "shard-000001.tar").read_bytes()
-    key = lambda: [(r["id"], r["steps"], r["chunks"], r["score"], r["seed"]) for r in Dataset(out).index_rows()]  # noqa: E731
+    def key():
+        return [(r["id"], r["steps"], r["chunks"], r["score"], r["seed"]) for r in Dataset(out).index_rows()]
+
     rows = key()
     for cut in (len(good) // 2, len(good) - 1024, 1536):
         (out / "shards" / "shard-000001.tar").write_bytes(good[:cut])
@@ -483,7 +486,7 @@ def test_sigterm_with_one_worker_cleans_up_like_ctrl_c(tmp_path):
         os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 143 and err.strip().splitlines() == ["trajdata: terminated"], err
     assert not list(out.rglob("*.tmp"))

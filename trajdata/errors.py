@@ -1,6 +1,8 @@
 """Errors users see as one line (the CLI prints `trajdata: error: <message>` and exits 1)."""
 from __future__ import annotations
 
+import errno
+
 
 class TrajdataError(Exception):
     """Base class: a problem with the user's input or data, reported without a traceback."""
@@ -56,9 +58,7 @@ def missing_extra(err: ModuleNotFoundError, what: str, extras: tuple[str, ...] =
 
 
 # errno values that mean "no room to write": a full disk, a file size limit (RLIMIT_FSIZE) or a quota.
-import errno as _errno
-
-DISK_FULL = frozenset({_errno.ENOSPC, _errno.EFBIG, getattr(_errno, "EDQUOT", _errno.ENOSPC)})
+DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 
 def write_error(err: OSError, path) -> DataError:

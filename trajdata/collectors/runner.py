@@ -6,7 +6,13 @@ rebuilds ``index.parquet`` from the shards. What a worker does with one shard is
 
 A worker that dies (backstop, segfault, OOM kill) costs only its own shard: the shard is rerun in a fresh worker,
 up to ``max_shard_retries`` times, then given up while every other shard completes, and ``collect``
-raises one ``ExpertError`` naming the failed shards (a rerun retries them). The local backend gives
+raises one ``ExpertError`` naming the failed shards (a rerun retries them).
+
+One collect at a time per ``--out`` (a lock the kernel drops when its holder dies: a second collect
+is refused naming the holder's pid, a killed one never blocks a rerun). Worker processes die with
+the collect (``PR_SET_PDEATHSIG``, and a parent-pid poll) and never rename a shard after it is gone;
+Ctrl-C and SIGTERM stop them and remove their partial shards. On resume, partial shards of a killed
+run are removed and a finished shard that is not a whole tar (truncated) is collected again. The local backend gives
 each worker its own one-process pool, so a death is attributed to exactly one shard and never
 disturbs the other workers. With ``workers=1`` shards run in this process: nothing survives a crash
 there, and the hard backstop exits this process.
@@ -94,7 +100,8 @@ def _no_sigint_in_children():
 
     resource_tracker.ensure_running()  # starting it later would unblock SIGINT (it blocks and unblocks it)
     held: list[int] = []
-    handlers = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
