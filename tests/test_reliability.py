@@ -345,7 +345,8 @@ def test_killing_the_collect_kills_its_workers(tmp_path, sig):
     out = tmp_path / "x"
     proc, args = start_collect(out)
     try:
-        wait_for(lambda: list((out / "shards").glob("*.tar.tmp")) and len(descendants(proc.pid)) >= 2)
+        # both workers, the queue's manager and multiprocessing's resource tracker
+        wait_for(lambda: list((out / "shards").glob("*.tar.tmp")) and len(descendants(proc.pid)) >= 4)
         workers = descendants(proc.pid)
         os.kill(proc.pid, sig)  # the main process only, not its group
         _, err = proc.communicate(timeout=30)

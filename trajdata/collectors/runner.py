@@ -153,8 +153,9 @@ def _lock_out(out: Path):
 
 
 def _remove_stale_tmp(out: Path) -> None:
-    """Partial shards of a killed collect (this one holds the lock: nobody else is writing them)."""
-    for p in (out / SHARD_DIR).glob("shard-*.tar.tmp"):
+    """Partial shards (and index / dataset.json temp files) of a killed collect: this one holds the
+    lock, nobody else is writing them."""
+    for p in [*(out / SHARD_DIR).glob("shard-*.tar.tmp"), out / (INDEX_FILE + ".tmp"), out / (DATASET_JSON + ".tmp")]:
         p.unlink(missing_ok=True)
 
 
