@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from trajdata.errors import ConfigError, DataError
+from trajdata.errors import ConfigError, DataError, write_error
 
 CONFIG_JSON = "config.json"
 
@@ -63,6 +63,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(e, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

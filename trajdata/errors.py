@@ -1,6 +1,8 @@
 """Errors users see as one line (the CLI prints `trajdata: error: <message>` and exits 1)."""
 from __future__ import annotations
 
+import errno
+
 
 class TrajdataError(Exception):
     """Base class: a problem with the user's input or data, reported without a traceback."""
@@ -23,6 +25,10 @@ class ConfigError(TrajdataError):
 
 class ExpertError(TrajdataError):
     """An expert is missing, not installed or failed to start."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it cleans up like Ctrl-C (the CLI says "terminated")."""
 
 
 class ExtraError(TrajdataError):
@@ -49,3 +55,14 @@ def missing_extra(err: ModuleNotFoundError, what: str, extras: tuple[str, ...] =
     if extra is None:
         return ExtraError(f"{what} cannot import {module or err} (is trajdata installed completely?)")
     return ExtraError(f"{what} needs the {extra} extra (no module {module!r}): pip install 'trajdata[{extra}]'")
+
+
+# errno values that mean "no room to write": a full disk, a file size limit (RLIMIT_FSIZE) or a quota.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def write_error(err: OSError, path) -> DataError:
+    """One-line error for failing to write ``path`` (no space, file too large, quota, I/O error ...)."""
+    why = err.strerror or str(err)
+    hint = "; free some space and rerun" if err.errno in DISK_FULL else ""
+    return DataError(f"cannot write {path}: {why}{hint}")

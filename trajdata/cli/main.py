@@ -15,7 +15,7 @@ import sys
 import click
 
 from trajdata import __version__
-from trajdata.errors import ConfigError, TrajdataError, missing_extra
+from trajdata.errors import DISK_FULL, ConfigError, Terminated, TrajdataError, missing_extra, write_error
 
 # name -> (module:command, one-line help, extras it needs) for a command, or (help, {name: ...}) for a group.
 COMMANDS: dict = {
@@ -131,12 +131,23 @@ class _Cli(LazyGroup):
             path, extras, _ = ctx.meta.get(_LEAF, ("trajdata", (), None))
             click.echo(f"trajdata: error: {missing_extra(e, f'`{path}`', extras)}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("trajdata: interrupted", err=True)
-            sys.exit(130)
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            click.echo(f"trajdata: error: {write_error(e, e.filename or 'a file')}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt as e:
+            _interrupted(e)
 
     def main(self, args=None, prog_name=None, **kwargs):
         kwargs.pop("standalone_mode", None)
+        restore = _terminate_like_interrupt()
+        try:
+            self._main(args, prog_name, **kwargs)
+        finally:
+            restore()
+
+    def _main(self, args, prog_name, **kwargs):
         try:
             rv = super().main(args, prog_name, standalone_mode=False, **kwargs)
         except click.UsageError as e:
@@ -146,10 +157,36 @@ class _Cli(LazyGroup):
         except click.ClickException as e:
             click.echo(f"trajdata: error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
-        except (click.Abort, KeyboardInterrupt):
-            click.echo("trajdata: interrupted", err=True)
-            sys.exit(130)
+        except (click.Abort, KeyboardInterrupt) as e:
+            _interrupted(e)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _interrupted(e: BaseException):
+    """Ctrl-C or SIGTERM: one line and 130 / 143 (the cleanup ran in the ``finally`` blocks on the way out)."""
+    if isinstance(e, Terminated):
+        click.echo("trajdata: terminated", err=True)
+        sys.exit(143)
+    click.echo("trajdata: interrupted", err=True)
+    sys.exit(130)
+
+
+def _terminate_like_interrupt():
+    """SIGTERM raises ``Terminated`` (a KeyboardInterrupt) in the main thread, so it cleans up like
+    Ctrl-C; returns a function restoring the previous handler."""
+    import signal
+    import threading
+
+    old = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or old not in (signal.SIG_DFL, None):
+        return lambda: None
+
+    def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup is not interrupted again
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_term)
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 @click.group(cls=_Cli, entries=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

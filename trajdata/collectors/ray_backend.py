@@ -11,6 +11,9 @@ fails does not stop the others: its shard is reported as failed when all other s
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 import time
 from typing import Callable
 
@@ -24,6 +27,42 @@ def _ray():
     except ImportError:
         raise ConfigError("--backend ray needs Ray: pip install 'trajdata[ray]'") from None
     return ray
+
+
+RAY_CONNECT_SECONDS = 30.0  # env TRAJDATA_RAY_CONNECT_SECONDS overrides
+
+
+def _connect(ray, address: str, **kwargs) -> None:
+    """``ray.init(address=...)``, bounded: Ray itself retries an unreachable cluster for minutes.
+
+    A ``host:port`` that refuses TCP connections fails at once; anything else gets
+    ``RAY_CONNECT_SECONDS`` (the attempt runs in a daemon thread left behind on timeout)."""
+    timeout = float(os.environ.get("TRAJDATA_RAY_CONNECT_SECONDS", RAY_CONNECT_SECONDS))
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    if sep and host and port.isdigit():
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=min(timeout, 10.0)).close()
+        except OSError as e:
+            raise ConfigError(f"ray_address {address}: cannot connect ({e.strerror or e})",
+                              field="ray_address") from None
+    result: dict = {}
+
+    def init() -> None:
+        try:
+            ray.init(address=address, **kwargs)
+        except BaseException as e:  # noqa: BLE001 (handed to the caller)
+            result["error"] = e
+
+    t = threading.Thread(target=init, daemon=True, name="trajdata-ray-init")
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise ConfigError(f"ray_address {address}: no Ray cluster answered within {timeout:g}s", field="ray_address")
+    if "error" in result:
+        e = result["error"]
+        raise ConfigError(f"ray_address {address}: cannot connect ({type(e).__name__}: {e})".splitlines()[0],
+                          field="ray_address") from None
 
 
 def _shard_task(cfg, shard: int, progress) -> list[dict]:
@@ -70,7 +109,7 @@ def run_ray(cfg, todo: list[int], on_steps: Callable[[int], None],
     if not ray.is_initialized():
         kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
         if cfg.ray_address:
-            ray.init(address=cfg.ray_address, **kwargs)
+            _connect(ray, cfg.ray_address, **kwargs)
         else:
             ray.init(num_cpus=cfg.workers, **kwargs)
         started = True

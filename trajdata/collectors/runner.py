@@ -6,7 +6,13 @@ rebuilds ``index.parquet`` from the shards. What a worker does with one shard is
 
 A worker that dies (backstop, segfault, OOM kill) costs only its own shard: the shard is rerun in a fresh worker,
 up to ``max_shard_retries`` times, then given up while every other shard completes, and ``collect``
-raises one ``ExpertError`` naming the failed shards (a rerun retries them). The local backend gives
+raises one ``ExpertError`` naming the failed shards (a rerun retries them).
+
+One collect at a time per ``--out`` (a lock the kernel drops when its holder dies: a second collect
+is refused naming the holder's pid, a killed one never blocks a rerun). Worker processes die with
+the collect (``PR_SET_PDEATHSIG``, and a parent-pid poll) and never rename a shard after it is gone;
+Ctrl-C and SIGTERM stop them and remove their partial shards. On resume, partial shards of a killed
+run are removed and a finished shard that is not a whole tar (truncated) is collected again. The local backend gives
 each worker its own one-process pool, so a death is attributed to exactly one shard and never
 disturbs the other workers. With ``workers=1`` shards run in this process: nothing survives a crash
 there, and the hard backstop exits this process.
@@ -14,8 +20,14 @@ there, and the hard backstop exits this process.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
+import signal
+import socket
+import sys
+import tarfile
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -26,15 +38,183 @@ from typing import Callable
 
 from trajdata.collectors.config import BACKENDS, CollectConfig, ExpertSpec
 from trajdata.collectors.worker import WORKER_DIED, episode_seed, package_versions, run_shard
-from trajdata.errors import ExpertError
-from trajdata.format.dataset import SHARD_DIR, build_index, create_or_check, shard_name
+from trajdata.errors import DataError, ExpertError
+from trajdata.format.dataset import (DATASET_JSON, FORMAT_NAME, INDEX_FILE, SHARD_DIR, build_index, create_or_check,
+                                     shard_name)
 
 __all__ = ["BACKENDS", "CollectConfig", "ExpertSpec", "WORKER_DIED", "collect", "episode_seed", "failure_message",
            "pending_shards"]
 
 
 def _shard_worker(cfg: CollectConfig, shard: int, q) -> list[dict]:
-    return run_shard(cfg, shard, report=(lambda n: q.put((shard, n))) if q is not None else None)
+    return run_shard(cfg, shard, report=(lambda n: q.put((shard, n))) if q is not None else None,
+                     before_commit=_check_parent)
+
+
+# ---- worker processes die with the collect that started them ----------------------------------------
+
+_parent: dict = {}
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Initializer of every process the local backend starts (workers, the progress-queue manager):
+    the kernel kills it when ``parent`` dies (Linux ``PR_SET_PDEATHSIG``), and a thread polling the
+    parent pid exits it where that is not available."""
+    _parent["pid"] = parent
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="trajdata-parent-watch").start()
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _check_parent() -> None:
+    """Called just before a worker renames its finished shard: never after the collect is gone."""
+    if _parent and os.getppid() != _parent["pid"]:
+        raise ExpertError("the collect that started this worker is gone; shard discarded")
+
+
+@contextlib.contextmanager
+def _no_sigint_in_children():
+    """Start processes with SIGINT blocked (the mask is inherited): Ctrl-C reaches only this process,
+    which stops the workers itself, instead of every starting worker printing a KeyboardInterrupt
+    traceback. A Ctrl-C or SIGTERM meanwhile is held (a process half started would be orphaned) and
+    raised when the block ends."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # starting it later would unblock SIGINT (it blocks and unblocks it)
+    held: list[int] = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+        if held:
+            signal.raise_signal(held[0])
+
+
+def _kill_pools(pools: list[ProcessPoolExecutor]) -> None:
+    procs = [p for pool in pools for p in list((getattr(pool, "_processes", None) or {}).values())]
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.kill()
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.join(10)
+
+
+# ---- one collect per --out, finished shards checked on resume -------------------------------------
+
+LOCK_FILE = "collect.lock"
+
+
+def _lock_out(out: Path):
+    """Hold an exclusive lock on ``out/collect.lock`` (released by the kernel when this process dies,
+    so a killed collect never blocks a rerun); a second collect into ``out`` is refused naming the holder."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().split()
+        f.close()
+        who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
+        raise DataError(f"{out} is being collected into by another collect ({who}); "
+                        f"wait for it to finish or use another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def _remove_stale_tmp(out: Path) -> None:
+    """Partial shards (and index / dataset.json temp files) of a killed collect: this one holds the
+    lock, nobody else is writing them."""
+    for p in [*(out / SHARD_DIR).glob("shard-*.tar.tmp"), out / (INDEX_FILE + ".tmp"), out / (DATASET_JSON + ".tmp")]:
+        p.unlink(missing_ok=True)
+
+
+def shard_problem(path: Path) -> str | None:
+    """Why the finished shard ``path`` is not a whole tar of whole members (None if it is): walks the
+    member headers only, so it is cheap."""
+    size = path.stat().st_size
+    if size < 2 * tarfile.BLOCKSIZE or size % tarfile.BLOCKSIZE:
+        return f"{size} bytes, not whole tar blocks"
+    with open(path, "rb") as f:
+        off = 0
+        while True:
+            f.seek(off)
+            block = f.read(tarfile.BLOCKSIZE)
+            if len(block) < tarfile.BLOCKSIZE:
+                return f"{size} bytes, ends inside member data"
+            if block == tarfile.NUL * tarfile.BLOCKSIZE:
+                tail = block + f.read()
+                if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(tarfile.NUL):
+                    return f"{size} bytes, no end-of-archive marker"
+                return None
+            try:
+                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.HeaderError:
+                return f"{size} bytes, bad member header at byte {off}"
+            off += tarfile.BLOCKSIZE + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            if off > size:
+                return f"{size} bytes, member {info.name} cut short"
+
+
+def _redo_broken_shards(cfg: CollectConfig) -> None:
+    shard_dir = Path(cfg.out) / SHARD_DIR
+    for i in range(cfg.shards):
+        path = shard_dir / shard_name(i)
+        if path.exists():
+            why = shard_problem(path)
+            if why is not None:
+                print(f"trajdata: warning: {path} is truncated ({why}); collecting it again", file=sys.stderr)
+                path.unlink()
+
+
+def _replace_unfinished(out: Path, info: dict) -> None:
+    """A collect that finished no shard leaves settings that bind nothing: a corrected rerun replaces them."""
+    path = out / DATASET_JSON
+    if not path.is_file() or any((out / SHARD_DIR).glob("shard-*.tar")):
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return
+    if not isinstance(old, dict) or old.get("format") != FORMAT_NAME:
+        return
+    canon = lambda v: json.dumps(v, sort_keys=True)  # noqa: E731
+    changed = [k for k in ("schema", "expert", "collection") if canon(old.get(k)) != canon(info.get(k))]
+    if changed:
+        path.unlink()
+        (out / INDEX_FILE).unlink(missing_ok=True)
+        print(f"trajdata: note: {out} has no finished shard: its settings ({', '.join(changed)}) are replaced "
+              f"by this collect's", file=sys.stderr)
 
 
 def pending_shards(cfg: CollectConfig) -> list[int]:
@@ -81,47 +261,69 @@ def _run_pools(cfg: CollectConfig, ctx, todo: list[int], on_steps, on_shard) -> 
         on_steps(n)
 
     def new_pool() -> ProcessPoolExecutor:
-        pools.append(ProcessPoolExecutor(max_workers=1, mp_context=ctx))
+        pools.append(ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_die_with_parent,
+                                         initargs=(os.getpid(),)))
         return pools[-1]
 
-    with ctx.Manager() as manager:
-        q = manager.Queue()
-        try:
-            while todo or running:
-                while todo and idle:
-                    pool, s = idle.pop() or new_pool(), todo.pop(0)
-                    try:
-                        fut = pool.submit(_shard_worker, cfg, s, q)
-                    except BrokenProcessPool:  # its worker died while idle
-                        pool.shutdown(wait=False)
-                        pool = new_pool()
-                        fut = pool.submit(_shard_worker, cfg, s, q)
-                    running[fut] = (pool, s)
-                done, _ = wait(running, timeout=0.25, return_when=FIRST_COMPLETED)
+    def submit(pool, s):
+        with _no_sigint_in_children():  # the worker process starts at its first submit
+            return pool.submit(_shard_worker, cfg, s, q)
+
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=ctx)
+    with _no_sigint_in_children():
+        manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+    try:
+        with manager:
+            q = manager.Queue()
+            try:
+                while todo or running:
+                    while todo and idle:
+                        pool, s = idle.pop() or new_pool(), todo.pop(0)
+                        try:
+                            fut = submit(pool, s)
+                        except BrokenProcessPool:  # its worker died while idle
+                            pool.shutdown(wait=False)
+                            pool = new_pool()
+                            fut = submit(pool, s)
+                        running[fut] = (pool, s)
+                    done, _ = wait(running, timeout=0.25, return_when=FIRST_COMPLETED)
+                    _drain(q, steps)
+                    for fut in done:
+                        pool, s = running.pop(fut)
+                        try:
+                            rows = fut.result()
+                        except BrokenProcessPool:
+                            pool.shutdown(wait=False)
+                            idle.append(None)
+                            on_steps(-live.pop(s, 0))
+                            deaths[s] = deaths.get(s, 0) + 1
+                            if deaths[s] > cfg.max_shard_retries:
+                                failed[s] = WORKER_DIED.format(n=deaths[s])
+                            else:
+                                todo.append(s)
+                            continue
+                        idle.append(pool)
+                        live.pop(s, None)
+                        on_shard(s, rows)
                 _drain(q, steps)
-                for fut in done:
-                    pool, s = running.pop(fut)
-                    try:
-                        rows = fut.result()
-                    except BrokenProcessPool:
-                        pool.shutdown(wait=False)
-                        idle.append(None)
-                        on_steps(-live.pop(s, 0))
-                        deaths[s] = deaths.get(s, 0) + 1
-                        if deaths[s] > cfg.max_shard_retries:
-                            failed[s] = WORKER_DIED.format(n=deaths[s])
-                        else:
-                            todo.append(s)
-                        continue
-                    idle.append(pool)
-                    live.pop(s, None)
-                    on_shard(s, rows)
-            _drain(q, steps)
-        finally:
-            for fut in running:
-                fut.cancel()
-            for pool in pools:
-                pool.shutdown(wait=True, cancel_futures=True)
+            except BaseException:  # Ctrl-C, SIGTERM, a worker's error: stop the other workers now
+                _kill_pools(pools)
+                for _, s in running.values():
+                    (Path(cfg.out) / SHARD_DIR / (shard_name(s) + ".tmp")).unlink(missing_ok=True)
+                for pool in pools:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            finally:
+                for fut in running:
+                    fut.cancel()
+                for pool in pools:
+                    pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:  # the queue's manager too (it is started even before the first worker)
+        with contextlib.suppress(Exception):
+            manager._process.kill()
+        raise
     return failed
 
 
@@ -154,7 +356,19 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
         "packages": package_versions(),
     }
     expert.close()
+    lock = _lock_out(Path(cfg.out))
+    try:
+        return _collect_locked(cfg, info, progress)
+    finally:
+        lock.close()
+
+
+def _collect_locked(cfg: CollectConfig, info: dict, progress: bool) -> dict:
+    out = Path(cfg.out)
+    _replace_unfinished(out, info)
     create_or_check(cfg.out, info)
+    _remove_stale_tmp(out)
+    _redo_broken_shards(cfg)
     todo = pending_shards(cfg)
     skipped = cfg.shards - len(todo)
     from tqdm import tqdm

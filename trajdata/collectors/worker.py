@@ -62,8 +62,10 @@ def _fresh_env():
     return _worker_cache["env"]
 
 
-def run_shard(cfg: CollectConfig, shard: int, report: Callable[[int], None] | None = None) -> list[dict]:
-    """Play ``cfg.episodes_per_shard`` episodes into shard ``shard``; returns their index rows."""
+def run_shard(cfg: CollectConfig, shard: int, report: Callable[[int], None] | None = None,
+              before_commit: Callable[[], None] | None = None) -> list[dict]:
+    """Play ``cfg.episodes_per_shard`` episodes into shard ``shard``; returns their index rows
+    (``before_commit`` is called just before the finished shard is renamed into place; raising discards it)."""
     import threading
 
     if threading.current_thread() is threading.main_thread() and cfg.stall_seconds:
@@ -75,7 +77,7 @@ def run_shard(cfg: CollectConfig, shard: int, report: Callable[[int], None] | No
     backstop = HardWatchdog(cfg.hard_seconds())
     rows = []
     try:
-        with ShardWriter(path, schema, cfg.chunk_steps, cfg.codec) as sw:
+        with ShardWriter(path, schema, cfg.chunk_steps, cfg.codec, before_commit=before_commit) as sw:
             for ep in range(cfg.episodes_per_shard):
                 backstop.kick(force=True)
                 seed = episode_seed(cfg.seed, shard, ep)

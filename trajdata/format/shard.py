@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from trajdata.errors import DataError
+from trajdata.errors import DataError, write_error
 from trajdata.format import codec
 from trajdata.format.schema import Schema, get_schema, SCHEMA_VERSION
 
@@ -123,8 +123,9 @@ class ShardWriter:
     """Context manager writing one shard atomically; an exception inside discards the partial file."""
 
     def __init__(self, path: str | os.PathLike, schema: Schema, chunk_steps: int = DEFAULT_CHUNK_STEPS,
-                 profile: str = codec.DEFAULT_PROFILE):
+                 profile: str = codec.DEFAULT_PROFILE, before_commit=None):
         self.path = Path(path)
+        self.before_commit = before_commit  # called just before the rename; raising discards the shard
         self.profile = profile
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.schema, self.chunk_steps = schema, chunk_steps
@@ -132,7 +133,10 @@ class ShardWriter:
         self.bytes_written = 0
 
     def __enter__(self) -> "ShardWriter":
-        self._f = open(self.tmp, "wb")
+        try:
+            self._f = open(self.tmp, "wb")
+        except OSError as e:
+            raise write_error(e, self.path) from None
         return self
 
     def episode(self, episode_id: str, meta: dict) -> EpisodeWriter:
@@ -146,24 +150,42 @@ class ShardWriter:
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         pad = -len(blob) % tarfile.BLOCKSIZE
-        self._f.write(info.tobuf(tarfile.USTAR_FORMAT) + blob + tarfile.NUL * pad)
+        try:
+            self._f.write(info.tobuf(tarfile.USTAR_FORMAT) + blob + tarfile.NUL * pad)
+        except OSError as e:
+            raise write_error(e, self.path) from None
         self.bytes_written += len(blob)
 
     def add_episode_row(self, row: dict) -> None:
         self.rows.append(row)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self._f.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # end of archive, without tarfile's 10 KiB record padding
-            self._f.flush()
-            os.fsync(self._f.fileno())
-        finally:
-            self._f.close()
         if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
+            self._discard()
             return
+        try:
+            try:
+                self._f.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # end of archive, without tarfile's 10 KiB record padding
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+            except OSError as e:
+                raise write_error(e, self.path) from None
+            if self.before_commit is not None:
+                self.before_commit()
+        except BaseException:
+            self._discard()
+            raise
         os.replace(self.tmp, self.path)
         _fsync_dir(self.path.parent)
+
+    def _discard(self) -> None:
+        """Close and remove the partial file (a close that fails to flush, e.g. on a full disk, is ignored)."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
+        self.tmp.unlink(missing_ok=True)
 
 
 def tar_members(f, shard: str) -> Iterator[tarfile.TarInfo]:

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from trajdata.config import atomic_write_text  # noqa: E402
 from trajdata.scaling.fits import allocation_n, predict_optimum, power_plus_const  # noqa: E402
 
 LABELS = {"loss": "validation loss", "return": "mean return"}
@@ -297,6 +298,6 @@ def write_report(fit: dict, out_dir: str | Path) -> dict[str, Path]:
     """Write fit.json and report.html into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fit.json").write_text(json.dumps(strict_json(fit), indent=1, allow_nan=False))
-    (out / "report.html").write_text(render_html(fit, build_figures(fit)))
+    atomic_write_text(out / "fit.json", json.dumps(strict_json(fit), indent=1, allow_nan=False))
+    atomic_write_text(out / "report.html", render_html(fit, build_figures(fit)))
     return {"json": out / "fit.json", "html": out / "report.html"}
