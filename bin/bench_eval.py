@@ -91,8 +91,8 @@ def measure(ckpt: Path, expert: str | None, lanes: int, max_steps: int, seed: in
         release()
     steps = sum(r["steps"] for r in results)
     wall = min(walls)
-    return dict(envs=lanes, episodes=len(results), steps=steps, wall_s=round(wall, 3), walls_s=[round(w, 3) for w in walls],
-                steps_per_s=round(steps / wall, 1), mean_episode_steps=round(steps / len(results), 1))
+    return dict(envs=lanes, episodes=len(results), steps=steps, wall_s=round(wall, 3),
+                walls_s=[round(w, 3) for w in walls], steps_per_s=round(steps / wall, 1), mean_episode_steps=round(steps / len(results), 1))
 
 
 def main() -> None:
