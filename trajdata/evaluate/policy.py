@@ -7,10 +7,15 @@ the observations ``obs`` (the fields the dataset stores: ``Expert.step_fields``)
 the unit is simply not listed again; the set of listed lanes only ever shrinks within a unit.
 
 ``BCPolicy`` runs one batched forward per call. The NetHack Transformer decodes incrementally with
-a KV cache of ``context - 1`` past steps, so every step sees at most ``context`` steps of its own
-episode (the longest context a step had in training, where ``context`` is the training
-``seq_len``); a lane's episode start is a ``reset`` row, which hides the previous episode's keys,
-restarts rotary positions and zeroes the previous-action input. The LSTM carries its (h, c).
+a KV cache, in blocks of ``context`` steps (default: the training ``seq_len``) from the episode
+start: step t of an episode sees steps ``context * (t // context) .. t``, exactly what a training
+unroll of ``seq_len`` steps shows a step (no state but the previous action crosses unrolls), so the
+logits equal the training forward's over those steps. At a block start the lane's cached keys are
+hidden and its rotary positions restart; the previous action carries over, as between training
+unrolls. (A sliding window of the last ``context`` keys would not do: with more than one layer its
+cached keys carry information from up to ``layers * (context - 1)`` steps back, states no training
+step had.) A lane's episode start is a ``reset`` row, which also zeroes the previous-action input.
+The LSTM carries its (h, c) through the whole episode, as training carries it across unrolls.
 Actions are sampled from ``softmax(logits / temperature)`` (or taken greedily) with a generator
 seeded by the episode's seed, so a game does not depend on the other lanes' draws.
 """
@@ -105,13 +110,14 @@ class BCPolicy:
 
     def start(self, n: int) -> None:
         self.rows = list(range(n))
-        self.rngs, self.fresh, self.stacks = {}, {}, {}
+        self.rngs, self.fresh, self.stacks, self.steps = {}, {}, {}, {}
         if self.family == "nethack":
             self.state = self.model.initial_state(n, self.device, cache_len=self.cache_len)
 
     def begin(self, lane: int, seed: int) -> None:
         self.rngs[lane] = episode_rng(seed)
         self.fresh[lane] = True
+        self.steps[lane] = 0
         if self.family == "atari":
             self.stacks.setdefault(lane, self._FrameStack(self.frame_stack)).reset()
 
@@ -124,6 +130,13 @@ class BCPolicy:
                     idx = torch.tensor([pos[lane] for lane in lanes], device=self.device)
                     self.state = select_rows(self.state, idx)
                     self.rows = list(lanes)
+                if self.cache_len:
+                    block = [i for i, lane in enumerate(lanes) if self.steps[lane] % self.context == 0
+                             and not self.fresh[lane]]
+                    if block:  # a new block of ``context`` steps: hide the lane's keys, restart positions
+                        idx = torch.tensor(block, device=self.device)
+                        self.state.kv_valid[idx] = False
+                        self.state.pos[idx] = 0
                 batch = {k: torch.from_numpy(np.stack([o[k] for o in obs]))[:, None].to(self.device)
                          for k in self.fields}
                 batch["reset"] = torch.tensor([self.fresh[lane] for lane in lanes], device=self.device)[:, None]
@@ -136,11 +149,16 @@ class BCPolicy:
     def act(self, lanes: list[int], obs: list[dict]) -> list[int]:
         logits = self.logits(lanes, obs)
         actions = sample(logits, [self.rngs[lane] for lane in lanes], self.greedy, self.temperature)
+        self.played(lanes, actions)
+        return actions
+
+    def played(self, lanes: list[int], actions: list[int]) -> None:
+        """After ``logits(lanes, obs)``: the lanes took ``actions`` (the next step's previous action)."""
         for lane in lanes:
             self.fresh[lane] = False
+            self.steps[lane] += 1
         if self.family == "nethack":
             self.state.prev_action = self.torch.tensor(actions, dtype=self.torch.long, device=self.device)
-        return actions
 
 
 def context_steps(ckpt: dict) -> int:

@@ -452,7 +452,9 @@ def _run_ray(units, cfg: EvalConfig, on_result, on_unit) -> None:
 def run_job(job: Job, cfg: EvalConfig, progress: bool = True) -> dict:
     """Play the job's missing episodes and write its eval JSON; returns that document (+ ``path``)."""
     max_steps = cfg.max_steps or DEFAULT_MAX_STEPS[job.family]
-    settings = {"max_steps": max_steps, "greedy": cfg.greedy, "temperature": cfg.temperature, "context": cfg.context}
+    # "decoding": results of the earlier sliding-window Transformer decoding are not merged with these
+    settings = {"max_steps": max_steps, "greedy": cfg.greedy, "temperature": cfg.temperature, "context": cfg.context,
+                "decoding": "blocks"}
     if job.policy.kind != "bc":
         settings = {"max_steps": max_steps, "greedy": cfg.greedy if job.identity.get("expert") == "ppo" else None}
     seeds = eval_seeds(cfg.seed, cfg.episodes)
