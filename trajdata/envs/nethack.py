@@ -73,18 +73,53 @@ def make_nethack_env(character: str = "@", fix_moon_phase: bool = True, **kwargs
     return gym.make("NetHackChallenge-v0", character=character, fix_moon_phase=fix_moon_phase, **kwargs)
 
 
+ESC = 27
+LEAVE_ESCAPES = 3
+
+
 class CharacterEnv(gym.Wrapper):
     """NetHackChallenge whose character can change between episodes (NLE fixes it at construction)."""
 
     def __init__(self, character: str = "@", fix_moon_phase: bool = True):
         self.character, self.fix_moon_phase = character, fix_moon_phase
+        self.in_game = False
         super().__init__(make_nethack_env(character, fix_moon_phase))
 
     def set_character(self, character: str) -> None:
         if character != self.character:
-            self.env.close()
+            self.close()
             self.env = make_nethack_env(character, fix_moon_phase=self.fix_moon_phase)
             self.character = character
+
+    def reset(self, **kwargs):
+        self.leave_game()
+        out = self.env.reset(**kwargs)
+        self.in_game = True
+        return out
+
+    def step(self, action):
+        out = self.env.step(action)
+        self.in_game = not (out[2] or out[3])
+        return out
+
+    def close(self) -> None:
+        self.leave_game()
+        self.env.close()
+
+    def leave_game(self) -> None:
+        """Before a game in progress is ended (by reset or close), dismiss its prompts with ESC.
+
+        nle 1.3.0 aborts the whole process (SIGABRT, uncatchable) ending some games that a step cap
+        left mid-prompt, e.g. at "You swap places with your saddled pony.--More--"; after a few ESCs
+        the same game ends cleanly. The episode is already over, so these steps are recorded nowhere."""
+        if not self.in_game:
+            return
+        self.in_game = False
+        esc = self.env.unwrapped.actions.index(ESC)
+        for _ in range(LEAVE_ESCAPES):
+            _, _, term, trunc, _ = self.env.step(esc)
+            if term or trunc:
+                break
 
 
 def allow_seeding(env: gym.Env) -> None:
