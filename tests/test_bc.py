@@ -74,9 +74,9 @@ def test_atari_loss_far_below_uniform(atari_data, tmp_path):
     assert rows[-1]["loss"] < 0.5 * uniform
 
 
-@pytest.mark.parametrize("core", ["transformer", "lstm"])
-def test_interrupted_then_resumed_equals_uninterrupted(scripted_data, tmp_path, core):
-    kw = dict(TINY, core=core, samples=3000, budgets=(1500 * 6 * effective_params(NetHackConfig(64, 1, core=core)),))
+@pytest.mark.parametrize("core,ema", [("transformer", 0.0), ("lstm", 0.0), ("transformer", 0.9)])
+def test_interrupted_then_resumed_equals_uninterrupted(scripted_data, tmp_path, core, ema):
+    kw = dict(TINY, core=core, ema=ema, samples=3000, budgets=(1500 * 6 * effective_params(NetHackConfig(64, 1, core=core)),))
     whole = BCConfig(dataset=str(scripted_data), out=str(tmp_path / "whole"), **kw)
     parts = BCConfig(dataset=str(scripted_data), out=str(tmp_path / "parts"), **kw)
     train(whole)
@@ -90,6 +90,12 @@ def test_interrupted_then_resumed_equals_uninterrupted(scripted_data, tmp_path, 
     assert a["step"] == b["step"] and a["samples"] == b["samples"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    assert (a["ema"] is None) == (b["ema"] is None) == (ema == 0)
+    if ema:
+        for k in a["ema"]:
+            assert torch.equal(a["ema"][k], b["ema"][k]), k
+        snap = ckpt_io.load(ckpt_io.snapshots(tmp_path / "parts")[0][1])
+        assert any(not torch.equal(snap["model"][k], a["model"][k]) for k in a["model"])
     ra, rb = (ckpt_io.read_runs(tmp_path / d / "runs.csv") for d in ("whole", "parts"))
     assert [(r["samples"], r["loss"]) for r in ra] == [(r["samples"], r["loss"]) for r in rb]
     # the same command once more adds nothing
@@ -184,6 +190,19 @@ def test_config_validation_names_fields():
         with pytest.raises(ConfigError) as e:
             BCConfig(dataset="d", out="o", **kw)
         assert e.value.field == field
+
+
+def test_weight_average_update():
+    from trajdata.train.bc import update_average
+
+    avg, cur = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        avg.weight.fill_(1.0)
+        cur.weight.fill_(3.0)
+        cur.running_mean.fill_(7.0)
+    update_average(avg, cur, 0.75)
+    assert torch.allclose(avg.weight, torch.full((3,), 1.5)) and torch.equal(avg.running_mean, cur.running_mean)
+    assert torch.equal(cur.weight, torch.full((3,), 3.0))
 
 
 def test_lr_schedules():

@@ -82,6 +82,7 @@ BC_HELP = {
     "beta2": "AdamW beta2.",
     "eps": "AdamW epsilon.",
     "grad_clip": "Max global gradient norm, on unscaled gradients (0: off).",
+    "ema": "Snapshots (and their val loss) use an exponential moving average of the weights with this decay per optimizer step, warmed up as min(ema, (1+t)/(10+t)); 0: the raw weights. Steadies snapshots under a constant LR.",
     "budgets": "FLOP budgets, comma-separated (1e13,2e13,5e13): a snapshot, validation loss and runs.csv row at each.",
     "samples": "Stop after this many samples (steps) [default: the largest budget, else one pass over the data].",
     "device": "auto (CUDA when present), cpu or cuda.",

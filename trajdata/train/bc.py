@@ -15,6 +15,7 @@ own episodes (the loader splits by rank), gradients are averaged by DDP, rank 0 
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -90,6 +91,7 @@ class BCConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     grad_clip: float = 1.0  # max gradient norm (0: off), applied to the true (unscaled) gradients
+    ema: float = 0.0  # snapshots hold an exponential moving average of the weights, decay min(ema, (1+t)/(10+t)) at step t (0: the weights)
     # length: up to the largest budget; --samples caps it; with neither, one pass over the data
     budgets: tuple[float, ...] = ()
     samples: int | None = None
@@ -123,6 +125,7 @@ class BCConfig:
         require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1] (got {self.min_lr_ratio})")
         require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1) (got {self.val_fraction})")
         require(self.weight_decay >= 0 and self.grad_clip >= 0, "grad_clip", "and weight_decay must be >= 0")
+        require(0.0 <= self.ema < 1.0, "ema", f"must be in [0, 1) (got {self.ema})")
         require(all(math.isfinite(b) and b > 0 for b in self.budgets), "budgets",
                 f"must be positive finite FLOP counts (got {', '.join(map(str, self.budgets))})")
         self.run_id = self.run_id or Path(self.out).name
@@ -377,6 +380,7 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     model = ckpt_io.build_model(family, asdict(mcfg)).to(device)
+    averaged = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                             weight_decay=cfg.weight_decay)
     loader = make_dataloader(loader_config(cfg, mcfg, "train", pin_memory=device.type == "cuda"), cfg.num_workers)
@@ -390,6 +394,8 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
             opt.load_state_dict(ck["optimizer"])
             loader.load_state_dict(ck["loader"])
             set_rng_state(ck["rng"])
+            if averaged is not None:
+                averaged.load_state_dict(ck["ema"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise DataError(f"checkpoint {run / ckpt_io.LATEST} does not match this run ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120]})") from None
@@ -422,13 +428,15 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
                 ckpt_io.model_record(model), dataset=dataset_record(ds, cfg, mcfg), train=asdict(cfg), step=step,
                 samples=samples, flops=samples * per_sample, params=n_params, budget=None,
                 optimizer=opt.state_dict(), loader=loader_state, rng=rng_state(),
+                ema=averaged.state_dict() if averaged is not None else None,
                 carried=state_to(carried_state, "cpu") if carried_state is not None else None))
 
     def snapshot(budget: float) -> dict:
-        val = validate(model, cfg, mcfg, device, autocast)
+        weights = averaged if averaged is not None else model
+        val = validate(weights, cfg, mcfg, device, autocast)
         if writer:
             path = ckpt_io.snapshot_path(run, budget)
-            ckpt_io.save(path, dict(ckpt_io.model_record(model), dataset=dataset_record(ds, cfg, mcfg),
+            ckpt_io.save(path, dict(ckpt_io.model_record(weights), dataset=dataset_record(ds, cfg, mcfg),
                                     train=asdict(cfg), step=step, samples=samples, flops=samples * per_sample,
                                     params=n_params, budget=budget, val=val))
             ckpt_io.upsert_run(run / ckpt_io.RUNS_CSV, dict(
@@ -498,6 +506,8 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            if averaged is not None:
+                update_average(averaged, model, min(cfg.ema, (1 + step) / (10 + step)))
             step += 1
             samples += n_steps
             calls += 1
@@ -549,6 +559,15 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
     return dict(run=str(run), run_id=cfg.run_id, step=step, samples=samples, flops=samples * per_sample,
                 params=n_params, resumed=resumed, finished=samples >= target or exhausted,
                 snapshots=[str(p) for _, p in ckpt_io.snapshots(run)], model=asdict(mcfg), family=family)
+
+
+@torch.no_grad()
+def update_average(averaged: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """averaged <- decay * averaged + (1 - decay) * model for the weights; buffers (BatchNorm
+    statistics) are copied."""
+    torch._foreach_lerp_(list(averaged.parameters()), list(model.parameters()), 1.0 - decay)
+    for a, b in zip(averaged.buffers(), model.buffers()):
+        a.copy_(b)
 
 
 def dataset_record(ds: Dataset, cfg: BCConfig, mcfg) -> dict:
