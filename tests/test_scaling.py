@@ -261,3 +261,22 @@ def test_report_json_strict_when_a_method_has_no_optimum(tmp_path):
     assert {r["method"] for r in rows} == {"isoflop", "quadratic"}
     with pytest.raises(DataError, match="no optimum"):
         forecast(saved, ["chinchilla"], compute=1e20)
+
+
+def test_profiles_without_an_inside_optimum_are_drawn_with_their_reasons(tmp_path):
+    """A grid whose loss rises with N at every budget (the optimum below the smallest size): the
+    isoFLOP method refuses, and the report still draws each budget's parabola and says why."""
+    rows = [dict(flops=C, params=N, samples=C / (6 * N), loss=1.5 + 0.1 * np.log(N) - 0.05 * np.log(C / 1e10))
+            for C in (1e10, 2e10, 4e10) for N in (1e4, 3e4, 1e5, 3e5)]
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    r = CliRunner().invoke(cli, ["scaling", "fit", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "rep"),
+                                 "--window", "0", "--cv-folds", "1"])
+    assert r.exit_code == 0, r.output
+    fit = json.loads((tmp_path / "rep" / "fit.json").read_text())
+    assert not fit["loss"]["methods"]["isoflop"]["ran"]
+    prof = fit["loss"]["isoflop_profiles"]
+    assert [p["flops"] for p in prof] == [1e10, 2e10, 4e10] and all(p["n_sizes"] == 4 and not p["kept"] for p in prof)
+    assert all(p["reason"] in ("vertex outside the fitted sizes", "parabola opens the wrong way") for p in prof)
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "each budget&#x27;s parabola" in html or "each budget's parabola" in html
+    assert html.count(prof[0]["reason"]) >= 1

@@ -492,6 +492,9 @@ def fit_target(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = 
     except DataError as e:
         iso = None
         methods["isoflop"] = {"ran": False, "reason": str(e)}
+        shaped = [p for p in isoflop_profiles(runs, target, cfg, maximize, se) if p["n_sizes"] >= cfg.min_points]
+        if shaped:  # budgets with enough sizes for a parabola: drawn, each with why it gives no optimum
+            res["isoflop_profiles"] = shaped
     else:
         res["isoflop"] = iso
         methods["isoflop"] = {"ran": True, "reason": f"{len(iso['budgets_kept'])} of {len(iso['profiles'])} "

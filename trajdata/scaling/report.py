@@ -43,10 +43,11 @@ def plot_isoflop(res: dict, target: str):
         N, y = np.array(p["params"]), np.array(p["value"])
         ax.errorbar(N, y, yerr=p.get("se"), fmt="o", color=c, ms=5, mfc=c if p["kept"] else "none",
                     alpha=1 if p["kept"] else 0.5, capsize=2, elinewidth=0.8)
-        if p["coef"] is not None and p["kept"]:
+        if p["coef"] is not None:
             xs = np.linspace(np.log(p["window"][0]), np.log(p["window"][1]), 60)
             ys = np.polyval(p["coef"], xs)
-            ax.plot(np.exp(xs), np.exp(ys) if p["log_target"] else ys, "-", color=c, lw=1.5)
+            ax.plot(np.exp(xs), np.exp(ys) if p["log_target"] else ys, "-" if p["kept"] else "--", color=c,
+                    lw=1.5 if p["kept"] else 1.0, alpha=1 if p["kept"] else 0.6)
         if p["kept"]:
             ax.plot(p["n_opt"], p["y_opt"], "*", color="crimson", ms=11, mec="k", mew=0.5, zorder=5)
     ax.set_xscale("log")
@@ -57,7 +58,9 @@ def plot_isoflop(res: dict, target: str):
     fig.colorbar(sm, ax=ax, label="FLOP budget C")
     ax.set_xlabel("parameters N")
     ax.set_ylabel(LABELS[target])
-    ax.set_title(f"isoFLOP profiles ({target}): filled = kept, hollow = dropped, * = optimum")
+    ax.set_title(f"isoFLOP profiles ({target}): filled = kept, hollow/dashed = dropped, * = optimum"
+                 + ("" if any(p["kept"] for p in profiles) else "\n(no budget gives an optimum inside its sizes)"),
+                 fontsize=10)
     return fig
 
 
@@ -155,8 +158,10 @@ def plot_y_opt(fit: dict, target: str):
             ax.plot(C, Y, ls, color=color, label=f"{meth} at its optimum")
             ys.extend(Y[np.isfinite(Y)])
     ax.set_xscale("log")
-    if all(v > 0 for v in ys):
+    if ys and all(v > 0 for v in ys):
         ax.set_yscale("log")
+    if not ys:
+        ax.text(0.5, 0.5, "no method gives a compute-optimal point", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("FLOPs C")
     ax.set_ylabel(f"optimal {LABELS[target]}")
     if ax.get_legend_handles_labels()[0]:
@@ -199,6 +204,8 @@ def build_figures(fit: dict) -> dict[str, str]:
         res = fit[target]
         figs[f"{target}_isoflop"] = (plot_isoflop(res["isoflop"], target) if "isoflop" in res
                                      else plot_runs(fit, target))
+        if "isoflop" not in res and res.get("isoflop_profiles"):
+            figs[f"{target}_profiles"] = plot_isoflop({"profiles": res["isoflop_profiles"]}, target)
         figs[f"{target}_allocation"] = plot_allocation(fit, target)
         figs[f"{target}_optimum"] = plot_y_opt(fit, target)
     if "return_vs_loss" in fit:
@@ -262,6 +269,12 @@ def render_body(fit: dict, figures: dict[str, str], title: str = "Scaling-law fi
             parts.append(f"<h3>Runs</h3><p>isoFLOP profiles: not fitted "
                          f"({html.escape(res['methods']['isoflop']['reason'])}).</p>"
                          f"<img src='data:image/png;base64,{figures[target + '_isoflop']}'>")
+            if target + "_profiles" in figures:
+                prof = [[f"{p['flops']:.3g}", p["n_sizes"], "yes" if p["kept"] else "no", p["reason"]]
+                        for p in res["isoflop_profiles"]]
+                parts.append(f"<h3>isoFLOP profiles (each budget's parabola; too few give an optimum)</h3>"
+                             f"<img src='data:image/png;base64,{figures[target + '_profiles']}'>"
+                             + _table(prof, ["budget C", "sizes", "optimum inside", "why not"]))
         parts.append(f"<h3>Optimal allocation</h3><img src='data:image/png;base64,{figures[target + '_allocation']}'>"
                      f"<h3>Optimal {target} vs compute</h3>"
                      f"<img src='data:image/png;base64,{figures[target + '_optimum']}'>")
