@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -204,7 +205,8 @@ def file_size_limit(n: int):
 
 
 def proc_error_line(res, *names) -> str:
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    # tqdm progress lines (`scaling fit` shows its fits' progress on stderr) are not error lines
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not re.search(r"\d+/\d+ \[|\|\s*\d+/\d+", ln)]
     assert res.returncode == 1, res.stderr
     assert "Traceback" not in res.stderr and len(lines) == 1 and lines[0].startswith("trajdata: error:"), res.stderr
     for n in names:
