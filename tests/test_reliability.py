@@ -117,7 +117,8 @@ def test_valid_characters_are_accepted_and_played():
     try:
         obs, _ = env.reset(seed=1)
         top = bytes(obs["tty_chars"].reshape(-1)).decode("latin-1")
-        assert "elven" in top.lower() or "priestess" in top.lower(), top[:400]
+        # the welcome line may be replaced by an item message; the status line names the rank (Aspirant = priest)
+        assert any(w in top.lower() for w in ("elven", "priestess", "aspirant")), top[:400]
     finally:
         env.close()
 
