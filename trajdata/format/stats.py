@@ -5,14 +5,14 @@ Compare with NLD-AA (AutoAscend games in the NetHack Learning Dataset): ~110k ga
 """
 from __future__ import annotations
 
-import os
+import io
 import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from trajdata.errors import write_error
+from trajdata.config import atomic_write_bytes
 from trajdata.format.dataset import Dataset
 
 NLD_AA = {"games": 110_000, "steps": 3_500_000_000, "mean_steps_per_game": 32_000}  # approximate
@@ -129,18 +129,12 @@ def plot_stats(root, png: str | Path | None = None) -> Path:
     ax.tick_params(axis="y", labelsize=7)
     fig.suptitle(f"{ds.root.name}: {len(rows)} episodes")
     fig.tight_layout()
-    tmp = png.with_name(png.name + ".tmp")
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=80, format="png")
-        os.replace(tmp, png)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_error(e, png) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        fig.savefig(buf, dpi=80, format="png")
     finally:
         plt.close(fig)
+    atomic_write_bytes(png, buf.getvalue())
     return png
 
 
