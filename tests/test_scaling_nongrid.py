@@ -144,8 +144,9 @@ def test_bin_budgets_snaps_to_bin_centres():
     assert np.abs(np.log10(binned.flops / runs.flops)).max() < 0.05
     assert binned.params is runs.params and binned.samples is runs.samples
     assert bin_budgets(runs, 0) is runs
-    with pytest.raises(ConfigError, match="--bin-budgets"):
+    with pytest.raises(ConfigError, match="bin_budgets must be >= 0") as e:
         FitConfig(bin_budgets=-1)
+    assert e.value.field == "bin_budgets"  # the CLI shows it as --bin-budgets
 
 
 def test_binning_makes_isoflop_possible_on_jittered_budgets():

@@ -1,9 +1,14 @@
 """The config convention every stage follows.
 
-- Each stage's settings are one dataclass; its ``__post_init__`` is the one place they are
-  validated, with ``require`` / ``choose``, whose errors name the field (``max_steps must be at
-  least 1``). The CLI takes its defaults from the dataclass and shows fields as flags
-  (``--max-steps must be at least 1``).
+- Each stage's settings are one dataclass. A field's help (its flag's help) and anything its flag
+  does differently are declared with the field (``option``); the CLI generates one flag per field
+  from them (``trajdata.cli.options``).
+- Its ``__post_init__`` is the one place values are checked: first ``coerce_fields`` (types, so a
+  TOML file, a flag and a Python caller meet the same one-line error), then ``require`` /
+  ``choose`` / ``at_least``, whose errors name the field (``max_steps must be at least 1``); the
+  CLI shows the field as its flag (``--max-steps must be at least 1``).
+- A TOML file of a config's fields goes through ``read_toml`` and ``from_mapping`` (unknown keys
+  are one line naming the key).
 - A run directory holds the ``config.json`` of the run it belongs to: ``open_run_dir`` writes it for
   a new run, and for an existing one resumes only if every field outside ``resume_free`` is unchanged
   (otherwise one line names the first field that differs).
@@ -12,9 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
+import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from trajdata.errors import ConfigError, DataError, write_error
 
@@ -39,6 +47,174 @@ def at_least(cfg, low, *names: str, optional: bool = False) -> None:
 def choose(value, choices: Iterable, field: str) -> None:
     choices = list(choices)
     require(value in choices, field, f"{value!r}: choose one of {', '.join(map(str, choices))}")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
+           flag: str | None = None, choices: Iterable | None = None, count: bool = False, metavar: str | None = None,
+           required: bool = False, cli: bool = True) -> Any:
+    """A config field and its flag: ``help``; ``flag`` when the flag's name is not the field's
+    (``--flag``, or ``--flag/--no-flag`` for a bool); ``choices`` shown in the help (``__post_init__``
+    checks them); ``count`` accepts 10M / 250k / 1e6; ``required`` on the command line;
+    ``cli=False`` keeps the field off the command line."""
+    meta = dict(help=help, flag=flag, choices=tuple(choices) if choices is not None else None, count=count,
+                metavar=metavar, required=required, cli=cli)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"trajdata": meta})
+
+
+def option_meta(fld: dataclasses.Field) -> dict:
+    """What ``option`` declared for ``fld`` (defaults for a plain field)."""
+    return fld.metadata.get("trajdata") or dict(help="", flag=None, choices=None, count=False, metavar=None,
+                                                 required=False, cli=True)
+
+
+def copy_option(cls, name: str, **changes) -> Any:
+    """Field ``name`` of dataclass ``cls`` (default and option metadata) for another config that
+    passes it through (``BCConfig.heads = copy_option(NetHackConfig, "heads")``)."""
+    fld = next(f for f in dataclasses.fields(cls) if f.name == name)
+    meta = {**option_meta(fld), **changes}
+    return option(fld.default, meta.pop("help"), default_factory=fld.default_factory, **meta)
+
+
+_SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
+_WHAT = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "text",
+         "floats": "a comma-separated list of numbers", "count": "a count (like 10M, 250k, 1e6)"}
+
+
+def field_kind(fld: dataclasses.Field) -> tuple[tuple[str, ...], bool]:
+    """(kinds, optional) of a field from its annotation: kinds among bool, int, float, str, floats
+    (``tuple[float, ...]``) and count (an int declared ``count``); () for anything else."""
+    text = fld.type if isinstance(fld.type, str) else getattr(fld.type, "__name__", str(fld.type))
+    parts = [p.strip() for p in text.split("|")]
+    optional = "None" in parts
+    kinds = tuple("floats" if p.replace(" ", "") == "tuple[float,...]" else p for p in parts if p != "None")
+    if not all(k in _SCALARS or k == "floats" for k in kinds):
+        return (), optional
+    if kinds == ("int",) and option_meta(fld).get("count"):
+        kinds = ("count",)
+    return kinds, optional
+
+
+def _coerce_one(kind: str, value, name: str):
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if type(value).__name__ == "bool_":
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.strip().lower() in ("true", "yes", "1", "on")
+        raise ValueError
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        raise ValueError
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        raise ValueError
+    if kind == "count":
+        return parse_count(value, name)
+    if kind == "int":
+        if isinstance(value, numbers.Integral):
+            return value if type(value) is int else int(value)
+        if isinstance(value, numbers.Real) and float(value).is_integer():
+            return int(value)
+        if isinstance(value, str):
+            return int(value.strip())
+        raise ValueError
+    if kind == "float":
+        if isinstance(value, numbers.Real):
+            return value if type(value) is float else float(value)
+        if isinstance(value, str):
+            return float(value.strip())
+        raise ValueError
+    if kind == "floats":
+        items = [x for x in value.split(",") if x.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ValueError
+        return tuple(_coerce_one("float", x, name) for x in items)
+    raise ValueError
+
+
+def coerce(cls, name: str, value):
+    """``value`` as the type field ``name`` of ``cls`` declares (a flag's text, a TOML value, a
+    Python value), or one ``ConfigError`` naming the field."""
+    fld = next(f for f in dataclasses.fields(cls) if f.name == name)
+    kinds, optional = field_kind(fld)
+    if not kinds or (value is None and (optional or fld.default is None)):
+        return value
+    if len(kinds) > 1 and any(type(value) is _SCALARS.get(k) for k in kinds):
+        return value
+    for kind in kinds:
+        try:
+            return _coerce_one(kind, value, name)
+        except (ValueError, TypeError):
+            continue
+    raise ConfigError(f"{name} must be {' or '.join(_WHAT[k] for k in kinds)} (got {value!r})", field=name)
+
+
+def coerce_fields(cfg) -> None:
+    """Give every field of ``cfg`` its declared type (``coerce``): the first line of ``__post_init__``."""
+    for fld in dataclasses.fields(cfg):
+        value = getattr(cfg, fld.name)
+        new = coerce(type(cfg), fld.name, value)
+        if new is not value:
+            object.__setattr__(cfg, fld.name, new)
+
+
+_COUNT = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]*)?|\.[0-9]+)(e[+-]?[0-9]+)?\s*([kmbgt]?)\s*$", re.IGNORECASE)
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+def parse_count(text: str | int | float, field: str = "count", whole: bool = True, positive: bool = False) -> int:
+    """``"10M"``, ``"250k"``, ``"1.5e6"``, ``"1_000"``, ``2e9`` -> int; ``whole``: a fraction is an
+    error (else rounded); ``positive``: 0 is an error."""
+    if isinstance(text, bool) or not isinstance(text, (str, numbers.Real)):
+        raise ConfigError(f"{field} {text!r} is not a count (like 10M, 250k, 1.5e6)", field=field)
+    if isinstance(text, numbers.Integral):
+        value = int(text)
+    elif isinstance(text, numbers.Real):
+        value = float(text)
+    else:
+        m = _COUNT.match(text)
+        if m is None:
+            raise ConfigError(f"{field} {text!r} is not a count (like 10M, 250k, 1.5e6)", field=field)
+        value = float(m.group(1).replace("_", "") + (m.group(2) or "")) * _SUFFIX[m.group(3).lower()]
+    if not math.isfinite(value):
+        raise ConfigError(f"{field} {text!r} is not a count (like 10M, 250k, 1.5e6)", field=field)
+    if value < 0 or (positive and value == 0):
+        raise ConfigError(f"{field} must be {'positive' if positive else 'at least 0'} (got {text!r})", field=field)
+    if whole and value != int(value):
+        raise ConfigError(f"{field} {text!r} is not a whole count", field=field)
+    return value if isinstance(value, int) else int(round(value))
+
+
+def read_toml(path: str | os.PathLike, what: str = "config file") -> dict:
+    """A TOML file as a dict; a missing or malformed file is one line naming it."""
+    import tomllib
+
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {p} does not exist", field="config") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, IsADirectoryError) as e:
+        raise ConfigError(f"{what} {p} is not valid TOML ({e})", field="config") from None
+
+
+def check_keys(cls, data: Mapping, where: str, table: str | None = None) -> None:
+    """Every key of ``data`` (TOML table ``table`` of file ``where``) is a field of ``cls``, else one
+    line naming the first that is not."""
+    bad = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if bad:
+        in_table = f" in [{table}]" if table else ""
+        raise ConfigError(f"{where}: unknown key {bad[0]!r}{in_table} (not a {cls.__name__} field)", field="config")
+
+
+def from_mapping(cls, data: Mapping, where: str, **overrides):
+    """``cls`` from a mapping of its fields (a TOML table), then ``overrides``; unknown keys and
+    wrong types are one-line ``ConfigError``s."""
+    check_keys(cls, data, where)
+    return cls(**{**data, **overrides})
 
 
 def default(cls, name: str) -> Any:

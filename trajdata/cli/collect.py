@@ -5,62 +5,26 @@ import json
 
 import click
 
-from trajdata.collectors.config import BACKENDS, CollectConfig, ExpertSpec
-from trajdata.config import default
+from trajdata.cli.options import dataclass_options
+from trajdata.collectors.config import CollectConfig, ExpertSpec
 from trajdata.envs.atari import GAMES
-from trajdata.format.codec import PROFILES
 
 _GAMES_HELP = ", ".join(GAMES)
 
 
-def _d(name):
-    return default(CollectConfig, name)
-
-
-def collect_options(f=None, *, max_steps: int | None = None, max_seconds: float | None = None):
-    """Decorate a collect command with CollectConfig's fields as flags (defaults from the dataclass).
-
-    Use bare (``@collect_options``) or with per-expert cap defaults (``@collect_options(max_steps=...)``).
-    """
+def collect_options(f=None, **defaults):
+    """Decorate a collect command with CollectConfig's fields as flags, and ``--quiet``; ``defaults``
+    are this expert's own defaults (``@collect_options(max_steps=200_000)``)."""
     if f is None:
-        return lambda g: collect_options(g, max_steps=max_steps, max_seconds=max_seconds)
-    max_steps = _d("max_steps") if max_steps is None else max_steps
-    max_seconds = _d("max_seconds") if max_seconds is None else max_seconds
-    options = [
-        click.option("--out", required=True, type=click.Path(file_okay=False), help="Dataset directory (created, or resumed)."),
-        click.option("--shards", default=_d("shards"), show_default=True, type=int, help="Number of shards (units of work)."),
-        click.option("--episodes-per-shard", default=_d("episodes_per_shard"), show_default=True, type=int,
-                     help="Episodes played into each shard (a dataset holds shards x this many)."),
-        click.option("--workers", default=_d("workers"), show_default=True, type=int, help="Parallel worker processes."),
-        click.option("--seed", default=_d("seed"), show_default=True, type=int, help="Base seed; episode seeds derive from it."),
-        click.option("--max-steps", default=max_steps, show_default=True, type=int,
-                     help="Per-episode step cap (episode kept, marked truncated)."),
-        click.option("--max-seconds", default=max_seconds, show_default=True, type=float, help="Per-episode wall-time cap."),
-        click.option("--stall-seconds", default=_d("stall_seconds"), show_default=True, type=float,
-                     help="Watchdog: truncate an episode after this long without a step; 0 disables the watchdog."),
-        click.option("--hard-stall-seconds", default=_d("hard_stall_seconds"), type=float,
-                     help="Backstop for hangs inside C code: dump the stack and kill the worker after this long "
-                          "without a step (its shard is retried). Default: max(2 x stall, stall + 30); 0 = off."),
-        click.option("--max-shard-retries", default=_d("max_shard_retries"), show_default=True, type=int,
-                     help="Rerun a shard whose worker died (crash, out of memory, hang) this many times, then give it up."),
-        click.option("--chunk-steps", default=_d("chunk_steps"), show_default=True, type=int, help="Steps per stored chunk."),
-        click.option("--codec", default=_d("codec"), show_default=True, type=click.Choice(sorted(PROFILES)),
-                     help="Storage profile: stream (smallest; the loader decodes it straight into batches), "
-                          "compact or fast (older profiles; kept for comparison)."),
-        click.option("--backend", default=_d("backend"), show_default=True, type=click.Choice(BACKENDS)),
-        click.option("--ray-address", default=_d("ray_address"),
-                     help="Ray cluster address (with --backend ray; default: start local Ray)."),
-        click.option("--quiet", is_flag=True, help="No progress bar."),
-    ]
-    for opt in reversed(options):
-        f = opt(f)
-    return f
+        return lambda g: collect_options(g, **defaults)
+    f = click.option("--quiet", is_flag=True, help="No progress bar.")(f)
+    return dataclass_options(CollectConfig, skip=("expert",), defaults=defaults)(f)
 
 
-def run_collect(target: str, expert_kwargs: dict, quiet: bool = False, **opts) -> dict:
+def run_collect(expert: str, expert_kwargs: dict, quiet: bool = False, **opts) -> dict:
     from trajdata.collectors.runner import collect
 
-    cfg = CollectConfig(expert=ExpertSpec(target, expert_kwargs), **opts)
+    cfg = CollectConfig(expert=ExpertSpec.named(expert, **expert_kwargs), **opts)
     result = collect(cfg, progress=not quiet)
     click.echo(json.dumps({k: v for k, v in result.items() if k != "config"}))
     return result
@@ -75,8 +39,7 @@ def collect_scripted(character, real_moon_phase, quiet, **opts):
     from trajdata.envs.nethack import check_character
 
     check_character(character)
-    run_collect("trajdata.collectors.nethack:ScriptedExpert",
-                {"character": character, "fix_moon_phase": not real_moon_phase}, quiet=quiet, **opts)
+    run_collect("scripted", {"character": character, "fix_moon_phase": not real_moon_phase}, quiet=quiet, **opts)
 
 
 @click.command("autoascend")
@@ -100,7 +63,7 @@ def collect_autoascend(character, real_moon_phase, no_progress_timeout, source, 
               "no_progress_timeout": no_progress_timeout}
     if source is not None:
         kwargs["source"] = source
-    run_collect("trajdata.collectors.autoascend:AutoAscendExpert", kwargs, quiet=quiet, **opts)
+    run_collect("autoascend", kwargs, quiet=quiet, **opts)
 
 
 @click.command("ppo")
@@ -117,8 +80,7 @@ def collect_ppo(model, game, deterministic, **opts):
     from trajdata.collectors.atari import PPOExpert
 
     expert = PPOExpert(model, game, deterministic)
-    run_collect("trajdata.collectors.atari:PPOExpert",
-                {"model": str(expert.model.resolve()), "game": expert.game, "deterministic": deterministic}, **opts)
+    run_collect("ppo", {"model": str(expert.model.resolve()), "game": expert.game, "deterministic": deterministic}, **opts)
 
 
 @click.command("install")

@@ -5,27 +5,14 @@ import json
 
 import click
 
-from trajdata.config import default
-from trajdata.format.codec import PROFILES
+from trajdata.cli.options import dataclass_options
 from trajdata.importers.nld import NldImportConfig
 
 
-def _d(name):
-    return default(NldImportConfig, name)
-
-
 @click.command("nld")
-@click.option("--db", required=True, type=click.Path(dir_okay=False), help="nle.dataset sqlite database (ttyrecs.db).")
-@click.option("--name", required=True, help="Dataset name inside the database (e.g. nld-aa, nld-nao).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="trajdata dataset directory (created, or resumed).")
-@click.option("--episodes-per-shard", default=_d("episodes_per_shard"), show_default=True, type=int, help="Games per shard.")
-@click.option("--chunk-steps", default=_d("chunk_steps"), show_default=True, type=int, help="Steps per stored chunk.")
-@click.option("--codec", default=_d("codec"), show_default=True, type=click.Choice(sorted(PROFILES)),
-              help="Storage profile: stream (smallest; the loader decodes it straight into batches), "
-                   "compact or fast (older profiles; kept for comparison).")
-@click.option("--max-games", default=_d("max_games"), type=int, help="Import only the first N games (by gameid; N >= 1; default: all).")
+@dataclass_options(NldImportConfig)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def import_nld(db, name, out, episodes_per_shard, chunk_steps, codec, max_games, quiet):
+def import_nld(quiet, **fields):
     """Import an NLD dataset indexed by nle.dataset into trajdata shards (schema "nld").
 
     Stores tty_chars/tty_colors/tty_cursor exactly as nle.dataset.TtyrecDataset yields them, the
@@ -35,6 +22,4 @@ def import_nld(db, name, out, episodes_per_shard, chunk_steps, codec, max_games,
     """
     from trajdata.importers.nld import import_nld as run
 
-    cfg = NldImportConfig(db=db, name=name, out=out, episodes_per_shard=episodes_per_shard, chunk_steps=chunk_steps,
-                          codec=codec, max_games=max_games)
-    click.echo(json.dumps(run(cfg, progress=not quiet)))
+    click.echo(json.dumps(run(NldImportConfig(**fields), progress=not quiet)))

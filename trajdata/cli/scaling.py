@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from trajdata.cli.options import dataclass_options
 from trajdata.errors import ConfigError, DataError
 from trajdata.scaling.fits import FitConfig, fit_all
 from trajdata.scaling.forecast import METHODS, forecast
@@ -23,8 +24,7 @@ def _pairs(values, flag):
 
 
 def runs_options(f):
-    """Options that choose columns, rows and budgets of a runs table, and the fit settings."""
-    d = FitConfig()
+    """Options that choose columns, rows and budgets of a runs table, and every FitConfig field."""
     roles = ", ".join(f"{r} ({'/'.join(a)})" for r, a in COLUMN_ALIASES.items())
     options = [
         click.option("--col", "cols", multiple=True, metavar="ROLE=NAME",
@@ -34,25 +34,8 @@ def runs_options(f):
         click.option("--budgets", default=None, metavar="C1,C2,...", help="Keep only these FLOP budgets."),
         click.option("--min-budget", default=None, type=float, help="Drop budgets below this."),
         click.option("--max-budget", default=None, type=float, help="Drop budgets above this."),
-        click.option("--min-points-per-budget", default=d.min_points, show_default=True, type=int,
-                     help="Model sizes (in the window) a budget needs to be kept."),
-        click.option("--window", default=d.window, show_default=True, type=int,
-                     help="Sizes either side of the observed optimum each parabola uses (0: all)."),
-        click.option("--optimum", default=d.optimum, show_default=True, type=click.Choice(["vertex", "argmin"]),
-                     help="Per-budget optimum: parabola vertex or best observed run."),
-        click.option("--parametric-points", default=d.parametric_points, show_default=True,
-                     type=click.Choice(["window", "all"]),
-                     help="Runs the parametric fits use: inside kept parabola windows, or all."),
-        click.option("--flops-per-param-sample", default=d.flops_per_param_sample, show_default=True, type=float,
-                     help="k in C = k*N*D (6 for Transformers)."),
-        click.option("--ci", "ci_level", default=d.ci_level, show_default=True, type=float, help="CI level."),
-        click.option("--bin-budgets", default=d.bin_budgets, show_default=True, type=float, metavar="PER_DECADE",
-                     help="Bin FLOP budgets, PER_DECADE bins per decade; each run's FLOPs snap to its bin's "
-                          "geometric centre, so runs off an isoFLOP grid can share budgets (0: off)."),
-        click.option("--cv-folds", default=d.cv_folds, show_default=True, type=int,
-                     help="Rolling cross-validation: largest budgets held out one at a time."),
-        click.option("--no-return", is_flag=True, help="Skip the return fits."),
     ]
+    f = dataclass_options(FitConfig)(f)
     for opt in reversed(options):
         f = opt(f)
     return f
@@ -80,9 +63,8 @@ def method_lines(fit: dict) -> list[str]:
     return lines
 
 
-def load_and_config(runs_path, cols, wheres, budgets, min_budget, max_budget, min_points_per_budget, window,
-                    optimum, parametric_points, flops_per_param_sample, ci_level, bin_budgets, cv_folds, no_return,
-                    bootstrap=0, seed=0):
+def load_and_config(runs_path, cols=(), wheres=(), budgets=None, min_budget=None, max_budget=None, **fit):
+    """The runs table (columns, rows and budgets chosen) and the FitConfig of ``fit``'s fields."""
     runs = load_runs(runs_path, _pairs(cols, "--col"), _pairs(wheres, "--where"))
     chosen = parse_budgets(budgets)
     if chosen is not None:
@@ -91,20 +73,14 @@ def load_and_config(runs_path, cols, wheres, budgets, min_budget, max_budget, mi
     runs = runs.subset((runs.flops >= lo) & (runs.flops <= hi))
     if len(runs) == 0:
         raise ConfigError("no runs left after --min-budget/--max-budget")
-    cfg = FitConfig(optimum=optimum, window=window, min_points=min_points_per_budget,
-                    flops_per_param_sample=flops_per_param_sample, ci_level=ci_level, cv_folds=cv_folds,
-                    bootstrap=bootstrap, seed=seed, fit_return=not no_return, parametric_points=parametric_points,
-                    bin_budgets=bin_budgets)
-    return runs, cfg
+    return runs, FitConfig(**fit)
 
 
 @click.command("fit")
 @click.argument("runs_path", metavar="RUNS", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for fit.json and report.html.")
 @runs_options
-@click.option("--bootstrap", default=0, show_default=True, type=int, help="Bootstrap resamples (0: delta method only).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
-def fit_cmd(runs_path, out, bootstrap, seed, **opts):
+def fit_cmd(runs_path, out, **opts):
     """Fit isoFLOP profiles, parametric laws and return-vs-loss to RUNS (CSV or Parquet).
 
     RUNS has one row per evaluated checkpoint: FLOPs, params, samples, loss (+ its SE),
@@ -113,7 +89,7 @@ def fit_cmd(runs_path, out, bootstrap, seed, **opts):
     """
     from trajdata.scaling.report import write_report
 
-    runs, cfg = load_and_config(runs_path, bootstrap=bootstrap, seed=seed, **opts)
+    runs, cfg = load_and_config(runs_path, **opts)
     result = fit_all(runs, cfg, progress=True)
     paths = write_report(result, out)
     for key, e in result["summary"].items():
@@ -188,7 +164,5 @@ def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json
 
         click.echo(f"compute-optimal run ({best['target']} {best['method']}): trajdata {shlex.join(args)}")
     if start:
-        from trajdata.cli.main import cli
-
-        cli.main(args, prog_name="trajdata")
+        click.get_current_context().find_root().command.main(args, prog_name="trajdata")
 

@@ -3,25 +3,22 @@ from __future__ import annotations
 
 import click
 
+from trajdata.cli.options import dataclass_options
+
+
+def _sweep_options(f):
+    from trajdata.sweep.run import SweepOptions
+
+    return dataclass_options(SweepOptions)(f)
 
 
 @click.command("sweep")
 @click.argument("spec_path", metavar="SPEC.toml", type=click.Path(dir_okay=False))
-@click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Sweep directory [default: sweeps/<spec name>]. Rerun to resume.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and its cost; run nothing.")
-@click.option("--parallel", default=1, show_default=True, type=int, help="Training runs at once (local backend).")
-@click.option("--backend", default="local", show_default=True, type=click.Choice(["local", "ray", "print"]),
-              help="local processes, Ray tasks, or print the torchrun command of each run (for a cluster).")
-@click.option("--ray-address", default=None, help="Ray cluster address (--backend ray).")
-@click.option("--nproc-per-node", default=8, show_default=True, type=int, help="GPUs per printed torchrun command.")
-@click.option("--threads", default=None, type=int, help="torch threads per training run [cores / --parallel].")
 @click.option("--flops-per-s", default=None, type=float,
               help="--dry-run: training FLOP/s to turn the plan's compute into hours (e.g. 3e14 for an H100 at 30%).")
-@click.option("--skip-eval", is_flag=True, help="Fit loss only; no rollouts.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
-def sweep_cmd(spec_path, out, dry_run, parallel, backend, ray_address, nproc_per_node, threads, flops_per_s,
-              skip_eval, no_progress):
+@_sweep_options
+def sweep_cmd(spec_path, dry_run, flops_per_s, **flags):
     """Plan and run a scaling sweep: collect, train bc per size, eval every snapshot, fit, report.
 
     SPEC.toml names the data (or how to collect it), the model family and sizes, the FLOP budgets,
@@ -36,10 +33,8 @@ def sweep_cmd(spec_path, out, dry_run, parallel, backend, ray_address, nproc_per
     if dry_run:
         click.echo(describe(make_plan(spec), flops_per_s))
         return
-    if ray_address and backend != "ray":
-        raise click.UsageError("--ray-address needs --backend ray")
-    opts = SweepOptions(out=out or f"sweeps/{spec.name}", parallel=parallel, backend=backend, ray_address=ray_address,
-                        nproc_per_node=nproc_per_node, threads=threads, progress=not no_progress, skip_eval=skip_eval)
+    opts = SweepOptions(**flags)
+    opts.out = opts.out or f"sweeps/{spec.name}"
     r = run_sweep(spec, opts)
     if r.get("printed"):
         return

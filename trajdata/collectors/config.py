@@ -7,12 +7,17 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-from trajdata.config import at_least, choose, require
+from trajdata.config import at_least, choose, coerce_fields, option, require
 from trajdata.errors import ExpertError
 from trajdata.format.codec import DEFAULT_PROFILE, PROFILES
 from trajdata.format.shard import DEFAULT_CHUNK_STEPS
 
 BACKENDS = ("local", "ray")
+# expert name -> (the class a worker builds, the keyword arguments it takes)
+EXPERTS = {"scripted": ("trajdata.collectors.nethack:ScriptedExpert", ("character", "fix_moon_phase")),
+           "autoascend": ("trajdata.collectors.autoascend:AutoAscendExpert",
+                          ("character", "fix_moon_phase", "no_progress_timeout", "source")),
+           "ppo": ("trajdata.collectors.atari:PPOExpert", ("model", "game", "deterministic"))}
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,12 @@ class ExpertSpec:
 
     target: str
     kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def named(cls, name: str, **kwargs) -> ExpertSpec:
+        """The spec of expert ``name`` (a key of ``EXPERTS``)."""
+        choose(name, EXPERTS, "expert")
+        return cls(EXPERTS[name][0], kwargs)
 
     def build(self):
         module, _, cls = self.target.partition(":")
@@ -32,23 +43,32 @@ class ExpertSpec:
 
 @dataclass
 class CollectConfig:
-    out: str
-    expert: ExpertSpec
-    shards: int = 4
-    episodes_per_shard: int = 1
-    workers: int = 1
-    seed: int = 0
-    max_steps: int | None = 10_000
-    max_seconds: float | None = None
-    stall_seconds: float | None = 60.0
-    hard_stall_seconds: float | None = None
-    max_shard_retries: int = 2
-    chunk_steps: int = DEFAULT_CHUNK_STEPS
-    codec: str = DEFAULT_PROFILE
-    backend: str = "local"
-    ray_address: str | None = None
+    """Every setting of a collection (the flags every `trajdata collect` command shares)."""
+
+    out: str = option(help="Dataset directory (created, or resumed).", metavar="DIRECTORY")
+    expert: ExpertSpec = option(cli=False)
+    shards: int = option(4, "Number of shards (units of work).")
+    episodes_per_shard: int = option(1, "Episodes played into each shard (a dataset holds shards x this many).")
+    workers: int = option(1, "Parallel worker processes.")
+    seed: int = option(0, "Base seed; episode seeds derive from it.")
+    max_steps: int | None = option(10_000, "Per-episode step cap (episode kept, marked truncated).")
+    max_seconds: float | None = option(None, "Per-episode wall-time cap.")
+    stall_seconds: float | None = option(60.0, "Watchdog: truncate an episode after this long without a step; "
+                                               "0 disables the watchdog.")
+    hard_stall_seconds: float | None = option(None, "Backstop for hangs inside C code: dump the stack and kill the "
+                                                    "worker after this long without a step (its shard is retried). "
+                                                    "Default: max(2 x stall, stall + 30); 0 = off.")
+    max_shard_retries: int = option(2, "Rerun a shard whose worker died (crash, out of memory, hang) this many "
+                                       "times, then give it up.")
+    chunk_steps: int = option(DEFAULT_CHUNK_STEPS, "Steps per stored chunk.")
+    codec: str = option(DEFAULT_PROFILE, "Storage profile: stream (smallest; the loader decodes it straight into "
+                                         "batches), compact or fast (older profiles; kept for comparison).",
+                        choices=sorted(PROFILES))
+    backend: str = option("local", "local worker processes, or Ray tasks.", choices=BACKENDS)
+    ray_address: str | None = option(None, "Ray cluster address (with --backend ray; default: start local Ray).")
 
     def __post_init__(self):
+        coerce_fields(self)
         at_least(self, 1, "shards", "episodes_per_shard", "workers", "chunk_steps")
         at_least(self, 1, "max_steps", optional=True)
         at_least(self, 0, "max_shard_retries", "seed")

@@ -7,11 +7,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from trajdata.config import at_least, choose, require
+from trajdata.config import at_least, choose, coerce_fields, option, require
 
 BACKENDS = ("local", "ray")
 EXPERTS = ("scripted", "autoascend", "random")  # and "ppo:MODEL"
-# Per-episode step caps when --max-steps is not given (DESIGN §8: NetHack 100k; Atari: ALE's 108k frames).
+# Per-episode step caps when --max-steps is not given (NetHack: 100k, as the paper's evaluation; Atari: ALE's 108k frames).
 DEFAULT_MAX_STEPS = {"nethack": 100_000, "atari": 27_000}
 _CHARACTER = re.compile(r"^(@|[a-z]{3}(-[a-z]{3}){0,3})$")
 
@@ -29,30 +29,32 @@ class EvalConfig:
     training ``seq_len``).
     """
 
-    episodes: int = 100
-    seed: int = 0
-    max_steps: int | None = None  # None: DEFAULT_MAX_STEPS of the env family
-    workers: int = 1
-    envs: int = 8
-    unit_episodes: int | None = None
-    greedy: bool = False
-    temperature: float = 1.0
-    budget: float | None = None
-    all: bool = False
-    expert: str | None = None
-    character: str | None = None  # NetHack: override the dataset's character ('@' = random per episode)
-    env: str | None = None  # "nethack" or an Atari game: the env when no checkpoint says it
-    record: str | None = None  # write the rollouts as a trajdata dataset here
-    record_chunk_steps: int = 1024
-    out: str | None = None  # directory of the eval JSONs (default: RUN/eval)
-    context: int | None = None
-    backend: str = "local"
-    ray_address: str | None = None
-    device: str = "cpu"
-    threads: int = 1  # torch threads per worker
-    update_runs: bool = True  # write return/return_se/episodes into RUN/runs.csv
+    episodes: int = option(100, "Episodes, seeded from --seed: every one is played to its end or --max-steps.")
+    seed: int = option(0, "First seed of the fixed episode list.")
+    max_steps: int | None = option(None, "Step cap per episode [NetHack 100000, Atari 27000].")
+    workers: int = option(1, "Worker processes.")
+    envs: int = option(8, "Envs each worker steps together (one batched forward per step).")
+    unit_episodes: int | None = option(None, "Consecutive episodes per unit of work [2 x --envs].")
+    greedy: bool = option(False, "Take the argmax action instead of sampling from the softmax.")
+    temperature: float = option(1.0, "Sampling temperature (divides the logits).")
+    budget: float | None = option(None, "Evaluate the run's snapshot for this FLOP budget.")
+    all: bool = option(False, "Evaluate every snapshot of the run.")
+    expert: str | None = option(None, "Play an expert on the same seeds instead: scripted, autoascend, random, "
+                                      "or ppo:MODEL.")
+    character: str | None = option(None, "NetHack character ('@' = random) instead of the dataset's.")
+    env: str | None = option(None, "The env when no checkpoint names it: nethack or an Atari game.")
+    record: str | None = option(None, "Write the rollouts as a trajdata dataset here.")
+    record_chunk_steps: int = option(1024, "Steps per chunk of the recorded dataset.")
+    out: str | None = option(None, "Directory of the eval JSONs [RUN/eval].")
+    context: int | None = option(None, "Transformer context in steps [the checkpoint's training --seq-len].")
+    backend: str = option("local", "local processes or ray.", choices=BACKENDS)
+    ray_address: str | None = option(None, "Ray cluster address (--backend ray).")
+    device: str = option("cpu", "Torch device of the policy.")
+    threads: int = option(1, "Torch threads per worker.")
+    update_runs: bool = option(True, "Write return, return_se, episodes into RUN/runs.csv.")
 
     def __post_init__(self):
+        coerce_fields(self)
         at_least(self, 1, "episodes", "workers", "envs", "threads", "record_chunk_steps")
         at_least(self, 1, "max_steps", "unit_episodes", "context", optional=True)
         require(self.temperature > 0, "temperature", f"must be positive (got {self.temperature})")

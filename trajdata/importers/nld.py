@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trajdata.config import at_least, choose
+from trajdata.config import at_least, choose, coerce_fields, option
 from trajdata.errors import DataError
 from trajdata.format.codec import DEFAULT_PROFILE, PROFILES
 from trajdata.format.dataset import Dataset, build_index, create_or_check, shard_name
@@ -28,15 +28,20 @@ ROWS, COLS = 24, 80
 
 @dataclass
 class NldImportConfig:
-    db: str
-    name: str
-    out: str
-    episodes_per_shard: int = 16
-    chunk_steps: int = DEFAULT_CHUNK_STEPS
-    codec: str = DEFAULT_PROFILE
-    max_games: int | None = None
+    """Every setting of `trajdata import nld`."""
+
+    db: str = option(help="nle.dataset sqlite database (ttyrecs.db).", metavar="FILE")
+    name: str = option(help="Dataset name inside the database (e.g. nld-aa, nld-nao).")
+    out: str = option(help="trajdata dataset directory (created, or resumed).", metavar="DIRECTORY")
+    episodes_per_shard: int = option(16, "Games per shard.")
+    chunk_steps: int = option(DEFAULT_CHUNK_STEPS, "Steps per stored chunk.")
+    codec: str = option(DEFAULT_PROFILE, "Storage profile: stream (smallest; the loader decodes it straight into "
+                                         "batches), compact or fast (older profiles; kept for comparison).",
+                        choices=sorted(PROFILES))
+    max_games: int | None = option(None, "Import only the first N games (by gameid; N >= 1; default: all).")
 
     def __post_init__(self):
+        coerce_fields(self)
         at_least(self, 1, "episodes_per_shard", "chunk_steps")
         at_least(self, 1, "max_games", optional=True)
         choose(self.codec, PROFILES, "codec")

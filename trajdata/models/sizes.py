@@ -1,10 +1,9 @@
 """Model sizes: the paper's grids and a size picker for a target effective parameter count."""
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
-from trajdata.errors import ConfigError
+from trajdata import config
 from trajdata.models.atari import AtariConfig
 from trajdata.models.nethack import NetHackConfig
 
@@ -14,22 +13,9 @@ PAPER_SIZE = (384, 4)
 # the paper's Atari SimpleCNN widths (~1k .. 5M parameters)
 ATARI_WIDTHS = (1, 3, 5, 8, 13, 23, 34, 50, 81, 117, 167, 266)
 
-_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-_COUNT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(e[+-]?\d+)?\s*([kmbgt]?)\s*$", re.IGNORECASE)
-
-
 def parse_count(text: str | int | float, field: str = "params") -> int:
-    """``"10M"``, ``"250k"``, ``"1.5e6"``, ``2e9`` -> int."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        m = _COUNT.match(str(text))
-        if m is None:
-            raise ConfigError(f"{field} {text!r} is not a count (like 10M, 250k, 1.5e6)", field=field)
-        value = float(m.group(1) + (m.group(2) or "")) * _SUFFIX[m.group(3).lower()]
-    if not value > 0:
-        raise ConfigError(f"{field} must be positive (got {text!r})", field=field)
-    return int(round(value))
+    """``"10M"``, ``"250k"``, ``"1.5e6"``, ``2e9`` -> a positive int (fractions rounded)."""
+    return config.parse_count(text, field, whole=False, positive=True)
 
 
 def nethack_grid(**overrides) -> list[NetHackConfig]:

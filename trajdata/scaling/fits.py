@@ -15,43 +15,48 @@ from scipy.special import logsumexp, softmax
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from trajdata.errors import ConfigError, DataError
+from trajdata.config import choose, coerce_fields, option, require
+from trajdata.errors import DataError
 from trajdata.scaling.runs import Runs
+
+OPTIMA = ("vertex", "argmin")
+PARAMETRIC_POINTS = ("window", "all")
 
 
 @dataclass
 class FitConfig:
-    """All fitting hyper-parameters."""
+    """All fitting hyper-parameters (the flags of `scaling fit` and `scaling forecast`)."""
 
-    optimum: str = "vertex"          # "vertex" of a parabola per budget, or observed "argmin"
-    window: int = 3                  # model sizes either side of the observed optimum per parabola (0 = all)
-    min_points: int = 3              # distinct model sizes a budget needs to be kept
-    log_target: bool = True          # parabola in (ln N, ln target), as in the seed code
-    flops_per_param_sample: float = 6.0  # k in C = k·N·D
-    ci_level: float = 0.95
-    huber_delta: float = 1e-3
-    ftol: float = 1e-15
-    gtol: float = 1e-12
-    maxiter: int = 20_000
-    grid_top_k: int = 16             # Chinchilla: best grid starts refined by L-BFGS-B
-    cv_folds: int = 4                # rolling cross-validation: held-out largest budgets, one at a time
-    bootstrap: int = 0               # resamples for bootstrap CIs (0 = off)
-    seed: int = 0
-    fit_return: bool = True
-    parametric_points: str = "window"  # parametric fits use the kept parabolas' points ("window") or "all"
-    bin_budgets: float = 0.0         # bins per decade of C: each run's FLOPs snap to its bin's geometric centre (0 = off)
+    optimum: str = option("vertex", "Per-budget optimum: parabola vertex or best observed run (argmin).",
+                          choices=OPTIMA)
+    window: int = option(3, "Sizes either side of the observed optimum each parabola uses (0: all).")
+    min_points: int = option(3, "Model sizes (in the window) a budget needs to be kept.", flag="min_points_per_budget")
+    log_target: bool = option(True, "Fit each parabola in (ln N, ln target), as the seed code does.")
+    flops_per_param_sample: float = option(6.0, "k in C = k*N*D (6 for Transformers).")
+    ci_level: float = option(0.95, "CI level.", flag="ci")
+    huber_delta: float = option(1e-3, "Huber loss delta of the Chinchilla fit.")
+    ftol: float = option(1e-15, "L-BFGS-B ftol of the Chinchilla fit.")
+    gtol: float = option(1e-12, "L-BFGS-B gtol of the Chinchilla fit.")
+    maxiter: int = option(20_000, "L-BFGS-B iterations of the Chinchilla fit.")
+    grid_top_k: int = option(16, "Chinchilla: best grid starts refined by L-BFGS-B.")
+    cv_folds: int = option(4, "Rolling cross-validation: largest budgets held out one at a time.")
+    bootstrap: int = option(0, "Bootstrap resamples (0: delta method only).")
+    seed: int = option(0, "Bootstrap seed.")
+    fit_return: bool = option(True, "Fit the return too (--no-return: loss only).", flag="return")
+    parametric_points: str = option("window", "Runs the parametric fits use: inside kept parabola windows, or all.",
+                                    choices=PARAMETRIC_POINTS)
+    bin_budgets: float = option(0.0, "Bin FLOP budgets, this many bins per decade; each run's FLOPs snap to its bin's "
+                                     "geometric centre, so runs off an isoFLOP grid can share budgets (0: off).",
+                                metavar="PER_DECADE")
 
     def __post_init__(self):
-        if self.optimum not in ("vertex", "argmin"):
-            raise ConfigError(f"optimum must be 'vertex' or 'argmin', not {self.optimum!r}")
-        if self.min_points < 3 and self.optimum == "vertex":
-            raise ConfigError("--min-points-per-budget must be >= 3 to fit a parabola")
-        if self.parametric_points not in ("window", "all"):
-            raise ConfigError(f"parametric_points must be 'window' or 'all', not {self.parametric_points!r}")
-        if not 0 < self.ci_level < 1:
-            raise ConfigError(f"ci level must be in (0, 1), not {self.ci_level}")
-        if not (np.isfinite(self.bin_budgets) and self.bin_budgets >= 0):
-            raise ConfigError(f"--bin-budgets must be >= 0 bins per decade (0: off), not {self.bin_budgets}")
+        coerce_fields(self)
+        choose(self.optimum, OPTIMA, "optimum")
+        require(self.min_points >= 3 or self.optimum != "vertex", "min_points", "must be >= 3 to fit a parabola")
+        choose(self.parametric_points, PARAMETRIC_POINTS, "parametric_points")
+        require(0 < self.ci_level < 1, "ci_level", f"must be in (0, 1) (got {self.ci_level})")
+        require(bool(np.isfinite(self.bin_budgets) and self.bin_budgets >= 0), "bin_budgets",
+                f"must be >= 0 bins per decade (0: off), not {self.bin_budgets}")
 
 
 def estimate(value: float, se: float, level: float, dof: int | None = None) -> dict:

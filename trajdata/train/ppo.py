@@ -19,40 +19,43 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trajdata.envs.atari import (FRAME_SKIP, FRAME_STACK, NOOP_MAX, SCREEN_SIZE, env_id, evaluate, register_ale,
-                                 resolve_game)
-from trajdata.config import at_least, open_run_dir, require
-from trajdata.errors import ConfigError
+from trajdata import config
+from trajdata.config import at_least, coerce_fields, open_run_dir, option, require
+from trajdata.envs.atari import (FRAME_SKIP, FRAME_STACK, GAMES, NOOP_MAX, SCREEN_SIZE, env_id, evaluate,
+                                 register_ale, resolve_game)
 
 
 @dataclass
 class PPOConfig:
-    game: str = "Breakout"
-    timesteps: int = 10_000_000   # agent steps summed over envs (x4 raw frames)
-    n_envs: int = 8
-    seed: int = 0
-    n_steps: int = 128
-    n_epochs: int = 4
-    batch_size: int = 256
-    learning_rate: float = 2.5e-4  # decays linearly to 0
-    clip_range: float = 0.1        # decays linearly to 0
-    ent_coef: float = 0.01
-    vf_coef: float = 0.5
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    max_grad_norm: float = 0.5
-    noop_max: int = NOOP_MAX
-    frame_skip: int = FRAME_SKIP
-    screen_size: int = SCREEN_SIZE
-    frame_stack: int = FRAME_STACK
-    subproc: bool = False          # SubprocVecEnv instead of stepping the envs in-process
-    threads: int = 1               # torch CPU threads
-    checkpoint_every: int = 100_000
-    eval_episodes: int = 10
-    eval_seed: int = 1_000_000
-    eval_deterministic: bool = False
+    """Every setting of a PPO expert run (the flags of `train ppo`)."""
+
+    game: str = option("Breakout", f"One of the paper's 8 games: {', '.join(GAMES)}.", required=True)
+    timesteps: int = option(10_000_000, "Agent steps over all envs (10M, 500k, 1e6; x4 raw frames).", count=True)
+    n_envs: int = option(8, "Parallel environments.", flag="envs")
+    seed: int = option(0, "Seed of the envs and the policy.")
+    n_steps: int = option(128, "Steps per env per rollout.")
+    n_epochs: int = option(4, "Epochs over each rollout.")
+    batch_size: int = option(256, "Minibatch size (divides n_steps x envs).")
+    learning_rate: float = option(2.5e-4, "Initial learning rate (decays linearly to 0).")
+    clip_range: float = option(0.1, "Initial clip range (decays linearly to 0).")
+    ent_coef: float = option(0.01, "Entropy coefficient.")
+    vf_coef: float = option(0.5, "Value-function coefficient.")
+    gamma: float = option(0.99, "Discount.")
+    gae_lambda: float = option(0.95, "GAE lambda.")
+    max_grad_norm: float = option(0.5, "Max gradient norm.")
+    noop_max: int = option(NOOP_MAX, "Random no-ops at an episode's start.")
+    frame_skip: int = option(FRAME_SKIP, "Frames per agent step (max-pooled over the last two).")
+    screen_size: int = option(SCREEN_SIZE, "Side of the gray frame the policy sees.")
+    frame_stack: int = option(FRAME_STACK, "Frames stacked per observation.")
+    subproc: bool = option(False, "Step the envs in subprocesses (worth it with many free cores).")
+    threads: int = option(1, "torch CPU threads.")
+    checkpoint_every: int = option(100_000, "Timesteps between checkpoints.", count=True)
+    eval_episodes: int = option(10, "Full games scored at the end (0: skip).")
+    eval_seed: int = option(1_000_000, "First seed of the final evaluation's games.")
+    eval_deterministic: bool = option(False, "Greedy actions in the final evaluation.")
 
     def __post_init__(self):
+        coerce_fields(self)
         self.game = resolve_game(self.game)
         at_least(self, 1, "timesteps", "n_envs", "n_steps", "n_epochs", "batch_size", "checkpoint_every", "threads")
         at_least(self, 0, "eval_episodes")
@@ -69,15 +72,7 @@ _RESUME_FREE = {"timesteps", "subproc", "threads", "checkpoint_every", "eval_epi
 
 def parse_count(text: str | int) -> int:
     """'10M', '500k', '1e6', '2.5M', '1_000_000' -> int."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([kmb]?)\s*", str(text), re.I)
-    if not m:
-        raise ConfigError(f"not a count: {text!r} (use e.g. 10M, 500k, 1e6)")
-    n = float(m.group(1).replace("_", "")) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()]
-    if n != int(n):
-        raise ConfigError(f"not a whole count: {text!r}")
-    return int(n)
+    return config.parse_count(text)
 
 
 def make_train_env(cfg: PPOConfig):
