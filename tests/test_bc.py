@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,13 +135,14 @@ def test_toml_config_and_cli_override(scripted_data, tmp_path):
     assert p.returncode == 0, p.stderr
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     assert cfg["lr"] == 0.001 and cfg["seq_len"] == 32 and cfg["model"]["width"] == 64
-    assert "200 samples" in p.stdout or "samples" in p.stdout
+    samples = int(re.search(r"([\d,]+) samples", p.stdout).group(1).replace(",", ""))
+    assert 200 <= samples < 200 + 2 * 32  # --samples 200 from the file: it stops within one step of B x T
     # a different config in the same run directory is refused in one line, naming the flag
     p = cli("train", "bc", scripted_data, "--out", tmp_path / "r", "--config", toml, "--lr", "0.01", "--no-progress")
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "--lr" in p.stderr, p.stderr
     toml.write_text("[bc]\nwidht = 64\n")
     p = cli("train", "bc", scripted_data, "--out", tmp_path / "r2", "--config", toml)
-    assert p.returncode == 1 and "unknown field 'widht'" in p.stderr and p.stderr.count("\n") == 1
+    assert p.returncode == 1 and "unknown key 'widht'" in p.stderr and p.stderr.count("\n") == 1
 
 
 def test_bad_input_is_one_line(scripted_data, atari_data, tmp_path):
@@ -151,7 +153,7 @@ def test_bad_input_is_one_line(scripted_data, atari_data, tmp_path):
         "budget-below-step": ([scripted_data, "--budgets", "1e6"], "less than one optimizer step"),
         "cuda-absent": ([scripted_data, "--device", "cuda"], "no usable CUDA GPU"),
         "missing-dataset": ([tmp_path / "nope"], "nope"),
-        "bad-budgets": ([scripted_data, "--budgets", "1e13,x"], "not a comma-separated list"),
+        "bad-budgets": ([scripted_data, "--budgets", "1e13,x"], "--budgets must be a comma-separated list"),
         "preset-and-width": ([scripted_data, "--preset", "paper"], "conflicts with"),
     }
     if torch.cuda.is_available():
@@ -190,6 +192,23 @@ def test_config_validation_names_fields():
         with pytest.raises(ConfigError) as e:
             BCConfig(dataset="d", out="o", **kw)
         assert e.value.field == field
+
+
+def test_wrong_types_are_one_line_naming_the_field(scripted_data, tmp_path):
+    """Failed before the fix: seq_len = "abc" in a TOML file was a TypeError traceback."""
+    toml = tmp_path / "bc.toml"
+    toml.write_text('[bc]\nseq_len = "abc"\n')
+    p = cli("train", "bc", scripted_data, "--out", tmp_path / "r", "--config", toml)
+    assert p.returncode == 1 and p.stderr == "trajdata: error: --seq-len must be an integer (got 'abc')\n", p.stderr
+    p = cli("train", "bc", scripted_data, "--out", tmp_path / "r", "--seq-len", "abc")
+    assert p.returncode == 1 and p.stderr == "trajdata: error: --seq-len must be an integer (got 'abc')\n", p.stderr
+    for kw, field in [(dict(seq_len="abc"), "seq_len"), (dict(use_glyphs="maybe"), "use_glyphs"),
+                      (dict(budgets=["1e13", "x"]), "budgets"), (dict(samples="ten"), "samples")]:
+        with pytest.raises(ConfigError) as e:
+            BCConfig(dataset="d", out="o", **kw)
+        assert e.value.field == field
+    cfg = BCConfig(dataset="d", out="o", seq_len="128", lr=1, budgets="2e13,1e13", samples="10k")
+    assert (cfg.seq_len, cfg.lr, cfg.budgets, cfg.samples) == (128, 1.0, (1e13, 2e13), 10_000)
 
 
 def test_weight_average_update():

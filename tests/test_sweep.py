@@ -16,6 +16,7 @@ import pytest
 from trajdata.errors import ConfigError
 from trajdata.models.flops import effective_params
 from trajdata.models.nethack import NetHackConfig
+from trajdata.scaling import REFERENCE_RUNS
 from trajdata.sweep.plan import describe, load_spec, make_plan
 from trajdata.train import checkpoint as ckpt_io
 
@@ -45,7 +46,7 @@ window = 0
 cv_folds = 0
 {eval_table}
 [report]
-reference = "{ROOT / 'tests/data/il-scaling/nethack_llama_isoflop.csv'}"
+reference = "{REFERENCE_RUNS / 'nethack_llama_isoflop.csv'}"
 """)
     return p
 
@@ -69,6 +70,28 @@ def test_plan_is_exact(tmp_path):
     assert plan.snapshots == sum(len(k) for _, k, _ in want.values())
     text = describe(plan)
     assert "skip 1e+10: overtrained: D/N = 0.281" in text and f"{plan.compute:.3g} FLOPs" in text
+
+
+def test_plan_and_train_bc_share_one_run_shape(scripted_data, tmp_path):
+    """A plan's N, FLOPs per sample, samples per step and budget samples are the run's own (one owner)."""
+    from dataclasses import replace
+
+    from trajdata.models.flops import FAMILIES
+    from trajdata.sweep.run import bc_config
+    from trajdata.train.shape import run_shape
+
+    spec = load_spec(write_spec(tmp_path, scripted_data, budgets="[1e9, 2e9]",
+                                extra="samples_per_param = [0, 1e9]"))
+    spec.train.update(heads=2, use_inventory=False)
+    plan = make_plan(spec)
+    for r in plan.active:
+        cfg = bc_config(spec, r, scripted_data, tmp_path / "o")
+        shape = run_shape(cfg, "nethack")
+        assert shape == r.shape and shape.model.heads == 2 and not shape.model.use_inventory
+        assert shape.flops_per_sample == 6 * shape.params and r.samples == shape.samples_for(max(r.budgets))
+    # the FLOPs-per-sample multiplier belongs to the family: another trainer brings its own
+    eight = run_shape(cfg, "nethack", counting=replace(FAMILIES["nethack"], multiplier=8))
+    assert eight.flops_per_sample == 8 * shape.params and eight.samples_for(8e9) == shape.samples_for(6e9)
 
 
 def test_bad_specs_are_one_line(tmp_path):
@@ -161,7 +184,7 @@ def test_forecast_prints_the_train_bc_command():
 
     from trajdata.cli.train import train_bc
 
-    src = ROOT / "tests/data/il-scaling/nethack_llama_isoflop.csv"
+    src = REFERENCE_RUNS / "nethack_llama_isoflop.csv"
     r = subprocess.run([*TRAJDATA, "scaling", "forecast", str(src), "--dataset-size", "40e9", "--target", "loss",
                         "--dataset", "data/x"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

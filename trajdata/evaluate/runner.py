@@ -12,7 +12,6 @@ name, so each variant has its own file. A snapshot's row of ``RUN/runs.csv`` gai
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from trajdata.collectors.config import ExpertSpec
+from trajdata.collectors.runner import THREAD_ENV, threads_env
 from trajdata.config import atomic_write_text
 from trajdata.errors import ConfigError, DataError, missing_extra
 from trajdata.evaluate.config import DEFAULT_MAX_STEPS, EvalConfig
@@ -249,13 +249,13 @@ def _expert_job(cfg: EvalConfig, base: dict | None, out: Path | None) -> Job:
         check_character(base["character"])
         kw = {"character": base["character"], "fix_moon_phase": base["fix_moon_phase"]}
         if name == "scripted":
-            host = ExpertSpec("trajdata.collectors.nethack:ScriptedExpert", kw)
+            host = ExpertSpec.named("scripted", **kw)
         else:
             from trajdata.collectors.autoascend import AutoAscendConfig, find_source
 
             find_source(None)  # one line when it is not installed
             kw["no_progress_timeout"] = base.get("no_progress_timeout", AutoAscendConfig.no_progress_timeout)
-            host = ExpertSpec("trajdata.collectors.autoascend:AutoAscendExpert", kw)
+            host = ExpertSpec.named("autoascend", **kw)
         job_name, env, policy = f"expert-{name}", dict(base, **{k: v for k, v in kw.items()}), PolicySpec("expert")
         identity = {"kind": "expert", "expert": name}
     else:  # ppo:MODEL
@@ -274,8 +274,7 @@ def _expert_job(cfg: EvalConfig, base: dict | None, out: Path | None) -> Job:
                               field="expert")
         env = base or _env_of_flag(expert.game)
         env = dict(env, noop_max=expert.noop_max, frame_skip=expert.frame_skip)
-        host = ExpertSpec("trajdata.collectors.atari:PPOExpert",
-                          {"model": str(expert.model.resolve()), "game": expert.game, "deterministic": cfg.greedy})
+        host = ExpertSpec.named("ppo", model=str(expert.model.resolve()), game=expert.game, deterministic=cfg.greedy)
         job_name = f"expert-ppo-{expert.sha256[:8]}"
         identity = {"kind": "expert", "expert": "ppo", "sha256": expert.sha256, "deterministic": cfg.greedy}
         policy = PolicySpec("expert")
@@ -336,7 +335,7 @@ def _write(job: Job, cfg: EvalConfig, settings: dict, seeds: list[int], done: di
 
 
 def _update_runs(job: Job, doc: dict) -> None:
-    from trajdata.train.checkpoint import RUNS_CSV, read_runs, upsert_run
+    from trajdata.train.checkpoint import RUNS_CSV, read_runs, snapshot_row, upsert_run
 
     ck, s = job.ckpt, doc["summary"]
     path = job.run / RUNS_CSV
@@ -344,12 +343,7 @@ def _update_runs(job: Job, doc: dict) -> None:
     rows = read_runs(path)
     hit = next((r for r in rows if _float(r.get("budget")) is not None and
                 abs(_float(r["budget"]) - budget) <= 1e-9 * budget), None)
-    cfg = ck.get("model_config") or {}
-    row = hit.copy() if hit is not None else {
-        "run": job.run.name, "budget": budget, "params": ck.get("params"), "samples": ck.get("samples"),
-        "flops": ck.get("flops"), "family": ck.get("family"), "width": cfg.get("width"), "layers": cfg.get("layers"),
-        "core": cfg.get("core", "cnn" if ck.get("family") == "atari" else None),
-        "checkpoint": os.path.relpath(ck["path"], job.run)}
+    row = hit.copy() if hit is not None else snapshot_row(ck, ck["path"], job.run)
     row.update({"return": s["mean"], "return_se": s["se"], "episodes": s["episodes"],
                 "eval": os.path.relpath(doc["path"], job.run)})
     upsert_run(path, row)
@@ -370,20 +364,6 @@ def _record_info(job: Job, cfg: EvalConfig, settings: dict) -> dict:
     expert = {"name": job.name, "policy": job.identity, **{k: v for k, v in job.env.items() if k != "family"}}
     return {"schema": job.family, "env": job.env["env"], "expert": _jsonable(expert),
             "collection": _jsonable({"eval": True, "seed": cfg.seed, **settings}), "packages": package_versions()}
-
-
-THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
-
-
-@contextlib.contextmanager
-def _threads_env(n: int):
-    added = [k for k in THREAD_ENV if k not in os.environ]
-    os.environ.update({k: str(n) for k in added})
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
 
 
 def _run_units(units: list[UnitSpec], cfg: EvalConfig, on_result, on_unit) -> None:
@@ -407,7 +387,7 @@ def _run_units(units: list[UnitSpec], cfg: EvalConfig, on_result, on_unit) -> No
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from multiprocessing import get_context
 
-    with _threads_env(cfg.threads), ProcessPoolExecutor(min(cfg.workers, len(units)), mp_context=get_context("spawn")) as pool:
+    with threads_env(cfg.threads), ProcessPoolExecutor(min(cfg.workers, len(units)), mp_context=get_context("spawn")) as pool:
         running = {pool.submit(run_unit, u) for u in units}
         try:
             while running:

@@ -30,6 +30,11 @@ class AtariConfig:
     def __post_init__(self):
         at_least(self, 1, "width", "n_actions", "frame_stack")
 
+    @property
+    def input_fields(self) -> tuple[str, ...]:
+        """The dataset fields a batch must hold besides the stacked frames (the loader adds those)."""
+        return ("action",)
+
     def conv_shapes(self) -> list[tuple[int, int, int, int, int]]:
         """(in channels, out channels, kernel, stride, output side) of each conv."""
         shapes, c_in, side = [], self.frame_stack, FRAME

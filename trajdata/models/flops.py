@@ -2,6 +2,9 @@
 Atari), and FLOPs measured by torch's FlopCounterMode (everything, for MFU)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.utils import flop_counter
@@ -41,11 +44,25 @@ def atari_forward_flops(cfg: AtariConfig) -> int:
     return convs + 2 * cfg.flat_dim * cfg.n_actions
 
 
+@dataclass(frozen=True)
+class Family:
+    """How a model family counts training FLOPs: ``multiplier`` x ``unit(cfg)`` per sample."""
+
+    name: str
+    unit: Callable[[NetHackConfig | AtariConfig], int]  # what the multiplier multiplies, per sample
+    multiplier: int
+
+    def flops_per_sample(self, cfg: NetHackConfig | AtariConfig) -> int:
+        return self.multiplier * self.unit(cfg)
+
+
+# BC, the paper's way: C = 6ND for NetHack (N effective parameters), 3 x forward FLOPs for Atari
+FAMILIES = {"nethack": Family("nethack", effective_params, 6), "atari": Family("atari", atari_forward_flops, 3)}
+
+
 def flops_per_sample(cfg: NetHackConfig | AtariConfig) -> int:
-    """Training FLOPs per sample: 6N (NetHack), 3 x forward (Atari)."""
-    if isinstance(cfg, AtariConfig):
-        return 3 * atari_forward_flops(cfg)
-    return 6 * effective_params(cfg)
+    """Training FLOPs per sample of BC: 6N (NetHack), 3 x forward (Atari)."""
+    return FAMILIES["atari" if isinstance(cfg, AtariConfig) else "nethack"].flops_per_sample(cfg)
 
 
 def training_flops(cfg: NetHackConfig | AtariConfig, samples: int) -> int:

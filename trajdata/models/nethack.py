@@ -1,7 +1,7 @@
 """The paper's NetHack agent: fixed screen encoders -> scaled mixer + sequence core -> policy head.
 
 Only the mixer, core and head grow with the model size (``width`` h, ``layers`` L); the encoders
-(~3.9M parameters, DESIGN §6) are fixed. Inputs are the stored integer fields (tty_chars uint8,
+(~3.9M parameters, as in the paper) are fixed. Inputs are the stored integer fields (tty_chars uint8,
 tty_colors int8, tty_cursor uint8, inv_glyphs int16, glyphs int16, action uint8) in (B, T, ...)
 batches as the loader makes them; they are embedded on whatever device they arrive on.
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trajdata.config import at_least, choose, require
+from trajdata.config import at_least, choose, option, require
 from trajdata.errors import ExtraError
 
 N_ACTIONS = 121
@@ -42,12 +42,13 @@ class NetHackConfig:
 
     width: int = 384
     layers: int = 4
-    heads: int = 0
-    core: str = "transformer"
-    use_glyphs: bool = False
+    heads: int = option(0, "Attention heads (0: width // 64).")
+    core: str = option("transformer", "Sequence core: transformer, lstm, or mamba (needs mamba-ssm, CUDA).",
+                       choices=CORES)
+    use_glyphs: bool = option(False, "Also embed the dungeon glyphs (information parity with the paper's text).")
     glyph_dim: int = 256
-    use_inventory: bool = True
-    use_message: bool = True
+    use_inventory: bool = option(True, "Use the inventory encoder (--no-use-inventory: the paper's ablation).")
+    use_message: bool = option(True, "Use the message encoder (--no-use-message: the paper's ablation).")
     n_actions: int = N_ACTIONS
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
@@ -67,6 +68,12 @@ class NetHackConfig:
     @property
     def head_dim(self) -> int:
         return self.width // self.n_heads
+
+    @property
+    def input_fields(self) -> tuple[str, ...]:
+        """The dataset fields a batch must hold (besides the loader's mask, reset, episode, step)."""
+        return ("tty_chars", "tty_colors", "tty_cursor", "action") + ("inv_glyphs",) * self.use_inventory \
+            + ("glyphs",) * self.use_glyphs
 
     @property
     def d_in(self) -> int:
@@ -506,7 +513,7 @@ class NetHackModel(nn.Module):
         reset = batch["reset"].bool() if "reset" in batch else torch.zeros(B, T, dtype=torch.bool, device=device)
         valid = batch["mask"].bool() if "mask" in batch else torch.ones(B, T, dtype=torch.bool, device=device)
         prev = self.previous_actions(batch, state)
-        names = ["tty_chars", "tty_colors", "tty_cursor"] + ["inv_glyphs"] * self.cfg.use_inventory + ["glyphs"] * self.cfg.use_glyphs
+        names = [k for k in self.cfg.input_fields if k != "action"]
         obs = {k: batch[k].flatten(0, 1) for k in names}
         x = self.encoder(obs, prev.flatten()).view(B, T, -1)
         x, core_out = self.core(self.mixer(x), reset, valid, state)

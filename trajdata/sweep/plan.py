@@ -14,19 +14,17 @@ Spec layout (every table optional except [sweep]; see specs/*.toml):
 from __future__ import annotations
 
 import math
-import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from trajdata.config import choose, require
+from trajdata.config import check_keys, choose, read_toml, require
 from trajdata.errors import ConfigError
-from trajdata.models import flops as counting
 from trajdata.models.atari import AtariConfig
 from trajdata.models.nethack import NetHackConfig
+from trajdata.train.shape import RunShape, run_shape
 
 FAMILIES = ("nethack", "atari")
 TABLES = ("sweep", "data", "train", "eval", "fit", "report")
-MODEL_KEYS = ("heads", "core", "use_glyphs", "use_inventory", "use_message")  # [train] keys that shape the model
 
 
 @dataclass
@@ -70,12 +68,7 @@ class Spec:
 def load_spec(path: str | Path) -> Spec:
     """Read a sweep spec; unknown tables or keys are one-line errors naming them."""
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"sweep spec {p} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"sweep spec {p} is not valid TOML ({e})") from None
+    data = read_toml(p, "sweep spec")
     bad = sorted(set(data) - set(TABLES))
     if bad:
         raise ConfigError(f"sweep spec {p}: unknown table [{bad[0]}] (tables: {', '.join(TABLES)})")
@@ -92,8 +85,11 @@ def load_spec(path: str | Path) -> Spec:
     bad = sorted(set(d) - {"dataset"})
     if bad:
         raise ConfigError(f"sweep spec {p}: unknown key {bad[0]!r} in [data] (dataset, [data.collect])")
-    _check_keys(p, "train", data.get("train", {}), "trajdata.train.bc", "BCConfig")
-    _check_keys(p, "fit", data.get("fit", {}), "trajdata.scaling.fits", "FitConfig")
+    from trajdata.scaling.fits import FitConfig
+    from trajdata.train.bc import BCConfig
+
+    check_keys(BCConfig, data.get("train", {}), f"sweep spec {p}", "train")
+    check_keys(FitConfig, data.get("fit", {}), f"sweep spec {p}", "fit")
     dataset = d.get("dataset", "")
     if dataset and not Path(dataset).is_absolute():
         dataset = str((p.parent / dataset).resolve())
@@ -106,13 +102,9 @@ def load_spec(path: str | Path) -> Spec:
                 fit=dict(data.get("fit", {})), report=ref, path=str(p))
 
 
-def _check_keys(path: Path, table: str, values: dict, module: str, cls: str) -> None:
-    import importlib
-
-    names = {f.name for f in fields(getattr(importlib.import_module(module), cls))}
-    bad = sorted(set(values) - names)
-    if bad:
-        raise ConfigError(f"sweep spec {path}: unknown key {bad[0]!r} in [{table}] (not a {cls} field)")
+def dataset_path(spec: Spec, out: Path) -> Path:
+    """Where the sweep's data is: the spec's dataset, or OUT/data when the spec collects it."""
+    return Path(spec.dataset) if spec.dataset else out / "data"
 
 
 # ---- the plan -------------------------------------------------------------------------------------
@@ -129,10 +121,20 @@ class Cell:
 class PlannedRun:
     name: str
     size: tuple | int
-    model: NetHackConfig | AtariConfig
-    params: int
-    flops_per_sample: int
+    shape: RunShape
     cells: list[Cell]
+
+    @property
+    def model(self) -> NetHackConfig | AtariConfig:
+        return self.shape.model
+
+    @property
+    def params(self) -> int:
+        return self.shape.params
+
+    @property
+    def flops_per_sample(self) -> int:
+        return self.shape.flops_per_sample
 
     @property
     def budgets(self) -> list[float]:
@@ -145,7 +147,7 @@ class PlannedRun:
 
     @property
     def compute(self) -> float:
-        return float(self.samples * self.flops_per_sample)
+        return float(self.shape.flops(self.samples))
 
 
 @dataclass
@@ -175,32 +177,28 @@ class Plan:
         return self.snapshots * int(self.spec.eval.get("episodes", 0))
 
 
-def model_for(spec: Spec, size, n_actions: int | None = None) -> NetHackConfig | AtariConfig:
-    if spec.family == "atari":
-        return AtariConfig(width=size, n_actions=n_actions or 18)
-    h, L = size
-    return NetHackConfig(width=h, layers=L, **{k: spec.train[k] for k in MODEL_KEYS if k in spec.train})
-
-
 def run_name(spec: Spec, size) -> str:
     return f"atari-w{size}" if spec.family == "atari" else f"nethack-h{size[0]}-L{size[1]}"
 
 
-def make_plan(spec: Spec, n_actions: int | None = None, world_size: int = 1) -> Plan:
-    """Which runs, which snapshots, what compute. ``n_actions``: the Atari game's action count (it
-    changes the CNN's head and so its FLOPs; default 18)."""
+def run_config(spec: Spec, size, **fields):
+    """The ``BCConfig`` of the spec's run at ``size``: its [train] table, the size, and ``fields``."""
     from trajdata.train.bc import BCConfig
 
-    base = BCConfig(dataset="-", out="-", **spec.train)
-    step = base.samples_per_step or base.batch_size * base.seq_len * base.grad_accum * world_size
+    sized = dict(width=size) if spec.family == "atari" else dict(width=size[0], layers=size[1])
+    return BCConfig(family=spec.family, **sized, **spec.train, **{"dataset": "-", "out": "-", **fields})
+
+
+def make_plan(spec: Spec, n_actions: int | None = None, world_size: int = 1) -> Plan:
+    """Which runs, which snapshots, what compute: each size's ``run_shape``, the one `train bc` will
+    have. ``n_actions``: the Atari game's action count (it changes the CNN's head and so its FLOPs;
+    default 18)."""
     runs = []
     for size in spec.sizes:
-        mcfg = model_for(spec, size, n_actions)
-        n = counting.effective_params(mcfg)
-        fps = counting.flops_per_sample(mcfg)
+        shape = run_shape(run_config(spec, size, budgets=tuple(spec.budgets)), spec.family, n_actions, world_size)
+        n, step = shape.params, shape.samples_per_step
         cells = []
-        for c in spec.budgets:
-            d = math.ceil(c / fps)
+        for c, d in shape.budget_samples:
             if d < step:
                 cells.append(Cell(c, d, False, f"less than one optimizer step ({d:,} < {step:,} samples)"))
             elif spec.samples_per_param and not spec.samples_per_param[0] <= d / n <= spec.samples_per_param[1]:
@@ -209,8 +207,8 @@ def make_plan(spec: Spec, n_actions: int | None = None, world_size: int = 1) -> 
                 cells.append(Cell(c, d, False, f"{side}: D/N = {d / n:.3g} outside [{lo:g}, {hi:g}]"))
             else:
                 cells.append(Cell(c, d, True))
-        runs.append(PlannedRun(run_name(spec, size), size, mcfg, n, fps, cells))
-    return Plan(spec, runs, step)
+        runs.append(PlannedRun(run_name(spec, size), size, shape, cells))
+    return Plan(spec, runs, runs[0].shape.samples_per_step)
 
 
 def describe(plan: Plan, flops_per_s: float | None = None) -> str:

@@ -19,61 +19,61 @@ from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+from trajdata.config import at_least, choose, coerce_fields, option, require
 from trajdata.errors import ConfigError, DataError
-from trajdata.sweep.plan import Plan, PlannedRun, Spec, describe, make_plan
+from trajdata.sweep.plan import Plan, PlannedRun, Spec, dataset_path, describe, make_plan, run_config
 from trajdata.train import checkpoint as ckpt_io
 
 BACKENDS = ("local", "ray", "print")
-EXPERT_TARGETS = {"scripted": "trajdata.collectors.nethack:ScriptedExpert",
-                  "autoascend": "trajdata.collectors.autoascend:AutoAscendExpert",
-                  "ppo": "trajdata.collectors.atari:PPOExpert"}
-EXPERT_KWARGS = {"scripted": ("character", "fix_moon_phase"), "autoascend": ("character", "fix_moon_phase"),
-                 "ppo": ("model", "game", "deterministic")}
 
 
 @dataclass
 class SweepOptions:
-    out: str
-    parallel: int = 1  # runs trained at once (local backend)
-    backend: str = "local"  # local processes, Ray tasks, or "print": the torchrun commands for a cluster
-    ray_address: str | None = None
-    nproc_per_node: int = 8  # "print": GPUs per torchrun command
-    threads: int | None = None  # torch threads per run (default: cores / parallel)
-    progress: bool = True
-    skip_eval: bool = False
-    skip_report: bool = False
+    """How a sweep runs (the flags of `trajdata sweep`); what it runs is the spec."""
 
+    out: str = option("", "Sweep directory [default: sweeps/<spec name>]. Rerun to resume.", metavar="DIRECTORY")
+    parallel: int = option(1, "Training runs at once (local backend).")
+    backend: str = option("local", "local processes, Ray tasks, or print the torchrun command of each run (for a "
+                                   "cluster).", choices=BACKENDS)
+    ray_address: str | None = option(None, "Ray cluster address (--backend ray).")
+    nproc_per_node: int = option(8, "GPUs per printed torchrun command.")
+    threads: int | None = option(None, "torch threads per training run [cores / --parallel].")
+    progress: bool = option(True, "Show progress bars.")
+    skip_eval: bool = option(False, "Fit loss only; no rollouts.")
+    skip_report: bool = option(False, "Gather runs.csv only; no fit or report.")
 
-def dataset_path(spec: Spec, out: Path) -> Path:
-    return Path(spec.dataset) if spec.dataset else out / "data"
+    def __post_init__(self):
+        coerce_fields(self)
+        choose(self.backend, BACKENDS, "backend")
+        at_least(self, 1, "parallel", "nproc_per_node")
+        at_least(self, 1, "threads", optional=True)
+        require(self.ray_address is None or self.backend == "ray", "ray_address", "needs backend 'ray'")
 
 
 def ensure_data(spec: Spec, out: Path, progress: bool) -> Path:
     """The spec's dataset, collected (or its collection resumed) when the spec says how."""
     path = dataset_path(spec, out)
     if spec.collect:
-        from trajdata.collectors.runner import CollectConfig, ExpertSpec, collect
+        from trajdata.collectors.config import EXPERTS, CollectConfig, ExpertSpec
+        from trajdata.collectors.runner import collect
 
         c = dict(spec.collect)
         expert = c.pop("expert", "scripted")
-        if expert not in EXPERT_TARGETS:
-            raise ConfigError(f"[data.collect] expert {expert!r}: choose one of {', '.join(EXPERT_TARGETS)}")
-        kwargs = {k: c.pop(k) for k in EXPERT_KWARGS[expert] if k in c}
+        if expert not in EXPERTS:
+            raise ConfigError(f"[data.collect] expert {expert!r}: choose one of {', '.join(EXPERTS)}")
+        kwargs = {k: c.pop(k) for k in EXPERTS[expert][1] if k in c}
         if expert != "ppo":
             kwargs.setdefault("character", "@")
             kwargs.setdefault("fix_moon_phase", True)
-        collect(CollectConfig(out=str(path), expert=ExpertSpec(EXPERT_TARGETS[expert], kwargs), **c), progress=progress)
+        collect(CollectConfig(out=str(path), expert=ExpertSpec.named(expert, **kwargs), **c), progress=progress)
     elif not (path / "dataset.json").is_file():
         raise DataError(f"dataset {path} does not exist (and the spec has no [data.collect] to make it)")
     return path
 
 
 def bc_config(spec: Spec, run: PlannedRun, dataset: Path, out: Path, **extra):
-    from trajdata.train.bc import BCConfig
-
-    size = dict(width=run.size) if spec.family == "atari" else dict(width=run.size[0], layers=run.size[1])
-    return BCConfig(dataset=str(dataset), out=str(out / "runs" / run.name), run_id=run.name, family=spec.family,
-                    budgets=tuple(run.budgets), **size, **spec.train, **extra)
+    return run_config(spec, run.size, dataset=str(dataset), out=str(out / "runs" / run.name), run_id=run.name,
+                      budgets=tuple(run.budgets), **extra)
 
 
 def run_done(cfg) -> bool:
@@ -206,17 +206,15 @@ def gather(plan: Plan, out: Path) -> Path:
 
 def run_sweep(spec: Spec, opts: SweepOptions) -> dict:
     """The whole pipeline for ``spec``; returns a summary (plan, wall time, where the report is)."""
-    if opts.backend not in BACKENDS:
-        raise ConfigError(f"backend {opts.backend!r}: choose one of {', '.join(BACKENDS)}", field="backend")
     t0 = time.time()
-    out = Path(opts.out)
+    out = Path(opts.out or f"sweeps/{spec.name}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1, default=str) + "\n")
     dataset = ensure_data(spec, out, opts.progress) if opts.backend != "print" else dataset_path(spec, out)
     n_actions = None
     if spec.family == "atari" and (dataset / "dataset.json").is_file():
         from trajdata.format.dataset import Dataset
-        from trajdata.train.bc import atari_actions
+        from trajdata.train.shape import atari_actions
 
         n_actions = atari_actions(Dataset(dataset).info)
     plan = make_plan(spec, n_actions)

@@ -1,14 +1,17 @@
 """Behavioural cloning on a trajdata dataset: the paper's agents, counted in effective params and
 FLOPs, with a checkpoint and a validation loss at every FLOP budget.
 
-Read ``train`` top to bottom: set up (devices, DDP, data, model, optimizer, run directory, resume),
-then one loop of optimizer steps, each of ``grad_accum`` micro-batches of (B, T) lanes. Every
-hyper-parameter is a field of ``BCConfig`` (CLI flags and TOML files override the defaults).
+Read ``train`` top to bottom: ``start_run`` (devices, DDP, data, the run's shape and length, run
+directory), ``build_state`` (model, EMA copy, optimizer, loader, resumed from the rolling
+checkpoint), then a loop of named steps: the step's LR, its ``grad_accum`` micro-batches of (B, T)
+lanes, ``Stepper.step`` (forward, backward, clip, AdamW, EMA), ``MetricsLog.after_step``,
+``take_snapshots`` at the budgets it reached, ``save_latest`` every --checkpoint-every steps.
+Every hyper-parameter is a field of ``BCConfig`` (CLI flags and TOML files override the defaults).
 
-Counting follows the paper: samples D are the real (unpadded) steps trained on, N the effective
-parameters (``models.flops.effective_params``) and C = 6ND for NetHack; Atari counts every layer,
-3x the forward FLOPs. Budget C's snapshot is taken at the first optimizer step whose cumulative
-samples reach C / (FLOPs per sample).
+Counting follows the paper (``train.shape``): samples D are the real (unpadded) steps trained on,
+N the effective parameters (``models.flops.effective_params``) and C = 6ND for NetHack; Atari
+counts every layer, 3x the forward FLOPs. Budget C's snapshot is taken at the first optimizer step
+whose cumulative samples reach C / (FLOPs per sample).
 
 Several GPUs: ``torchrun --nproc-per-node K -m trajdata.cli train bc ...``: each rank reads its
 own episodes (the loader splits by rank), gradients are averaged by DDP, rank 0 writes.
@@ -21,7 +24,6 @@ import math
 import os
 import random
 import time
-import tomllib
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -30,23 +32,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trajdata.config import at_least, choose, open_run_dir, require
+from trajdata.config import (at_least, choose, coerce_fields, copy_option, from_mapping, open_run_dir, option,
+                             read_toml, require)
 from trajdata.errors import ConfigError, DataError
 from trajdata.format.dataset import Dataset
 from trajdata.loaders.stream import LoaderConfig, make_dataloader, select_episodes
 from trajdata.models import flops as counting
 from trajdata.models.atari import AtariConfig
 from trajdata.models.nethack import NetHackConfig
-from trajdata.models.sizes import NETHACK_GRID, PAPER_SIZE, atari_width_for_params, size_for_params
 from trajdata.train import checkpoint as ckpt_io
+from trajdata.train import shape as shapes
+from trajdata.train.shape import PRESETS, RunShape, atari_actions, run_shape
 
 FAMILIES = ("auto", "nethack", "atari")
 SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
-# presets: the paper's ten NetHack sizes, smallest first, and its headline size
-PRESETS = {f"grid-{i + 1}": hl for i, hl in enumerate(NETHACK_GRID)} | {"paper": PAPER_SIZE}
-NETHACK_FIELDS = ("tty_chars", "tty_colors", "tty_cursor", "action")
 # bf16 dense peak FLOP/s, for MFU (matched against torch.cuda.get_device_name)
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
 # fields that may change when the same run is resumed
@@ -58,56 +59,67 @@ RESUME_FREE = ("samples", "budgets", "log_every", "checkpoint_every", "num_worke
 class BCConfig:
     """Every hyper-parameter of a BC run (the CLI's flags are these fields)."""
 
-    dataset: str = ""
-    out: str = ""
-    run_id: str = ""  # name in runs.csv (default: the run directory's name)
-    family: str = "auto"  # from the dataset's schema: "atari" datasets get the Atari CNN
-    # model size: preset, or params (--params 10M picks (h, L) at h ~ 100 L), or width (+ layers)
-    preset: str | None = None
-    params: str | None = None
-    width: int | None = None
-    layers: int | None = None
-    heads: int = 0
-    core: str = "transformer"
-    use_glyphs: bool = False
-    use_inventory: bool = True
-    use_message: bool = True
+    dataset: str = option("", "Dataset directory.", cli=False)
+    out: str = option("", "Run directory (rerun to resume).", required=True, metavar="DIRECTORY")
+    run_id: str = option("", "Name of this run in runs.csv [default: the --out directory's name].")
+    family: str = option("auto", "Model family; auto picks the Atari CNN for Atari datasets, else the NetHack agent.",
+                         choices=FAMILIES)
+    # model size: one of preset, params, width (+ layers)
+    preset: str | None = option(None, "A size of the paper's NetHack grid: grid-1 (64,1) .. grid-10 (1088,10); "
+                                      "paper = (384,4).", choices=PRESETS)
+    params: str | int | float | None = option(None, "Target effective parameters (10M, 250k): picks (width, layers) at width ~ "
+                                      "100 x layers (Atari: the CNN width).", metavar="COUNT")
+    width: int | None = option(None, "Core width h (NetHack) or CNN width multiplier w (Atari).")
+    layers: int | None = option(None, "Transformer / LSTM layers (NetHack).")
+    heads: int = copy_option(NetHackConfig, "heads")
+    core: str = copy_option(NetHackConfig, "core")
+    use_glyphs: bool = copy_option(NetHackConfig, "use_glyphs")
+    use_inventory: bool = copy_option(NetHackConfig, "use_inventory")
+    use_message: bool = copy_option(NetHackConfig, "use_message")
     # data
-    seq_len: int = 4096
-    batch_size: int = 1  # lanes per micro-batch per rank
-    grad_accum: int = 1  # micro-batches per optimizer step
-    samples_per_step: int | None = None  # instead of grad_accum: B*T*accum*world (paper: 2**18)
-    val_fraction: float = 0.05
-    val_batches: int = 0  # 0: the whole validation split
-    num_workers: int = 0
+    seq_len: int = option(4096, "Unroll length T (lanes of whole episodes, back to back).")
+    batch_size: int = option(1, "Lanes per micro-batch per rank (B).")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    samples_per_step: int | None = option(None, "Samples per optimizer step over all ranks (sets --grad-accum; "
+                                                "paper: 262144).", count=True)
+    val_fraction: float = option(0.05, "Fraction of episodes (by hash of id) held out for the validation loss.")
+    val_batches: int = option(0, "Validation batches per snapshot (0: the whole split).")
+    num_workers: int = option(0, "Loader worker processes per rank.")
     # optimisation
-    lr: float = 1e-4
-    schedule: str = "constant"  # constant (isoFLOP runs: one run serves all budgets) or cosine (forecast runs)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    decay_steps: int | None = None  # cosine length (default: the run's last step)
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max gradient norm (0: off), applied to the true (unscaled) gradients
-    ema: float = 0.0  # snapshots hold an exponential moving average of the weights, decay min(ema, (1+t)/(10+t)) at step t (0: the weights)
+    lr: float = option(1e-4, "Peak learning rate (AdamW).")
+    schedule: str = option("constant", "constant (isoFLOP runs: one run serves every budget) or cosine (warm-up, "
+                                       "then decay).", choices=SCHEDULES)
+    warmup_steps: int = option(0, "Linear warm-up optimizer steps.")
+    min_lr_ratio: float = option(0.1, "Cosine: final LR as a fraction of --lr.")
+    decay_steps: int | None = option(None, "Cosine length in optimizer steps [default: the run's end].")
+    weight_decay: float = option(0.0, "AdamW weight decay (the paper: 0).")
+    beta1: float = option(0.9, "AdamW beta1.")
+    beta2: float = option(0.999, "AdamW beta2.")
+    eps: float = option(1e-8, "AdamW epsilon.")
+    grad_clip: float = option(1.0, "Max global gradient norm, on unscaled gradients (0: off).")
+    ema: float = option(0.0, "Snapshots (and their val loss) use an exponential moving average of the weights with "
+                             "this decay per optimizer step, warmed up as min(ema, (1+t)/(10+t)); 0: the raw weights. "
+                             "Steadies snapshots under a constant LR.")
     # length: up to the largest budget; --samples caps it; with neither, one pass over the data
-    budgets: tuple[float, ...] = ()
-    samples: int | None = None
+    budgets: tuple[float, ...] = option((), "FLOP budgets, comma-separated (1e13,2e13,5e13): a snapshot, validation "
+                                            "loss and runs.csv row at each.")
+    samples: int | None = option(None, "Stop after this many samples (steps) [default: the largest budget, else one "
+                                       "pass over the data].", count=True)
     # machinery
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 100  # optimizer steps between rolling checkpoints
-    progress: bool = True
-    tensorboard: bool = True  # events in RUN/tb when tensorboard is installed
-    trace_episodes: bool = False  # each rank logs the steps it trained on per episode and epoch (RUN/episodes.rank<r>.jsonl)
+    device: str = option("auto", "auto (CUDA when present), cpu or cuda.", choices=DEVICES)
+    precision: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32.", choices=PRECISIONS)
+    compile: bool = option(False, "torch.compile the model.")
+    seed: int = option(0, "Seed of the model init and of the episode order.")
+    log_every: int = option(10, "Optimizer steps between metrics.jsonl rows.")
+    checkpoint_every: int = option(100, "Optimizer steps between rolling checkpoints (RUN/checkpoint.pt).")
+    progress: bool = option(True, "Show a progress bar.")
+    tensorboard: bool = option(True, "Write TensorBoard events to RUN/tb when tensorboard is installed.")
+    trace_episodes: bool = option(False, "Log the steps each rank trained on, per episode and epoch "
+                                         "(RUN/episodes.rank<r>.jsonl).")
 
     def __post_init__(self):
-        self.budgets = tuple(sorted(float(b) for b in self.budgets))
+        coerce_fields(self)
+        self.budgets = tuple(sorted(self.budgets))
         require(bool(self.dataset), "dataset", "is required")
         require(bool(self.out), "out", "is required")
         choose(self.family, FAMILIES, "family")
@@ -133,19 +145,8 @@ class BCConfig:
     @classmethod
     def from_toml(cls, path: str | os.PathLike, **overrides) -> BCConfig:
         """Fields from a TOML file (a table ``[bc]`` or the top level), then ``overrides``."""
-        p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {p} does not exist", field="config") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {p} is not valid TOML ({e})", field="config") from None
-        data = data.get("bc", data)
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(data) - known)
-        if bad:
-            raise ConfigError(f"config file {p}: unknown field {bad[0]!r}", field="config")
-        return cls(**{**data, **overrides})
+        data = read_toml(path)
+        return from_mapping(cls, data.get("bc", data), f"config file {path}", **overrides)
 
 
 # ---- set-up pieces ---------------------------------------------------------------------------------
@@ -154,39 +155,9 @@ def dataset_family(ds: Dataset) -> str:
     return "atari" if ds.schema.name == "atari" else "nethack"
 
 
-def atari_actions(info: dict) -> int:
-    """The size of the action set the Atari expert acted in (the env's minimal set)."""
-    from trajdata.envs.atari import make_play_env
-
-    expert = info.get("expert", {})
-    env = make_play_env(expert.get("game") or info.get("env"))
-    try:
-        return int(env.action_space.n)
-    finally:
-        env.close()
-
-
 def model_config(cfg: BCConfig, family: str, ds: Dataset) -> NetHackConfig | AtariConfig:
-    """The model config the BC config asks for, on this dataset."""
-    if family == "atari":
-        require(cfg.preset is None, "preset", "presets are NetHack sizes; size the Atari CNN with --width or --params")
-        width = cfg.width or (atari_width_for_params(cfg.params) if cfg.params else AtariConfig.width)
-        return AtariConfig(width=width, n_actions=atari_actions(ds.info))
-    base = NetHackConfig(heads=cfg.heads, core=cfg.core, use_glyphs=cfg.use_glyphs,
-                         use_inventory=cfg.use_inventory, use_message=cfg.use_message)
-    if cfg.preset:
-        h, L = PRESETS[cfg.preset]
-    elif cfg.params:
-        h, L = size_for_params(cfg.params, base)
-    else:
-        h, L = cfg.width or base.width, cfg.layers or base.layers
-    return replace(base, width=h, layers=L)
-
-
-def needed_fields(mcfg) -> tuple[str, ...]:
-    if isinstance(mcfg, AtariConfig):
-        return ("action",)
-    return NETHACK_FIELDS + ("inv_glyphs",) * mcfg.use_inventory + ("glyphs",) * mcfg.use_glyphs
+    """The model config the BC config asks for, on this dataset (``shape.model_config``)."""
+    return shapes.model_config(cfg, family, atari_actions(ds.info) if family == "atari" else None)
 
 
 def check_dataset(ds: Dataset, family: str, mcfg) -> None:
@@ -198,7 +169,7 @@ def check_dataset(ds: Dataset, family: str, mcfg) -> None:
     if family == "atari" and not {"frame", "lives"} <= have:
         raise ConfigError(f"{ds.root} (schema {ds.schema.name!r}) has no Atari frames for the Atari model",
                           field="family")
-    lacking = [f for f in needed_fields(mcfg) if f not in have]
+    lacking = [f for f in mcfg.input_fields if f not in have]
     if lacking:
         hint = {"inv_glyphs": " (--no-use-inventory trains without it)", "glyphs": " (drop --use-glyphs)"}.get(lacking[0], "")
         raise DataError(f"{ds.root} (schema {ds.schema.name!r}) lacks field {lacking[0]!r} that the model needs{hint}")
@@ -237,7 +208,7 @@ def lr_at(cfg: BCConfig, step: int, last_step: int) -> float:
 
 
 def loader_config(cfg: BCConfig, mcfg, split: str, **kw) -> LoaderConfig:
-    return LoaderConfig(root=cfg.dataset, fields=needed_fields(mcfg), batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+    return LoaderConfig(root=cfg.dataset, fields=mcfg.input_fields, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                         mode="lanes", seed=cfg.seed, split=split, val_fraction=cfg.val_fraction,
                         frame_stack=mcfg.frame_stack if isinstance(mcfg, AtariConfig) else 1, **kw)
 
@@ -310,6 +281,363 @@ def validate(model, cfg: BCConfig, mcfg, device, autocast) -> dict:
     return dict(loss=float(loss), loss_se=float(se), accuracy=correct / n.sum(), episodes=k, steps=int(n.sum()))
 
 
+@torch.no_grad()
+def update_average(averaged: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """averaged <- decay * averaged + (1 - decay) * model for the weights; buffers (BatchNorm
+    statistics) are copied."""
+    torch._foreach_lerp_(list(averaged.parameters()), list(model.parameters()), 1.0 - decay)
+    for a, b in zip(averaged.buffers(), model.buffers()):
+        a.copy_(b)
+
+
+def dataset_record(ds: Dataset, cfg: BCConfig, mcfg) -> dict:
+    """What a checkpoint says about its training data (eval rebuilds the env from it)."""
+    info = ds.info
+    return dict(root=str(Path(cfg.dataset).resolve()), env=info.get("env"), schema=ds.schema.name,
+                expert=info.get("expert", {}), collection=info.get("collection", {}),
+                frame_stack=getattr(mcfg, "frame_stack", 1), fields=list(mcfg.input_fields))
+
+
+def state_to(state, device):
+    """A NetHackState (or None) with every tensor moved to ``device``."""
+    if state is None:
+        return None
+    moved = {}
+    for f in fields(state):
+        v = getattr(state, f.name)
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+        elif isinstance(v, tuple) and v and isinstance(v[0], torch.Tensor):
+            v = tuple(x.to(device) for x in v)
+        moved[f.name] = v
+    return replace(state, **moved)
+
+
+# ---- the run: what it is fixed to, and what changes step to step ------------------------------------
+
+@dataclass
+class Run:
+    """A run as set up before its first step: devices, ranks, data, shape, length, run directory."""
+
+    cfg: BCConfig
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    ds: Dataset
+    shape: RunShape
+    target: int  # training samples: the largest budget's, --samples, or one pass over the data
+    last_step: int  # the cosine schedule's end when every slot holds a step
+    dir: Path
+    writer: bool  # rank 0 writes the run directory
+
+    @property
+    def record(self) -> dict:
+        """The dataset part of every checkpoint of the run."""
+        return dataset_record(self.ds, self.cfg, self.shape.model)
+
+
+@dataclass
+class TrainState:
+    """What changes step to step, and what a rolling checkpoint saves."""
+
+    model: torch.nn.Module
+    averaged: torch.nn.Module | None  # the EMA weights that snapshots hold (--ema)
+    opt: torch.optim.Optimizer
+    loader: object
+    step: int = 0
+    samples: int = 0
+    carried: object = None  # the model state handed from one lanes batch to the next (LSTM (h, c), previous action)
+    resumed: bool = False
+
+    @property
+    def snapshot_weights(self) -> torch.nn.Module:
+        return self.averaged if self.averaged is not None else self.model
+
+
+def start_run(cfg: BCConfig) -> Run:
+    """Devices and ranks, the dataset, the run's shape and length; opens (or resumes) the run directory."""
+    rank, world, local_rank = init_distributed()
+    device = pick_device(cfg, local_rank)
+    ds = Dataset(cfg.dataset)
+    family = dataset_family(ds) if cfg.family == "auto" else cfg.family
+    shape = run_shape(cfg, family, atari_actions(ds.info) if family == "atari" else None, world)
+    check_dataset(ds, family, shape.model)
+    step_slots, per_sample = shape.samples_per_step, shape.flops_per_sample
+    for b in cfg.budgets:
+        require(b / per_sample >= step_slots, "budgets",
+                f"{b:g} is less than one optimizer step ({step_slots:,} samples = {step_slots * per_sample:.3g} FLOPs "
+                f"at {per_sample:,} FLOPs/sample)")
+    target = run_length(cfg, ds, shape)
+    run = Run(cfg, rank, world, local_rank, device, ds, shape, target, shape.steps_for(target), Path(cfg.out),
+              writer=rank == 0)
+    if run.writer:
+        open_run_dir(run.dir, dict(asdict(cfg), model=asdict(shape.model), family=family,
+                                   effective_params=shape.params, flops_per_sample=per_sample, world_size=world,
+                                   grad_accum_effective=shape.grad_accum),
+                     resume_free=RESUME_FREE, what="BC run")
+    if world > 1:
+        torch.distributed.barrier()
+    return run
+
+
+def run_length(cfg: BCConfig, ds: Dataset, shape: RunShape) -> int:
+    """Training samples: --samples, else the largest budget's, else one pass over the training split
+    (which, and the validation split when there are budgets, must hold episodes)."""
+    train_rows = select_episodes(ds.index_rows(), loader_config(cfg, shape.model, "train"))
+    if not train_rows:
+        raise DataError(f"{cfg.dataset} has no training episodes (at --val-fraction {cfg.val_fraction})")
+    if cfg.budgets and not select_episodes(ds.index_rows(), loader_config(cfg, shape.model, "val")):
+        raise DataError(f"{cfg.dataset} has no validation episodes at --val-fraction {cfg.val_fraction} "
+                        f"(budget snapshots need them; raise --val-fraction)")
+    if cfg.samples is not None:
+        return cfg.samples
+    if cfg.budgets:
+        return shape.samples_for(cfg.budgets[-1])
+    return sum(int(r["steps"]) for r in train_rows)
+
+
+def build_state(run: Run) -> TrainState:
+    """Model (seeded), EMA copy, optimizer and loader; resumed from the rolling checkpoint if there is one."""
+    cfg, device = run.cfg, run.device
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = ckpt_io.build_model(run.shape.family, asdict(run.shape.model)).to(device)
+    averaged = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                            weight_decay=cfg.weight_decay)
+    loader = make_dataloader(loader_config(cfg, run.shape.model, "train", pin_memory=device.type == "cuda"),
+                             cfg.num_workers)
+    state = TrainState(model, averaged, opt, loader)
+    latest = run.dir / ckpt_io.LATEST
+    if latest.is_file():
+        resume(state, ckpt_io.load(latest, map_location=device), latest, device)
+    return state
+
+
+def resume(state: TrainState, ck: dict, path: Path, device) -> None:
+    """Weights, optimizer, loader position, RNG, EMA and carried model state from checkpoint ``ck``."""
+    try:
+        state.model.load_state_dict(ck["model"])
+        state.opt.load_state_dict(ck["optimizer"])
+        state.loader.load_state_dict(ck["loader"])
+        set_rng_state(ck["rng"])
+        if state.averaged is not None:
+            state.averaged.load_state_dict(ck["ema"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise DataError(f"checkpoint {path} does not match this run ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]})") from None
+    state.step, state.samples, state.resumed = ck["step"], ck["samples"], True
+    state.carried = state_to(ck["carried"], device) if ck.get("carried") is not None else None
+
+
+def pending_budgets(run: Run, state: TrainState) -> list[tuple[float, int]]:
+    """(budget, samples) still to snapshot; a budget already passed without a snapshot is refused."""
+    done = {float(r["budget"]) for r in ckpt_io.read_runs(run.dir / ckpt_io.RUNS_CSV) if r.get("run") == run.cfg.run_id}
+    late = [b for b, s in run.shape.budget_samples if s < state.samples and b not in done]
+    if late:
+        raise ConfigError(f"budget {late[0]:g} was passed before it was asked for (the run is at {state.samples:,} "
+                          "samples); start a new --out for it", field="budgets")
+    return [(b, s) for b, s in run.shape.budget_samples if b not in done]
+
+
+# ---- one optimizer step ------------------------------------------------------------------------------
+
+class Stepper:
+    """Forward and backward over an optimizer step's micro-batches (DDP, torch.compile, autocast),
+    then the clipped optimizer step and the EMA update."""
+
+    def __init__(self, run: Run, state: TrainState):
+        self.run, self.state = run, state
+        cfg, device = run.cfg, run.device
+        self.core = state.model
+        if run.world > 1:
+            self.core = torch.nn.parallel.DistributedDataParallel(
+                state.model, device_ids=[run.local_rank] if device.type == "cuda" else None)
+        self.fwd = torch.compile(self.core) if cfg.compile else self.core
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def real_steps(self, micro: list[dict]) -> int:
+        """Unpadded steps in the micro-batches, over all ranks."""
+        steps = torch.stack([b["mask"].sum() for b in micro]).sum()
+        if self.run.world > 1:
+            torch.distributed.all_reduce(steps)
+        return int(steps)
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.state.opt.param_groups:
+            g["lr"] = lr
+
+    def step(self, micro: list[dict], n_steps: int, tally: torch.Tensor) -> None:
+        """One optimizer step on ``n_steps`` real steps; adds (CE sum, correct, steps) to ``tally``."""
+        state, cfg, world = self.state, self.run.cfg, self.run.world
+        state.opt.zero_grad(set_to_none=True)
+        for i, b in enumerate(micro):
+            with nullcontext() if (world == 1 or i == len(micro) - 1) else self.core.no_sync():
+                with self.autocast:
+                    logits, state.carried = self.fwd(b, state.carried)
+                    ce, ok = step_losses(logits, b)
+                    # the mean over all real steps of the optimizer step (all ranks): DDP averages over ranks
+                    loss = ce.sum() * (world / n_steps)
+                loss.backward()
+            state.carried = state.carried.detach() if state.carried is not None else None
+            tally += torch.stack([ce.detach().sum().double(), ok.sum().double(), b["mask"].sum().double()])
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+        state.opt.step()
+        if state.averaged is not None:
+            update_average(state.averaged, state.model, min(cfg.ema, (1 + state.step) / (10 + state.step)))
+        state.step += 1
+        state.samples += n_steps
+
+
+class Batches:
+    """The training loader's batches, epoch after epoch, moved to the device; times the wait for
+    them and, with --trace-episodes, logs the steps of each episode this rank trained on."""
+
+    def __init__(self, run: Run, loader):
+        self.run, self.loader = run, loader
+        self.it = iter(loader)
+        self.wait = 0.0
+        self.trace: dict[int, int] = {}
+
+    def take(self, n: int) -> list[dict]:
+        return [self.next() for _ in range(n)]
+
+    def next(self) -> dict:
+        t0 = time.perf_counter()
+        try:
+            batch = next(self.it)
+        except StopIteration:  # an epoch ended: the next one has its own shuffle
+            self.flush_trace(self.loader.dataset.epoch - 1)
+            self.it = iter(self.loader)
+            batch = next(self.it)
+        self.wait += time.perf_counter() - t0
+        if self.run.cfg.trace_episodes:
+            for e, n in zip(*np.unique(batch["episode"][batch["mask"]].numpy(), return_counts=True)):
+                self.trace[int(e)] = self.trace.get(int(e), 0) + int(n)
+        return to_device(batch, self.run.device)
+
+    def flush_trace(self, epoch: int) -> None:
+        if self.run.cfg.trace_episodes and self.trace:
+            ids, rank = self.loader.dataset.episode_ids, self.run.rank
+            with open(self.run.dir / f"episodes.rank{rank}.jsonl", "a") as f:
+                f.write(json.dumps(dict(epoch=epoch, rank=rank, steps={ids[e]: n for e, n in sorted(self.trace.items())}))
+                        + "\n")
+            self.trace.clear()
+
+
+# ---- what a step leaves behind: metrics, snapshots, checkpoints ----------------------------------------
+
+class MetricsLog:
+    """Loss, accuracy, LR, samples/s and data-wait rows every --log-every steps (and at the end) into
+    metrics.jsonl, TensorBoard and the progress bar; samples/s counts training time only."""
+
+    def __init__(self, run: Run, state: TrainState):
+        self.run = run
+        self.path = run.dir / ckpt_io.METRICS
+        if run.writer and state.resumed:  # rows logged after the checkpoint are logged again
+            self.path.write_text("".join(ln + "\n" for ln in _read_metrics(self.path, state.step)))
+        self.tb = _tensorboard(run.dir, run.cfg.tensorboard) if run.writer else None
+        self.peak = peak_flops(run.device)
+        self.total_per_sample = counting.measured_flops_per_sample(state.model, run.cfg.seq_len) if self.peak else None
+        self.bar = _progress_bar(run, state.samples)
+        self.tally = torch.zeros(3, dtype=torch.float64, device=run.device)  # CE sum, correct, steps: read at log time only
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.t_last, self.busy_samples = time.perf_counter(), 0
+
+    def pause(self, seconds: float) -> None:
+        """Leave ``seconds`` (a snapshot's validation) out of samples/s and data-wait."""
+        self.t_last += seconds
+
+    def after_step(self, state: TrainState, n_steps: int, lr: float, batches: Batches) -> None:
+        run = self.run
+        self.busy_samples += n_steps
+        self.bar.update(min(state.samples, run.target) - self.bar.n)
+        if state.step % run.cfg.log_every == 0 or state.samples >= run.target:
+            self.write(self.row(state, lr, batches.wait))
+            self.restart_clock()
+            batches.wait = 0.0
+            self.tally.zero_()
+
+    def row(self, state: TrainState, lr: float, wait: float) -> dict:
+        dt = max(time.perf_counter() - self.t_last, 1e-9)
+        ce_sum, n_ok, n_log = self.tally.tolist()
+        row = dict(step=state.step, samples=state.samples, flops=self.run.shape.flops(state.samples),
+                   loss=ce_sum / max(n_log, 1), accuracy=n_ok / max(n_log, 1), lr=lr,
+                   samples_per_s=self.busy_samples / dt, data_wait=min(1.0, wait / dt))
+        if self.peak:
+            world = self.run.world
+            row["mfu_6n"] = row["samples_per_s"] * self.run.shape.flops_per_sample / (self.peak * world)
+            row["mfu_total"] = row["samples_per_s"] * self.total_per_sample / (self.peak * world)
+        return row
+
+    def write(self, row: dict) -> None:
+        if self.run.writer:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.tb is not None:
+                for k, v in row.items():
+                    if k != "step":
+                        self.tb.add_scalar(k, v, row["step"])
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _progress_bar(run: Run, samples: int):
+    from tqdm import tqdm
+
+    return tqdm(total=run.target, initial=min(samples, run.target), unit="sample", unit_scale=True,
+                disable=not (run.cfg.progress and run.writer), desc=f"train bc {run.cfg.run_id}", dynamic_ncols=True)
+
+
+def take_snapshots(run: Run, state: TrainState, pending: list, stepper: Stepper, log: MetricsLog) -> None:
+    """A snapshot (weights, validation loss, runs.csv row) for every pending budget this step reached."""
+    while pending and state.samples >= pending[0][1]:
+        budget, _ = pending.pop(0)
+        t0 = time.perf_counter()
+        val = snapshot(run, state, budget, stepper.autocast)
+        log.pause(time.perf_counter() - t0)
+        log.bar.write(f"budget {budget:.3g}: {state.samples:,} samples, val loss {val['loss']:.4f} ± "
+                      f"{val['loss_se']:.4f} ({val['episodes']} episodes)")
+
+
+def snapshot(run: Run, state: TrainState, budget: float, autocast) -> dict:
+    """Validate the snapshot weights; rank 0 writes snapshots/budget-C.pt and its runs.csv row."""
+    weights = state.snapshot_weights
+    val = validate(weights, run.cfg, run.shape.model, run.device, autocast)
+    if run.writer:
+        path = ckpt_io.snapshot_path(run.dir, budget)
+        record = dict(ckpt_io.model_record(weights), dataset=run.record, train=asdict(run.cfg), step=state.step,
+                      samples=state.samples, flops=run.shape.flops(state.samples), params=run.shape.params,
+                      budget=budget, val=val)
+        ckpt_io.save(path, record)
+        ckpt_io.upsert_run(run.dir / ckpt_io.RUNS_CSV, ckpt_io.snapshot_row(record, path, run.dir))
+    return val
+
+
+def save_latest(run: Run, state: TrainState, boundary: tuple) -> None:
+    """The rolling checkpoint, at the last step boundary (``boundary``: the loader state and carried
+    model state there)."""
+    if not run.writer:
+        return
+    loader_state, carried = boundary
+    ckpt_io.save(run.dir / ckpt_io.LATEST, dict(
+        ckpt_io.model_record(state.model), dataset=run.record, train=asdict(run.cfg), step=state.step,
+        samples=state.samples, flops=run.shape.flops(state.samples), params=run.shape.params, budget=None,
+        optimizer=state.opt.state_dict(), loader=loader_state, rng=rng_state(),
+        ema=state.averaged.state_dict() if state.averaged is not None else None,
+        carried=state_to(carried, "cpu") if carried is not None else None))
+
+
 def _tensorboard(run: Path, enabled: bool):
     if not enabled:
         return None
@@ -326,268 +654,51 @@ def _read_metrics(path: Path, up_to_step: int) -> list[str]:
     return [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= up_to_step]
 
 
-# ---- the run ---------------------------------------------------------------------------------------
+# ---- the loop ----------------------------------------------------------------------------------------
 
 def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
     """Train (or resume) the run in ``cfg.out``; returns its summary (steps, samples, snapshots).
 
     ``stop_after``: stop (with a rolling checkpoint) after that many optimizer steps of this call,
     as an interruption would."""
-    rank, world, local_rank = init_distributed()
-    device = pick_device(cfg, local_rank)
-    ds = Dataset(cfg.dataset)
-    family = dataset_family(ds) if cfg.family == "auto" else cfg.family
-    mcfg = model_config(cfg, family, ds)
-    check_dataset(ds, family, mcfg)
-    n_params = counting.effective_params(mcfg)
-    per_sample = counting.flops_per_sample(mcfg)
-    B, T = cfg.batch_size, cfg.seq_len
-    accum = cfg.grad_accum
-    if cfg.samples_per_step is not None:
-        require(cfg.samples_per_step % (B * T * world) == 0, "samples_per_step",
-                f"{cfg.samples_per_step} is not a multiple of batch_size x seq_len x ranks = {B * T * world}")
-        accum = cfg.samples_per_step // (B * T * world)
-    step_slots = B * T * accum * world
-    for b in cfg.budgets:
-        require(b / per_sample >= step_slots, "budgets",
-                f"{b:g} is less than one optimizer step ({step_slots:,} samples = {step_slots * per_sample:.3g} FLOPs "
-                f"at {per_sample:,} FLOPs/sample)")
-    train_rows = select_episodes(ds.index_rows(), loader_config(cfg, mcfg, "train"))
-    if not train_rows:
-        raise DataError(f"{cfg.dataset} has no training episodes (at --val-fraction {cfg.val_fraction})")
-    if cfg.budgets and not select_episodes(ds.index_rows(), loader_config(cfg, mcfg, "val")):
-        raise DataError(f"{cfg.dataset} has no validation episodes at --val-fraction {cfg.val_fraction} "
-                        f"(budget snapshots need them; raise --val-fraction)")
-    if cfg.samples is not None:
-        target = cfg.samples
-    elif cfg.budgets:
-        target = math.ceil(cfg.budgets[-1] / per_sample)
-    else:
-        target = sum(int(r["steps"]) for r in train_rows)
-    budget_samples = [(b, math.ceil(b / per_sample)) for b in cfg.budgets]
-    last_step = math.ceil(target / step_slots)  # the cosine schedule's end when every slot holds a step
-
-    run = Path(cfg.out)
-    writer = rank == 0
-    config = dict(asdict(cfg), model=asdict(mcfg), family=family, effective_params=n_params,
-                  flops_per_sample=per_sample, world_size=world, grad_accum_effective=accum)
-    if writer:
-        open_run_dir(run, config, resume_free=RESUME_FREE, what="BC run")
-    if world > 1:
-        torch.distributed.barrier()
-
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
-    model = ckpt_io.build_model(family, asdict(mcfg)).to(device)
-    averaged = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                            weight_decay=cfg.weight_decay)
-    loader = make_dataloader(loader_config(cfg, mcfg, "train", pin_memory=device.type == "cuda"), cfg.num_workers)
-    step = samples = 0
-    carried = None  # the model state handed from one lanes batch to the next (LSTM (h, c), previous action)
-    resumed = (run / ckpt_io.LATEST).is_file()
-    if resumed:
-        ck = ckpt_io.load(run / ckpt_io.LATEST, map_location=device)
-        try:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            loader.load_state_dict(ck["loader"])
-            set_rng_state(ck["rng"])
-            if averaged is not None:
-                averaged.load_state_dict(ck["ema"])
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise DataError(f"checkpoint {run / ckpt_io.LATEST} does not match this run ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:120]})") from None
-        step, samples, carried = ck["step"], ck["samples"], ck.get("carried")
-        if carried is not None:
-            carried = state_to(carried, device)
-    done_budgets = {float(r["budget"]) for r in ckpt_io.read_runs(run / ckpt_io.RUNS_CSV) if r.get("run") == cfg.run_id}
-    late = [b for b, s in budget_samples if s < samples and b not in done_budgets]
-    if late:
-        raise ConfigError(f"budget {late[0]:g} was passed before it was asked for (the run is at {samples:,} samples); "
-                          "start a new --out for it", field="budgets")
-    pending = [(b, s) for b, s in budget_samples if b not in done_budgets]
-
-    core = model
-    if world > 1:
-        core = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    fwd = torch.compile(core) if cfg.compile else core
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    metrics_path = run / ckpt_io.METRICS
-    if writer and resumed:  # rows logged after the checkpoint are logged again
-        metrics_path.write_text("".join(ln + "\n" for ln in _read_metrics(metrics_path, step)))
-    tb = _tensorboard(run, cfg.tensorboard) if writer else None
-    peak = peak_flops(device)
-    total_per_sample = counting.measured_flops_per_sample(model, T) if peak else None
-
-    def save_latest(loader_state, carried_state) -> None:
-        if writer:
-            ckpt_io.save(run / ckpt_io.LATEST, dict(
-                ckpt_io.model_record(model), dataset=dataset_record(ds, cfg, mcfg), train=asdict(cfg), step=step,
-                samples=samples, flops=samples * per_sample, params=n_params, budget=None,
-                optimizer=opt.state_dict(), loader=loader_state, rng=rng_state(),
-                ema=averaged.state_dict() if averaged is not None else None,
-                carried=state_to(carried_state, "cpu") if carried_state is not None else None))
-
-    def snapshot(budget: float) -> dict:
-        weights = averaged if averaged is not None else model
-        val = validate(weights, cfg, mcfg, device, autocast)
-        if writer:
-            path = ckpt_io.snapshot_path(run, budget)
-            ckpt_io.save(path, dict(ckpt_io.model_record(weights), dataset=dataset_record(ds, cfg, mcfg),
-                                    train=asdict(cfg), step=step, samples=samples, flops=samples * per_sample,
-                                    params=n_params, budget=budget, val=val))
-            ckpt_io.upsert_run(run / ckpt_io.RUNS_CSV, dict(
-                run=cfg.run_id, budget=repr(budget), params=n_params, samples=samples,
-                flops=repr(budget), flops_actual=f"{samples * per_sample:.6g}", loss=f"{val['loss']:.6f}", loss_se=f"{val['loss_se']:.6f}",
-                val_episodes=val["episodes"], family=family, width=mcfg.width,
-                layers=getattr(mcfg, "layers", ""), core=getattr(mcfg, "core", "cnn"),
-                checkpoint=str(path.relative_to(run))))
-        return val
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=target, initial=min(samples, target), unit="sample", unit_scale=True, disable=not (cfg.progress and writer),
-               desc=f"train bc {cfg.run_id}", dynamic_ncols=True)
-    model.train()
-    batches = iter(loader)
-    boundary_loader = loader.state_dict()
-    boundary_carried = carried
+    run = start_run(cfg)
+    state = build_state(run)
+    pending = pending_budgets(run, state)
+    stepper = Stepper(run, state)
+    log = MetricsLog(run, state)
+    state.model.train()
+    batches = Batches(run, state.loader)
+    boundary = (state.loader.state_dict(), state.carried)  # what the rolling checkpoint resumes from
     calls, exhausted = 0, False
-    trace: dict[int, int] = {}
-
-    def flush_trace(epoch: int) -> None:
-        if cfg.trace_episodes and trace:
-            ids = loader.dataset.episode_ids
-            with open(run / f"episodes.rank{rank}.jsonl", "a") as f:
-                f.write(json.dumps(dict(epoch=epoch, rank=rank, steps={ids[e]: n for e, n in sorted(trace.items())})) + "\n")
-            trace.clear()
-    t_last, wait, busy_samples = time.perf_counter(), 0.0, 0
-    tally = torch.zeros(3, dtype=torch.float64, device=device)  # this rank's CE sum, correct, steps: read at log time only
     try:
-        while samples < target:
-            lr = lr_at(cfg, step, last_step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            micro = []
-            for _ in range(accum):
-                t0 = time.perf_counter()
-                try:
-                    batch = next(batches)
-                except StopIteration:  # an epoch ended: the next one has its own shuffle
-                    flush_trace(loader.dataset.epoch - 1)
-                    batches = iter(loader)
-                    batch = next(batches)
-                wait += time.perf_counter() - t0
-                if cfg.trace_episodes:
-                    for e, n in zip(*np.unique(batch["episode"][batch["mask"]].numpy(), return_counts=True)):
-                        trace[int(e)] = trace.get(int(e), 0) + int(n)
-                micro.append(to_device(batch, device))
-            steps_here = torch.stack([b["mask"].sum() for b in micro]).sum()
-            if world > 1:
-                torch.distributed.all_reduce(steps_here)
-            n_steps = int(steps_here)
+        while state.samples < run.target:
+            lr = lr_at(cfg, state.step, run.last_step)
+            stepper.set_lr(lr)
+            micro = batches.take(run.shape.grad_accum)
+            n_steps = stepper.real_steps(micro)
             if n_steps == 0:  # only padding (even_batches' extras): nothing to learn
                 exhausted = True
                 break
-            opt.zero_grad(set_to_none=True)
-            for i, b in enumerate(micro):
-                sync = nullcontext() if (world == 1 or i == len(micro) - 1) else core.no_sync()
-                with sync, autocast:
-                    logits, carried = fwd(b, carried)
-                    ce, ok = step_losses(logits, b)
-                    # the mean over all real steps of the optimizer step (all ranks): DDP averages over ranks
-                    loss = ce.sum() * (world / n_steps)
-                loss.backward()
-                carried = carried.detach() if carried is not None else None
-                tally += torch.stack([ce.detach().sum().double(), ok.sum().double(), b["mask"].sum().double()])
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            if averaged is not None:
-                update_average(averaged, model, min(cfg.ema, (1 + step) / (10 + step)))
-            step += 1
-            samples += n_steps
+            stepper.step(micro, n_steps, log.tally)
             calls += 1
-            busy_samples += n_steps
-            boundary_loader, boundary_carried = loader.state_dict(), carried
-            bar.update(min(samples, target) - bar.n)
-            if step % cfg.log_every == 0 or samples >= target:
-                now = time.perf_counter()
-                dt = max(now - t_last, 1e-9)
-                ce_sum, n_ok, n_log = tally.tolist()
-                row = dict(step=step, samples=samples, flops=samples * per_sample, loss=ce_sum / max(n_log, 1),
-                           accuracy=n_ok / max(n_log, 1), lr=lr, samples_per_s=busy_samples / dt,
-                           data_wait=min(1.0, wait / dt))
-                if peak:
-                    row["mfu_6n"] = row["samples_per_s"] * per_sample / (peak * world)
-                    row["mfu_total"] = row["samples_per_s"] * total_per_sample / (peak * world)
-                if writer:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    if tb is not None:
-                        for k, v in row.items():
-                            if k not in ("step",):
-                                tb.add_scalar(k, v, step)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}")
-                t_last, wait, busy_samples = time.perf_counter(), 0.0, 0
-                tally.zero_()
-            while pending and samples >= pending[0][1]:
-                budget, _ = pending.pop(0)
-                t_snap = time.perf_counter()
-                val = snapshot(budget)
-                t_last += time.perf_counter() - t_snap  # samples/s and data-wait count training time only
-                bar.write(f"budget {budget:.3g}: {samples:,} samples, val loss {val['loss']:.4f} ± {val['loss_se']:.4f} "
-                          f"({val['episodes']} episodes)")
-            if step % cfg.checkpoint_every == 0:
-                save_latest(boundary_loader, boundary_carried)
+            boundary = (state.loader.state_dict(), state.carried)
+            log.after_step(state, n_steps, lr, batches)
+            take_snapshots(run, state, pending, stepper, log)
+            if state.step % cfg.checkpoint_every == 0:
+                save_latest(run, state, boundary)
             if stop_after is not None and calls >= stop_after:
                 break
     except KeyboardInterrupt:
-        save_latest(boundary_loader, boundary_carried)
-        bar.close()
+        save_latest(run, state, boundary)
+        log.bar.close()
         raise
-    save_latest(boundary_loader, boundary_carried)
-    flush_trace(loader.dataset.epoch)
-    bar.close()
-    if tb is not None:
-        tb.close()
-    if world > 1:
+    save_latest(run, state, boundary)
+    batches.flush_trace(state.loader.dataset.epoch)
+    log.close()
+    if run.world > 1:
         torch.distributed.barrier()
-    return dict(run=str(run), run_id=cfg.run_id, step=step, samples=samples, flops=samples * per_sample,
-                params=n_params, resumed=resumed, finished=samples >= target or exhausted,
-                snapshots=[str(p) for _, p in ckpt_io.snapshots(run)], model=asdict(mcfg), family=family)
-
-
-@torch.no_grad()
-def update_average(averaged: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """averaged <- decay * averaged + (1 - decay) * model for the weights; buffers (BatchNorm
-    statistics) are copied."""
-    torch._foreach_lerp_(list(averaged.parameters()), list(model.parameters()), 1.0 - decay)
-    for a, b in zip(averaged.buffers(), model.buffers()):
-        a.copy_(b)
-
-
-def dataset_record(ds: Dataset, cfg: BCConfig, mcfg) -> dict:
-    """What a checkpoint says about its training data (eval rebuilds the env from it)."""
-    info = ds.info
-    return dict(root=str(Path(cfg.dataset).resolve()), env=info.get("env"), schema=ds.schema.name,
-                expert=info.get("expert", {}), collection=info.get("collection", {}),
-                frame_stack=getattr(mcfg, "frame_stack", 1), fields=list(needed_fields(mcfg)))
-
-
-def state_to(state, device):
-    """A NetHackState (or None) with every tensor moved to ``device``."""
-    if state is None:
-        return None
-    moved = {}
-    for f in fields(state):
-        v = getattr(state, f.name)
-        if isinstance(v, torch.Tensor):
-            v = v.to(device)
-        elif isinstance(v, tuple) and v and isinstance(v[0], torch.Tensor):
-            v = tuple(x.to(device) for x in v)
-        moved[f.name] = v
-    return replace(state, **moved)
+    return dict(run=str(run.dir), run_id=cfg.run_id, step=state.step, samples=state.samples,
+                flops=run.shape.flops(state.samples), params=run.shape.params, resumed=state.resumed,
+                finished=state.samples >= run.target or exhausted,
+                snapshots=[str(p) for _, p in ckpt_io.snapshots(run.dir)], model=asdict(run.shape.model),
+                family=run.shape.family)

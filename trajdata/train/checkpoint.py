@@ -11,7 +11,10 @@ A checkpoint is a ``torch.save`` dict:
     step, samples, flops   optimizer steps, training samples and training FLOPs (paper counting) so far
     budget                 the FLOP budget this snapshot is for (None for the rolling resume checkpoint)
     params                 effective parameters N
-    optimizer, scheduler, loader, rng   resume state (only in the rolling checkpoint)
+    val                    the validation loss, its SE, accuracy, episodes and steps (budget snapshots)
+    optimizer, loader, rng, ema, carried   resume state (only in the rolling checkpoint): AdamW, loader
+                           position, RNG states, the averaged weights (--ema) and the model state
+                           carried from one lanes batch to the next
 
 A run directory ``RUN/`` holds ``config.json``, ``checkpoint.pt`` (rolling, for resume),
 ``snapshots/budget-<C>.pt`` (one per FLOP budget reached), ``runs.csv`` and ``metrics.jsonl``.
@@ -134,7 +137,7 @@ def load_model(path: str | os.PathLike, device="cpu"):
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise DataError(f"checkpoint {path} does not hold a loadable model ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    for k in ("optimizer", "scheduler", "loader", "rng"):
+    for k in ("optimizer", "loader", "rng", "ema", "carried"):
         ckpt.pop(k, None)
     return model.to(device).eval(), ckpt
 
@@ -180,6 +183,17 @@ def write_runs(path: str | os.PathLike, rows: list[dict]) -> None:
     for r in rows:
         w.writerow({c: "" if r.get(c) is None else r.get(c) for c in cols})
     atomic_write_bytes(Path(path), buf.getvalue().encode())
+
+
+def snapshot_row(record: dict, path: str | os.PathLike, run: str | os.PathLike) -> dict:
+    """The runs.csv row of a budget snapshot: ``record`` is what its checkpoint file ``path`` holds."""
+    mcfg, val, budget = record["model_config"], record.get("val") or {}, float(record["budget"])
+    return dict(run=record["train"]["run_id"], budget=repr(budget), params=record["params"], samples=record["samples"],
+                flops=repr(budget), flops_actual=f"{record['flops']:.6g}",
+                loss=f"{val['loss']:.6f}" if val else "", loss_se=f"{val['loss_se']:.6f}" if val else "",
+                val_episodes=val.get("episodes", ""), family=record["family"], width=mcfg["width"],
+                layers=mcfg.get("layers", ""), core=mcfg.get("core", "cnn"),
+                checkpoint=os.path.relpath(path, run))
 
 
 def upsert_run(path: str | os.PathLike, row: dict, key=("run", "budget")) -> None:
