@@ -15,10 +15,10 @@ from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
-from trajdata.scaling import FitConfig, fit_all, load_runs
+from trajdata.scaling import REFERENCE_RUNS, FitConfig, fit_all, load_runs
 from trajdata.scaling.fits import _fit_all, chinchilla_grid, fit_chinchilla, near_optimum
 
-RUNS = Path(__file__).resolve().parents[1] / "tests" / "data" / "il-scaling" / "nethack_llama_isoflop.csv"
+RUNS = REFERENCE_RUNS / "nethack_llama_isoflop.csv"
 PAPER = {"loss.isoflop.a": [0.61, 0.52, 0.71], "loss.quadratic.a": [0.590, 0.587, 0.593],
          "return.isoflop.a": [0.51, 0.43, 0.59], "return.quadratic.a": [0.605, 0.601, 0.610],
          "return_vs_loss.delta": [-2.42, None, None]}

@@ -27,6 +27,7 @@ from trajdata.cli.main import cli
 from trajdata.errors import DataError
 from trajdata.format.dataset import Dataset, build_index
 from trajdata.format.inspect import verify
+from trajdata.scaling import REFERENCE_RUNS
 
 TRAJDATA = [sys.executable, "-m", "trajdata.cli"]
 SCRIPTED = "trajdata.collectors.nethack:ScriptedExpert"
@@ -155,7 +156,7 @@ def test_import_nld_max_games_must_be_positive(tmp_path, n):
 # ---- 2. full disk ------------------------------------------------------------------------------------
 
 
-FIT_RUNS = Path(__file__).parent / "data" / "il-scaling" / "nethack_llama_isoflop.csv"
+FIT_RUNS = REFERENCE_RUNS / "nethack_llama_isoflop.csv"
 
 # Loaded by every Python process of a CLI run (workers too) through PYTHONPATH: shard files fail with
 # ENOSPC at byte TRAJDATA_TEST_FULL_AT, like a disk that fills up mid-shard.
@@ -438,15 +439,15 @@ def test_rerun_with_other_settings_after_nothing_was_finished(tmp_path, monkeypa
     from trajdata.format import shard
 
     out = tmp_path / "x"
-    real = shard.ShardWriter._add_member
+    real = shard.ShardWriter.add_chunk
 
-    def full(self, name, blob):
+    def full(self, episode_id, index, blob):
         raise DataError(f"cannot write {self.path}: No space left on device")
 
-    monkeypatch.setattr(shard.ShardWriter, "_add_member", full)
+    monkeypatch.setattr(shard.ShardWriter, "add_chunk", full)
     one_line_error(*collect_cli(out, "--shards", "2", "--max-steps", "5"), "No space left")
     assert (out / "dataset.json").is_file() and not list((out / "shards").iterdir())
-    monkeypatch.setattr(shard.ShardWriter, "_add_member", real)
+    monkeypatch.setattr(shard.ShardWriter, "add_chunk", real)
     code, text = collect_cli(out, "--shards", "2", "--max-steps", "7")  # corrected
     assert code == 0, text
     notes = [ln for ln in text.splitlines() if ln.startswith("trajdata: note:")]

@@ -1,6 +1,5 @@
 """Scaling-law fits: synthetic recovery, the NetHack reference runs, forecasts, report, CLI errors."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,11 +8,11 @@ from click.testing import CliRunner
 
 from trajdata.cli.main import cli
 from trajdata.errors import ConfigError, DataError
-from trajdata.scaling import FitConfig, fit_all, forecast, load_runs
+from trajdata.scaling import REFERENCE_RUNS, FitConfig, fit_all, forecast, load_runs
 from trajdata.scaling.fits import fit_isoflop, fit_quadratic
 from trajdata.scaling.runs import runs_from_frame
 
-DATA = Path(__file__).parent / "data" / "il-scaling"
+DATA = REFERENCE_RUNS
 NETHACK = DATA / "nethack_llama_isoflop.csv"
 ATARI = DATA / "atari_isoflop.csv"
 

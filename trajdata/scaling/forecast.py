@@ -92,7 +92,7 @@ def forecast(fit: dict, methods=None, targets=("loss", "return"), **given) -> li
     return rows
 
 
-# the paper's forecast-run schedule (DESIGN.md section 6): cosine from 2e-4, 2000 warm-up steps, to 0.1x
+# the paper's forecast-run schedule: cosine from 2e-4, 2000 warm-up steps, to 0.1x
 FORECAST_SCHEDULE = dict(schedule="cosine", lr=2e-4, warmup_steps=2000, min_lr_ratio=0.1)
 
 

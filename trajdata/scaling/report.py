@@ -21,7 +21,8 @@ LABELS = {"loss": "validation loss", "return": "mean return"}
 METHOD_STYLE = {"quadratic": ("tab:orange", "--"), "chinchilla": ("tab:green", ":")}
 
 
-def _png(fig) -> str:
+def png(fig) -> str:
+    """``fig`` as base64 PNG (for an ``<img src="data:image/png;base64,...">``); closes it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -190,7 +191,8 @@ def _fmt(e: dict) -> str:
     return f"{e['value']:.3f} ({e['ci'][0]:.3f}, {e['ci'][1]:.3f})"
 
 
-def _table(rows, header) -> str:
+def table(rows, header) -> str:
+    """An HTML table of ``rows`` under ``header`` (cells escaped)."""
     th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{th}</tr>{body}</table>"
@@ -210,7 +212,7 @@ def build_figures(fit: dict) -> dict[str, str]:
         figs[f"{target}_optimum"] = plot_y_opt(fit, target)
     if "return_vs_loss" in fit:
         figs["return_vs_loss"] = plot_return_vs_loss(fit)
-    return {k: _png(f) for k, f in figs.items()}
+    return {k: png(f) for k, f in figs.items()}
 
 
 STYLE = ("<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
@@ -251,20 +253,20 @@ def render_body(fit: dict, figures: dict[str, str], title: str = "Scaling-law fi
         bs = fit.get("bootstrap", {}).get(key)
         rows.append([key, _fmt(e), f"({bs['ci'][0]:.3f}, {bs['ci'][1]:.3f})" if bs else ""])
     parts.append("<h2>Exponents</h2><p>a: N_opt ∝ C^a, b: D_opt ∝ C^b; delta: R ∝ L^delta; "
-                 "k: L_opt = E + A·C^-k.</p>" + _table(rows, ["quantity", f"estimate ({level}% CI)", "bootstrap CI"]))
+                 "k: L_opt = E + A·C^-k.</p>" + table(rows, ["quantity", f"estimate ({level}% CI)", "bootstrap CI"]))
     for target in ("loss", "return"):
         if target not in fit:
             continue
         res = fit[target]
         meth_rows = [[m, "yes" if st["ran"] else "no", st["reason"]] for m, st in res["methods"].items()]
         parts.append(f"<h2>{target.capitalize()}</h2><h3>Methods</h3>"
-                     + _table(meth_rows, ["method", "ran", "on what / why not"]))
+                     + table(meth_rows, ["method", "ran", "on what / why not"]))
         if "isoflop" in res:
             prof = [[f"{p['flops']:.3g}", p["n_sizes"], "yes" if p["kept"] else "no", p["reason"],
                      f"{p['n_opt']:.3g}" if p["kept"] else "", f"{p['y_opt']:.4g}" if p["kept"] else ""]
                     for p in res["isoflop"]["profiles"]]
             parts.append(f"<h3>isoFLOP profiles</h3><img src='data:image/png;base64,{figures[target + '_isoflop']}'>"
-                         + _table(prof, ["budget C", "sizes", "kept", "why dropped", "N_opt", f"{target} at optimum"]))
+                         + table(prof, ["budget C", "sizes", "kept", "why dropped", "N_opt", f"{target} at optimum"]))
         else:
             parts.append(f"<h3>Runs</h3><p>isoFLOP profiles: not fitted "
                          f"({html.escape(res['methods']['isoflop']['reason'])}).</p>"
@@ -274,13 +276,13 @@ def render_body(fit: dict, figures: dict[str, str], title: str = "Scaling-law fi
                         for p in res["isoflop_profiles"]]
                 parts.append(f"<h3>isoFLOP profiles (each budget's parabola; too few give an optimum)</h3>"
                              f"<img src='data:image/png;base64,{figures[target + '_profiles']}'>"
-                             + _table(prof, ["budget C", "sizes", "optimum inside", "why not"]))
+                             + table(prof, ["budget C", "sizes", "optimum inside", "why not"]))
         parts.append(f"<h3>Optimal allocation</h3><img src='data:image/png;base64,{figures[target + '_allocation']}'>"
                      f"<h3>Optimal {target} vs compute</h3>"
                      f"<img src='data:image/png;base64,{figures[target + '_optimum']}'>")
         coef_rows = [[m, name, _fmt(e)] for m in ("quadratic", "chinchilla") if m in res
                      for name, e in res[m]["coef"].items()]
-        parts.append("<h3>Parametric fits</h3>" + _table(coef_rows, ["method", "coefficient", "estimate"]))
+        parts.append("<h3>Parametric fits</h3>" + table(coef_rows, ["method", "coefficient", "estimate"]))
         cv = res["crossval"]
         if cv.get("skipped"):
             parts.append(f"<h3>Rolling cross-validation</h3><p>not run: {html.escape(cv['skipped'])}</p>")
@@ -290,7 +292,7 @@ def render_body(fit: dict, figures: dict[str, str], title: str = "Scaling-law fi
         held = ", ".join(f"{r['held_out']:.3g}" for r in cv["folds"])
         parts.append(f"<h3>Rolling cross-validation</h3><p>each held-out budget ({held}) is predicted from "
                      f"all smaller budgets; best by {target} RMSE: <b>{cv['best_by_y_opt']}</b></p>"
-                     + _table(cv_rows, ["method", "RMSE log10 N_opt", f"RMSE relative {target}"]))
+                     + table(cv_rows, ["method", "RMSE log10 N_opt", f"RMSE relative {target}"]))
     if "return_vs_loss" in figures:
         parts.append(f"<h2>Return vs loss</h2><img src='data:image/png;base64,{figures['return_vs_loss']}'>")
     return "".join(parts)

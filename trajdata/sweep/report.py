@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import html
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from trajdata.scaling import REFERENCE_RUNS
 from trajdata.scaling.fits import FitConfig, fit_all
 from trajdata.scaling.forecast import forecast
-from trajdata.scaling.report import _png, _table, build_figures, page, render_body, strict_json
+from trajdata.scaling.report import build_figures, page, png, render_body, strict_json, table
 from trajdata.scaling.runs import load_runs
-from trajdata.sweep.plan import Plan, describe
+from trajdata.sweep.plan import Plan, dataset_path, describe
 from trajdata.train import checkpoint as ckpt_io
 
-DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "tests" / "data" / "il-scaling" / "nethack_llama_isoflop.csv"
+DEFAULT_REFERENCE = REFERENCE_RUNS / "nethack_llama_isoflop.csv"
 
 
 def plot_returns(plan: Plan, out: Path, baselines: dict):
@@ -47,7 +49,7 @@ def plot_returns(plan: Plan, out: Path, baselines: dict):
     ax.set_title("Return of every snapshot, same seeds")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def _fit(path: Path, cfg: FitConfig) -> dict:
@@ -66,9 +68,12 @@ def _forecast_rows(fit: dict, **given) -> list[list[str]]:
 
 def write_sweep_report(plan: Plan, out: Path, baselines: dict, timings: dict) -> str:
     """Fit the sweep's runs.csv and the reference table; write OUT/{fit.json,reference_fit.json,report.html}."""
-    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # overflowing extrapolations of poor fits
+        return _write_report(plan, out, baselines, timings)
 
-    warnings.filterwarnings("ignore", category=RuntimeWarning)  # overflowing extrapolations of poor fits
+
+def _write_report(plan: Plan, out: Path, baselines: dict, timings: dict) -> str:
     spec = plan.spec
     rep = out
     cfg = FitConfig(**spec.fit)
@@ -80,7 +85,6 @@ def write_sweep_report(plan: Plan, out: Path, baselines: dict, timings: dict) ->
         (rep / "reference_fit.json").write_text(json.dumps(strict_json(ref), indent=1, allow_nan=False))
 
     from trajdata.format.dataset import Dataset
-    from trajdata.sweep.run import dataset_path
 
     ds_steps = int(sum(int(r["steps"]) for r in Dataset(dataset_path(spec, out)).index_rows()))
     parts = [f"<h1>trajdata sweep <code>{html.escape(spec.name)}</code></h1>",
@@ -92,17 +96,17 @@ def write_sweep_report(plan: Plan, out: Path, baselines: dict, timings: dict) ->
         rows = [[k, b["policy"], b["episodes"], f"{b['mean']:.2f} ± {b['se']:.2f}", f"{b['median']:.1f}"]
                 for k, b in baselines.items()]
         parts.append("<h2>Baselines on the eval seeds</h2>"
-                     + _table(rows, ["baseline", "policy", "episodes", "mean return ± SE", "median"]))
+                     + table(rows, ["baseline", "policy", "episodes", "mean return ± SE", "median"]))
         parts.append(f"<img src='data:image/png;base64,{plot_returns(plan, out, baselines)}'>")
     parts.append(render_body(own, build_figures(own), title=f"This project's runs ({spec.name})"))
     parts.append("<h2>Forecast</h2><p>The compute-optimal run for this sweep's dataset "
                  f"(D = {ds_steps:,} steps), by each method that ran:</p>"
-                 + _table(_forecast_rows(own, dataset_size=float(ds_steps)),
+                 + table(_forecast_rows(own, dataset_size=float(ds_steps)),
                           ["target", "method", "FLOPs", "params", "samples", "predicted"]))
     if ref is not None:
         parts.append(render_body(ref, build_figures(ref), title=f"Reference: {ref_path.name}, fitted the same way"))
         parts.append("<h2>Reference forecast</h2><p>At the paper's 40B-sample dataset:</p>"
-                     + _table(_forecast_rows(ref, dataset_size=40e9),
+                     + table(_forecast_rows(ref, dataset_size=40e9),
                               ["target", "method", "FLOPs", "params", "samples", "predicted"]))
     (rep / "report.html").write_text(page(f"trajdata sweep {spec.name}", "".join(parts)))
     return str(rep / "report.html")
