@@ -247,6 +247,45 @@ def test_filters_and_val_split_stable(atari):
     assert val_hash("ep001") == val_hash("ep001") and 0 <= val_hash("x") < 1
 
 
+def test_a_small_split_holds_out_one_episode():
+    """Failed before the fix: 4 episodes at --val-fraction 0.3 gave an empty validation split."""
+    rows = [dict(id=f"000000-{e:04d}", steps=10) for e in range(4)]  # hashes 0.62, 0.99, 0.41, 0.55
+    assert all(val_hash(r["id"]) >= 0.3 for r in rows)
+    split = lambda rs, name, f=0.3: [r["id"] for r in select_episodes(rs, LoaderConfig("x", split=name, val_fraction=f))]
+    assert split(rows, "val") == ["000000-0002"]  # the lowest hash
+    assert split(rows, "train") == ["000000-0000", "000000-0001", "000000-0003"]
+    assert split(rows, "val", 0.0) == [] and split(rows[:1], "val") == [] and split(rows[:1], "train") == ["000000-0000"]
+    rows.append(dict(id="000001-0003", steps=10))  # hash 0.12: the hash split holds it out, and only it
+    assert split(rows, "val") == ["000001-0003"]
+
+
+def test_reading_a_dataset_without_an_index_writes_nothing(scripted_copy):
+    """Failed before the fix: building a loader wrote index.parquet into the dataset."""
+    index = scripted_copy / "index.parquet"
+    want = [r["id"] for r in Dataset(scripted_copy).index_rows()]
+    index.unlink()
+    stream = TrajectoryStream(LoaderConfig(str(scripted_copy), fields=("action",), batch_size=2, seq_len=16))
+    assert stream.episode_ids == sorted(want) and sum(1 for _ in stream) > 0
+    assert not index.exists() and not (scripted_copy / "index.parquet.tmp").exists()
+    build_index(scripted_copy)
+    assert index.is_file()
+
+
+def test_resume_refuses_a_state_of_other_settings_and_carries_the_skip_count(atari):
+    """Failed before the fix: load_state_dict ignored the saved config and corrupt-episode count."""
+    cfg = LoaderConfig(atari, batch_size=2, seq_len=40, seed=5)
+    first = make_dataloader(cfg)
+    next(iter(first))
+    state = dict(first.state_dict(), corrupt_skipped=2)
+    other = make_dataloader(LoaderConfig(atari, batch_size=2, seq_len=40, seed=6))
+    with pytest.raises(ConfigError, match="seed=5, not 6") as e:
+        other.load_state_dict(state)
+    assert e.value.field == "seed"
+    same = make_dataloader(LoaderConfig(atari, batch_size=2, seq_len=40, seed=5, pin_memory=True))  # order unchanged
+    same.load_state_dict(state)
+    assert same.corrupt_skipped == 2 and same.state_dict()["corrupt_skipped"] == 2
+
+
 def test_bad_config_is_one_line_error(atari):
     with pytest.raises(ConfigError, match="tty_chars"):
         TrajectoryStream(LoaderConfig(atari, fields=("tty_chars",)))

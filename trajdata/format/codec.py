@@ -354,7 +354,8 @@ def read_header(blob_prefix: bytes, where: str) -> tuple[dict, int]:
         raise DataError(f"{where}: chunk header is not valid JSON") from None
 
 
-def _needed(schema: Schema, header: dict, fields: Iterable[str], where: str) -> list[str]:
+def decode_order(schema: Schema, header: dict, fields: Iterable[str], where: str) -> list[str]:
+    """``fields`` and the fields they are derived from or follow, sources first (the order to decode them)."""
     order: list[str] = []
 
     def visit(name: str):
@@ -427,7 +428,7 @@ def sparse_field(schema: Schema, header: dict, name: str, parts: dict[str, np.nd
     kind = follow.get("table")
     if kind == "lut":
         keys = [schema[s].np_dtype for s in srcs]
-        table = _lut_unpack(parts["lut"], sparse._key_size(keys), f.np_dtype)
+        table = _lut_unpack(parts["lut"], sparse.key_size(keys), f.np_dtype)
     elif kind in sparse.TABLES:
         table = sparse.fixed_table(kind, f.np_dtype)
     elif kind is not None:
@@ -446,7 +447,7 @@ def decode_chunk(
     steps = header["steps"]
     out: dict[str, np.ndarray] = {}
     wls: dict[str, tuple] = {}
-    needed = _needed(schema, header, want, where)
+    needed = decode_order(schema, header, want, where)
     sources = follow_sources(header, needed)
     for name in needed:
         f = schema[name]

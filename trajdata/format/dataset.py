@@ -31,7 +31,6 @@ INDEX_COLUMNS = [
     "character", "seed", "seeds", "expert", "expert_version", "env", "env_version", "packages",
     "collection_date", "wall_seconds",
 ]
-STATUSES = ("complete", "truncated", "aborted")
 # Columns readers rely on, and the arrow types they may have.
 REQUIRED_COLUMNS = {"id": (pa.types.is_string, pa.types.is_large_string),
                     "shard": (pa.types.is_string, pa.types.is_large_string),
@@ -69,6 +68,7 @@ class Dataset:
         if not isinstance(self.info.get("schema"), str):
             raise DataError(f"{meta_path}: no schema name (corrupt dataset description)")
         self.schema: Schema = get_schema(self.info["schema"])
+        self._built_index: pa.Table | None = None
 
     @property
     def shard_dir(self) -> Path:
@@ -77,10 +77,14 @@ class Dataset:
     def shard_paths(self) -> list[Path]:
         return sorted(self.shard_dir.glob("shard-*.tar")) if self.shard_dir.is_dir() else []
 
-    def index(self, rebuild: bool = False) -> pa.Table:
+    def index(self) -> pa.Table:
+        """The episode index: ``index.parquet``, or (without one) built from the shards in memory;
+        reading never writes the dataset (``build_index`` / `trajdata index` write it)."""
         path = self.root / INDEX_FILE
-        if rebuild or not path.is_file():
-            return build_index(self.root)
+        if not path.is_file():
+            if self._built_index is None:
+                self._built_index = build_index(self.root, write=False)
+            return self._built_index
         fix = f"rebuild it with `trajdata index {self.root}`"
         try:
             table = pq.read_table(path, page_checksum_verification=True)
@@ -210,7 +214,7 @@ def recode(src: str | os.PathLike, out: str | os.PathLike, profile: str, progres
     headers and index rows); each new chunk is decoded and checked against the original before it is
     written. Shards already in ``out`` are skipped, so an interrupted run resumes."""
     from trajdata.format import codec
-    from trajdata.format.shard import CHUNK_EXT, ShardWriter
+    from trajdata.format.shard import ShardWriter
 
     if profile not in codec.PROFILES:
         raise DataError(f"codec {profile!r}: choose one of {', '.join(codec.PROFILES)}")
@@ -240,7 +244,7 @@ def recode(src: str | os.PathLike, out: str | os.PathLike, profile: str, progres
                     if not np.array_equal(back[name], a):
                         raise DataError(f"{path.name}: episode {c.episode_id} chunk {c.index}: field {name} "
                                         f"does not survive codec {profile!r} (please report this)")
-                sw._add_member(f"{c.episode_id}-c{c.index:05d}.{CHUNK_EXT}", blob)
+                sw.add_chunk(c.episode_id, c.index, blob)
                 steps += c.steps
         written += 1
     build_index(out, wall_clock=ds.index_rows() if (ds.root / INDEX_FILE).is_file() else None)

@@ -171,7 +171,7 @@ def _follow(src_off, src_pos, i, key_a, key_b, pair, qmap, table, mask, wl_pos, 
 
 
 @njit(cache=True, nogil=True)
-def _sparse_encode(x, nsrc, off_a, pos_a, off_b, pos_b, key_a, key_b, pair, qmap, table, add,
+def sparse_encode(x, nsrc, off_a, pos_a, off_b, pos_b, key_a, key_b, pair, qmap, table, add,
                    flags, counts, dpos, vals, wl_off, wl_pos):
     T, F = x.shape
     mask = table.size - 1
@@ -295,7 +295,7 @@ def _put(ob, base, blk, stg, lo, hi):
 
 
 @njit(cache=True, nogil=True)
-def _sparse_decode(state, m, out, rows, stg, counts, k, dpos, vals, flags, t0, nsrc, pair,
+def sparse_decode(state, m, out, rows, stg, counts, k, dpos, vals, flags, t0, nsrc, pair,
                    off_a, pos_a, val_a, off_b, pos_b, val_b, sh_a, sh_b, qmap, table, add, emit,
                    wl_off, wl_pos, wl_val):
     """Steps ``t0 .. t0 + m`` of the chunk from patch ``k`` on: updates ``state`` (F,), writes each

@@ -103,7 +103,7 @@ class EpisodeWriter:
             meta["episode"] = _no_wall_clock(episode_row)
         blob = codec.encode_chunk(self.shard.schema, {k: v[:n] for k, v in self.buffers.items()}, meta,
                                   profile=self.shard.profile)
-        self.shard._add_member(f"{self.episode_id}-c{self.chunks:05d}.{CHUNK_EXT}", blob)
+        self.shard.add_chunk(self.episode_id, self.chunks, blob)
         self.chunks += 1
         self._fill = 0
 
@@ -144,8 +144,9 @@ class ShardWriter:
             raise ValueError(f"episode id {episode_id!r} must not contain '.' or '/'")
         return EpisodeWriter(self, episode_id, meta)
 
-    def _add_member(self, name: str, blob: bytes) -> None:
-        info = tarfile.TarInfo(name)
+    def add_chunk(self, episode_id: str, index: int, blob: bytes) -> None:
+        """Append chunk ``index`` of episode ``episode_id``, already encoded (``codec.encode_chunk``)."""
+        info = tarfile.TarInfo(f"{episode_id}-c{index:05d}.{CHUNK_EXT}")
         info.size, info.mtime, info.mode = len(blob), TAR_MTIME, 0o644
         info.uid = info.gid = 0
         info.uname = info.gname = ""

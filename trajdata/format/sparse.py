@@ -46,7 +46,7 @@ def follow_map(src_shape: tuple[int, ...], shape: tuple[int, ...], rect=(0, 0)) 
     return qmap
 
 
-def _key_size(src_dtypes: list[np.dtype]) -> int:
+def key_size(src_dtypes: list[np.dtype]) -> int:
     return 1 << 16 if len(src_dtypes) == 2 or src_dtypes[0].itemsize > 1 else 256
 
 
@@ -64,7 +64,7 @@ def most_frequent_map(keys: np.ndarray, values: np.ndarray, nkeys: int) -> np.nd
     """Dense table key -> most frequent value with that key, over a sample of steps (0 where unseen).
 
     Only a predictor: residuals keep the round trip exact, so callers pass a sample of steps
-    (``codec._sample``), trading a little size for speed.
+    (the codec samples evenly spaced steps), trading a little size for speed.
     """
     keys = keys.ravel().astype(np.int64)
     values = values.ravel().astype(np.int64)
@@ -88,7 +88,7 @@ def fit_table(x: np.ndarray, keys: list[np.ndarray], sample) -> np.ndarray:
         key = (sample(keys[0]).astype(np.int64) & 255) << 8 | (sample(keys[1]).astype(np.int64) & 255)
     else:
         key = sample(keys[0]).astype(np.int64) & 65535
-    return most_frequent_map(key, sample(x), _key_size([k.dtype for k in keys]))
+    return most_frequent_map(key, sample(x), key_size([k.dtype for k in keys]))
 
 
 _NO_MAP = np.zeros(1, np.int32)
@@ -114,7 +114,7 @@ def encode(x: np.ndarray, follow: dict, sources: list[tuple[np.ndarray, tuple]],
     flags, counts = np.zeros(T, np.uint8), np.zeros(T, np.uint16)
     dpos, vals = np.empty(T * F, np.uint16), np.empty(T * F, x2.dtype)
     wl_off, wl_pos = np.empty(T + 1, np.int64), np.empty(cap, np.uint16)
-    n, w = kernels._sparse_encode(x2, len(srcs), a[0], a[1], b[0], b[1], a[2], b[2], len(srcs) == 2,
+    n, w = kernels.sparse_encode(x2, len(srcs), a[0], a[1], b[0], b[1], a[2], b[2], len(srcs) == 2,
                                   qmap, table.astype(x2.dtype), follow.get("values") == "delta",
                                   flags, counts, dpos, vals,
                                   wl_off, wl_pos)
@@ -184,7 +184,7 @@ class Field:
             rows = kernels.ROWS_COPY
         if out is None:
             out = np.zeros((0, self.F), self.dtype)
-        k, w = kernels._sparse_decode(
+        k, w = kernels.sparse_decode(
             self.state, m, out, rows, self.stage, self.counts, self.k, self.dpos, self.vals, self.flags, self.t,
             len(self.sources), self.pair, a[0], a[1], a[2], b[0], b[1], b[2], self.shadows[0], self.shadows[1],
             self.qmap, self.table, self.add, self.emit, *wl)

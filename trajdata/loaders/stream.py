@@ -48,7 +48,9 @@ class CorruptDataWarning(UserWarning):
     """A corrupt episode was skipped (``LoaderConfig.on_corrupt="skip"``)."""
 
 SPLITS = (None, "train", "val")
-EXTRA_FIELDS = ("mask", "reset", "episode", "step")
+# LoaderConfig fields that decide which batches come in which order: a resumed loader must share them
+ORDER_FIELDS = ("fields", "batch_size", "seq_len", "mode", "seed", "shuffle", "shuffle_buffer", "split",
+                "val_fraction", "where", "min_score", "frame_stack", "even_batches")
 FRAME_FIELD = "frame"
 LIVES_FIELD = "lives"
 
@@ -95,6 +97,11 @@ class LoaderConfig:
 
 # ---- stage 1: which episodes ---------------------------------------------------------------------
 
+def _jsonish(v):
+    """``v`` as a saved state holds it (tuples as lists)."""
+    return [_jsonish(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 def val_hash(episode_id: str) -> float:
     """Stable uniform [0, 1) value of an episode id: the train/val split never moves as data grows."""
     return int.from_bytes(hashlib.blake2b(episode_id.encode(), digest_size=8).digest(), "little") / 2.0**64
@@ -106,17 +113,21 @@ def select_episodes(rows: list[dict], cfg: LoaderConfig) -> list[dict]:
     for col in cfg.where:
         if rows and col not in cols:
             raise ConfigError(f"filter column {col!r} is not in the index ({', '.join(sorted(cols))})")
-    out = []
-    for r in rows:
-        if any(not _accepts(want, r.get(col)) for col, want in cfg.where.items()):
-            continue
-        if cfg.min_score is not None and (r.get("score") is None or r["score"] < cfg.min_score):
-            continue
-        if cfg.split is not None and (val_hash(r["id"]) < cfg.val_fraction) != (cfg.split == "val"):
-            continue
-        if r["steps"] > 0:
-            out.append(r)
-    return sorted(out, key=lambda r: r["id"])
+    kept = [r for r in rows if r["steps"] > 0 and all(_accepts(want, r.get(col)) for col, want in cfg.where.items())
+            and (cfg.min_score is None or (r.get("score") is not None and r["score"] >= cfg.min_score))]
+    if cfg.split is not None:
+        val = validation_ids([r["id"] for r in kept], cfg.val_fraction)
+        kept = [r for r in kept if (r["id"] in val) == (cfg.split == "val")]
+    return sorted(kept, key=lambda r: r["id"])
+
+
+def validation_ids(ids: list[str], fraction: float) -> set[str]:
+    """The validation split of episodes ``ids``: those whose ``val_hash`` is below ``fraction``; when
+    that is none but ``fraction`` is above 0 and there are 2 or more episodes, the one of lowest hash."""
+    val = {i for i in ids if val_hash(i) < fraction}
+    if not val and fraction > 0 and len(ids) >= 2:
+        val = {min(ids, key=lambda i: (val_hash(i), i))}
+    return val
 
 
 def _accepts(want, value) -> bool:
@@ -312,7 +323,7 @@ class ChunkCursor(DenseChunk):
 
     def __init__(self, schema, header: dict, payload, fields: list[str], where: str):
         self.sparse = {}
-        needed = codec._needed(schema, header, fields, where)
+        needed = codec.decode_order(schema, header, fields, where)
         sources = codec.follow_sources(header, needed)
         for name in needed:
             if header["fields"][name]["data"].get("stage") == "sparse":
@@ -522,6 +533,7 @@ class TrajectoryStream(IterableDataset):
         self._resume: dict[int, int] = {}
         self.skipped: dict[str, str] = {}  # on_corrupt="skip": episode id -> why (this process's readers)
         self._skip_counts: dict[int, int] = {}  # slot -> episodes it reported skipped
+        self._skipped_before = 0  # skipped before the state this loader resumed from
 
     @property
     def total_steps(self) -> int:
@@ -531,7 +543,8 @@ class TrajectoryStream(IterableDataset):
         """Start epoch ``epoch`` (its own shuffle); a completed pass advances the epoch by itself."""
         self.epoch, self.delivered, self._resume = epoch, {}, {}
 
-    def _rank_world(self) -> tuple[int, int]:
+    def rank_world(self) -> tuple[int, int]:
+        """(rank, world size): the config's, else torch.distributed's, else (0, 1)."""
         if self.cfg.rank is not None or self.cfg.world_size is not None:
             rank, world = self.cfg.rank or 0, self.cfg.world_size or 1
         elif torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -543,7 +556,7 @@ class TrajectoryStream(IterableDataset):
         return rank, world
 
     def slot(self) -> tuple[int, int]:
-        rank, world = self._rank_world()
+        rank, world = self.rank_world()
         info = get_worker_info()
         workers, wid = (info.num_workers, info.id) if info else (1, 0)
         return rank * workers + wid, world * workers
@@ -629,9 +642,10 @@ class TrajectoryStream(IterableDataset):
 
     @property
     def corrupt_skipped(self) -> int:
-        """Episodes skipped as corrupt (``on_corrupt="skip"``), in this process's readers or, with
-        workers, as their batches reported (the largest count each slot reported)."""
-        return max(len(self.skipped), sum(self._skip_counts.values()))
+        """Episodes skipped as corrupt (``on_corrupt="skip"``) since the run began: before the state it
+        resumed from (an episode met again after a resume counts again), then in this process's
+        readers or, with workers, as their batches reported (the largest count each slot reported)."""
+        return self._skipped_before + max(len(self.skipped), sum(self._skip_counts.values()))
 
     def __iter__(self) -> Iterator[dict]:
         slot, slots = self.slot()
@@ -661,10 +675,20 @@ class TrajectoryStream(IterableDataset):
                 "corrupt_skipped": self.corrupt_skipped}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``'s position: same epoch, each slot after its delivered batches.
+        The saved config must order batches as this one does (else ``ConfigError`` naming the field
+        that differs), and the corrupt-episode count carries on."""
+        saved = state.get("config") or {}
+        now = asdict(self.cfg)
+        for k in ORDER_FIELDS:
+            if k in saved and _jsonish(saved[k]) != _jsonish(now[k]):
+                raise ConfigError(f"cannot resume: the loader state was saved with {k}={saved[k]!r}, not {now[k]!r}",
+                                  field=k)
         self.epoch = state["epoch"]
         self.slots = state["slots"]
         self._resume = {int(k): int(v) for k, v in state["delivered"].items()}
         self.delivered = dict(self._resume)
+        self._skipped_before = int(state.get("corrupt_skipped") or 0)
 
 
 class StreamLoader:
@@ -676,7 +700,7 @@ class StreamLoader:
                                  pin_memory=dataset.cfg.pin_memory and torch.cuda.is_available(), **kwargs)
 
     def __iter__(self) -> Iterator[dict]:
-        rank, world = self.dataset._rank_world()
+        rank, world = self.dataset.rank_world()
         slots = world * max(1, self.num_workers)
         if self.dataset._resume and self.dataset.slots not in (None, slots):
             raise ConfigError(f"cannot resume: state was saved with {self.dataset.slots} rank x worker slots, now {slots}")
