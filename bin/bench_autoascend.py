@@ -155,12 +155,12 @@ def bare_parallel(games: int, max_steps: int, character: str) -> dict:
     then in 2 processes at once (started together after warm-up); efficiency = per-process steps/s
     with 2 / steps/s alone."""
     import multiprocessing as mp
-    from trajdata.collectors.runner import _one_thread_per_worker, episode_seed
+    from trajdata.collectors.runner import episode_seed, threads_env
 
     ctx = mp.get_context("spawn")
     seeds = [episode_seed(1, g, 0) for g in range(games)]
     rates = {}
-    with _one_thread_per_worker(), ctx.Manager() as manager:
+    with threads_env(1), ctx.Manager() as manager:
         for procs in (1, 2):
             barrier = manager.Barrier(procs)
             with ctx.Pool(procs) as pool:

@@ -230,7 +230,7 @@ def _run_local(cfg: CollectConfig, todo: list[int], on_steps: Callable[[int], No
             on_shard(s, run_shard(cfg, s, report=on_steps))
         return {}
     ctx = get_context("spawn")
-    with _one_thread_per_worker():
+    with threads_env(1):  # workers are one per core
         return _run_pools(cfg, ctx, todo, on_steps, on_shard)
 
 
@@ -238,11 +238,11 @@ THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUM
 
 
 @contextlib.contextmanager
-def _one_thread_per_worker():
-    """Workers are one per core: keep BLAS/OpenMP/numba pools in them to one thread (spawned
+def threads_env(n: int):
+    """Processes started inside keep their BLAS/OpenMP/numba pools to ``n`` threads (spawned
     processes inherit the environment; a value the user set is kept)."""
     added = [k for k in THREAD_ENV if k not in os.environ]
-    os.environ.update({k: "1" for k in added})
+    os.environ.update({k: str(n) for k in added})
     try:
         yield
     finally:

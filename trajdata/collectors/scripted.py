@@ -180,6 +180,26 @@ class _Level:
         self.no_down: set[int] = set()  # stairs into the Gnomish Mines
 
 
+@dataclass
+class _Now:
+    """What one step's observation says, read once for the decision rules."""
+
+    bl: np.ndarray
+    x: int
+    y: int
+    hp: int
+    hpmax: int
+    hunger: int
+    turn: int
+    key: tuple[int, int]  # (dungeon, level)
+    lvl: _Level
+    pos: int
+    glyphs: np.ndarray
+    flat_glyphs: np.ndarray
+    cat: np.ndarray
+    hp_dropped: bool
+
+
 class ScriptedNetHackExpert:
     """Rule-based NetHack player. `act(obs)` returns an index into `nle.nethack.ACTIONS`."""
 
@@ -248,6 +268,23 @@ class ScriptedNetHackExpert:
     # -- decision ------------------------------------------------------------------------------
 
     def _decide(self, obs: dict, tty: bytes) -> int:
+        """The next action: answer what the screen asks, else the first of survive, fight, eat, rest
+        and explore that acts."""
+        action = self._prompt(obs, tty)
+        if action is not None:
+            return action
+        self.intent = None
+        now = self._observe(obs)
+        if now is None:
+            return UP  # we stand on the up stairs: back out of the Gnomish Mines
+        for rule in (self._survive, self._fight, self._eat, self._rest):
+            action = rule(obs, now)
+            if action is not None:
+                return action
+        return self._explore(now)
+
+    def _prompt(self, obs: dict, tty: bytes) -> int | None:
+        """The key for a --More--, a menu or a question on the screen (None when there is none)."""
         if b"--More--" in tty:
             return RETURN
         if MENU_RE.search(tty):
@@ -265,12 +302,13 @@ class ScriptedNetHackExpert:
                 return ESC
         elif top.endswith((b"]", b"?")) and b"[" in top:
             return self._answer(top)
-        self.intent = None
+        return None
 
+    def _observe(self, obs: dict) -> _Now | None:
+        """Read the status, map and message into this level's memory; None when the step just
+        entered the Gnomish Mines from above (the expert avoids them)."""
         bl = obs["blstats"]
         x, y = int(bl[nh.NLE_BL_X]), int(bl[nh.NLE_BL_Y])
-        hp, hpmax = int(bl[nh.NLE_BL_HP]), max(1, int(bl[nh.NLE_BL_HPMAX]))
-        hunger, turn = int(bl[nh.NLE_BL_HUNGER]), int(bl[nh.NLE_BL_TIME])
         key = (int(bl[nh.NLE_BL_DNUM]), int(bl[nh.NLE_BL_DLEVEL]))
         lvl = self.levels.get(key)
         if lvl is None:
@@ -281,106 +319,123 @@ class ScriptedNetHackExpert:
                 prev = self.levels[came[0]]
                 prev.down.discard(came[1])
                 prev.no_down.add(came[1])
-                return UP  # we stand on the up stairs: back out of the Gnomish Mines
+                return None
         self.level = lvl
         self.cautious = int(bl[nh.NLE_BL_DEPTH]) > int(bl[nh.NLE_BL_XP]) + self.cfg.depth_over_xl
         pos = y * COLS + x
         lvl.seen_adj[max(0, y - 1):y + 2, max(0, x - 1):x + 2] = True
         glyphs = obs["glyphs"]
-        flat_glyphs = glyphs.ravel()
         cat = GLYPH_CAT[glyphs]
         lvl.doors = (lvl.doors | (cat == DOOR)) & (glyphs != DOORWAY)  # doors under monsters/objects
         for c in np.flatnonzero(cat == DOWNSTAIR).tolist():
             if c not in lvl.no_down:
                 lvl.down.add(c)
+        hp, turn = int(bl[nh.NLE_BL_HP]), int(bl[nh.NLE_BL_TIME])
         self._read_message(bytes(obs["message"]).rstrip(b"\0"), lvl, pos, turn)
         hp_dropped = hp < self.last_hp
         self.last_hp = hp
+        return _Now(bl, x, y, hp, max(1, int(bl[nh.NLE_BL_HPMAX])), int(bl[nh.NLE_BL_HUNGER]), turn, key, lvl, pos,
+                    glyphs, glyphs.ravel(), cat, hp_dropped)
 
-        if SWALLOW_LO <= int(glyphs[y, x - 1 if x else x + 1]) < SWALLOW_HI:
+    def _survive(self, obs: dict, now: _Now) -> int | None:
+        """Hit the engulfer; pray when weak or hungry (and the god is not angered yet)."""
+        if SWALLOW_LO <= int(now.glyphs[now.y, now.x - 1 if now.x else now.x + 1]) < SWALLOW_HI:
             return self.rng.choice(MOVES)  # engulfed: any direction hits the engulfer
-
-        low_hp = hp <= 5 or hp * 7 <= hpmax
-        if ((low_hp or hunger >= 3) and turn > self.cfg.first_pray_turn
-                and turn - self.last_pray > self.cfg.pray_every):
-            self.last_pray = turn
+        low_hp = now.hp <= 5 or now.hp * 7 <= now.hpmax
+        if ((low_hp or now.hunger >= 3) and now.turn > self.cfg.first_pray_turn
+                and now.turn - self.last_pray > self.cfg.pray_every):
+            self.last_pray = now.turn
             self.intent = ("pray",)
             return PRAY
+        return None
 
+    def _fight(self, obs: dict, now: _Now) -> int | None:
+        """Rest on Elbereth, engrave it when losing, else attack an adjacent hostile monster."""
+        lvl, turn, hp, hpmax = now.lvl, now.turn, now.hp, now.hpmax
         target = None
-        for n, a, _ in NEIGHBOURS[pos]:
-            if cat[n // COLS, n % COLS] == MONSTER:
-                g = int(flat_glyphs[n])
-                if hp_dropped and g in lvl.peaceful:
+        for n, a, _ in NEIGHBOURS[now.pos]:
+            if now.cat[n // COLS, n % COLS] == MONSTER:
+                g = int(now.flat_glyphs[n])
+                if now.hp_dropped and g in lvl.peaceful:
                     lvl.peaceful.discard(g)  # peaceful monsters don't hurt us: another of its kind does
                 if g not in lvl.peaceful and g not in NEVER_ATTACK:
                     target = (n, a, g)
                     break
-        on_elbereth = self.elbereth == (key, pos)
-        if on_elbereth and hp_dropped and turn > self.engrave_turn + 1:
+        on_elbereth = self.elbereth == (now.key, now.pos)
+        if on_elbereth and now.hp_dropped and turn > self.engrave_turn + 1:
             on_elbereth, self.elbereth = False, None  # scuffed, or the attacker ignores it
-        if on_elbereth and hp < self.cfg.elbereth_rest_frac * hpmax and hunger < 3:
+        if on_elbereth and hp < self.cfg.elbereth_rest_frac * hpmax and now.hunger < 3:
             return SEARCH
         if (target is not None and not on_elbereth and hp < self.cfg.elbereth_hp_frac * hpmax
                 and turn > self.engrave_turn + 10):
-            self.engrave_turn, self.engrave_at = turn, (key, pos)
+            self.engrave_turn, self.engrave_at = turn, (now.key, now.pos)
             self.intent = ("engrave", 0)
             self.path = []
             return ENGRAVE
-        if target is not None:
-            n, a, g = target
-            self.path = []
-            self.last_move_to, self.last_move_glyph = n, g
-            if self.force_bolt is None:
-                self.force_bolt = any(b"spellbook of force bolt" in bytes(t) for t in obs["inv_strs"])
-            if self.force_bolt and int(bl[nh.NLE_BL_ENE]) >= 5:
-                self.intent = ("cast", a)
-                return CAST
-            return a
+        if target is None:
+            return None
+        n, a, g = target
+        self.path = []
+        self.last_move_to, self.last_move_glyph = n, g
+        if self.force_bolt is None:
+            self.force_bolt = any(b"spellbook of force bolt" in bytes(t) for t in obs["inv_strs"])
+        if self.force_bolt and int(now.bl[nh.NLE_BL_ENE]) >= 5:
+            self.intent = ("cast", a)
+            return CAST
+        return a
 
-        if hunger >= 1 and lvl.fresh:
-            a = self._go_eat_corpse(lvl, cat, flat_glyphs, pos, turn)
+    def _eat(self, obs: dict, now: _Now) -> int | None:
+        """Walk to a fresh corpse when hungry; eat from the pack when weak."""
+        if now.hunger >= 1 and now.lvl.fresh:
+            a = self._go_eat_corpse(now.lvl, now.cat, now.flat_glyphs, now.pos, now.turn)
             if a is not None:
                 return a
-        if hunger >= 2 and self.steps - self.last_eat_try > 50:
+        if now.hunger >= 2 and self.steps - self.last_eat_try > 50:
             self.last_eat_try = self.steps
             letter = self._food_letter(obs)
             if letter is not None:
                 self.intent = ("eat", letter)
                 return EAT
+        return None
 
-        if hp < self.cfg.descend_hp_frac * hpmax and hunger < 3:
-            hostile_near = any(
-                max(abs(c // COLS - y), abs(c % COLS - x)) <= 6
-                for c in np.flatnonzero(cat == MONSTER).tolist()
-                if int(flat_glyphs[c]) not in lvl.peaceful and int(flat_glyphs[c]) not in NEVER_ATTACK
-            )
-            want_rest = hp < self.cfg.rest_hp_frac * hpmax or pos in lvl.down
-            if want_rest and not hostile_near and not hp_dropped and self.rest_turns < self.cfg.max_rest:
-                self.rest_turns += 1
-                return SEARCH
-        else:
+    def _rest(self, obs: dict, now: _Now) -> int | None:
+        """Search in place to heal when hurt and no hostile monster is near."""
+        lvl, hpmax = now.lvl, now.hpmax
+        if not (now.hp < self.cfg.descend_hp_frac * hpmax and now.hunger < 3):
             self.rest_turns = 0
+            return None
+        hostile_near = any(
+            max(abs(c // COLS - now.y), abs(c % COLS - now.x)) <= 6
+            for c in np.flatnonzero(now.cat == MONSTER).tolist()
+            if int(now.flat_glyphs[c]) not in lvl.peaceful and int(now.flat_glyphs[c]) not in NEVER_ATTACK
+        )
+        want_rest = now.hp < self.cfg.rest_hp_frac * hpmax or now.pos in lvl.down
+        if want_rest and not hostile_near and not now.hp_dropped and self.rest_turns < self.cfg.max_rest:
+            self.rest_turns += 1
+            return SEARCH
+        return None
 
+    def _explore(self, now: _Now) -> int:
+        """Go down when on the stairs (and not cautious), else search or walk towards the goal."""
+        lvl, pos = now.lvl, now.pos
         if pos in lvl.down and (not self.cautious or self.goal_kind == "down"):
             self.path = []
-            self.went_down_from = (key, pos)
+            self.went_down_from = (now.key, pos)
             return DOWN
-
         if self.goal_kind == "search" and pos == self.goal and lvl.searched[pos] < self.search_until:
             lvl.searched[pos] += 1
             return SEARCH
-        step = self._navigate(lvl, cat, flat_glyphs, pos)
+        step = self._navigate(lvl, now.cat, now.flat_glyphs, pos)
         if step is not None:
             cell, a = step
-            if cat[cell // COLS, cell % COLS] == DOOR and cell in lvl.locked:
+            if now.cat[cell // COLS, cell % COLS] == DOOR and cell in lvl.locked:
                 lvl.locked[cell] += 1
                 if lvl.locked[cell] > self.cfg.max_kicks:
                     lvl.blocked.add(cell)
                 self.path = []
                 self.intent = ("kick", a)
                 return KICK
-            self.last_move_to, self.last_move_glyph = cell, int(flat_glyphs[cell])
+            self.last_move_to, self.last_move_glyph = cell, int(now.flat_glyphs[cell])
             return a
         if self.goal_kind == "search" and pos == self.goal and lvl.searched[pos] < self.search_until:
             lvl.searched[pos] += 1

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from trajdata.collectors.atari import AtariGame
 from trajdata.collectors.base import EpisodeTruncated, Expert, RecordingEnv
 from trajdata.collectors.config import ExpertSpec
 from trajdata.collectors.nethack import NetHackExpert
+from trajdata.envs.atari import env_id
 
 
 @dataclass(frozen=True)
@@ -66,46 +68,14 @@ class NetHackHost(NetHackExpert):
         return out
 
 
-class AtariHost(Expert):
-    """Atari env plumbing for a BC or random policy: full games in ``make_play_env`` (real score, all lives)."""
+class AtariHost(AtariGame):
+    """Atari env plumbing for a BC or random policy: ``AtariGame`` without a policy of its own."""
 
-    name, version, schema = "eval-host", "1", "atari"
-
-    def __init__(self, game: str, noop_max: int = 30, frame_skip: int = 4):
-        from trajdata.envs.atari import resolve_game
-
-        self.game, self.noop_max, self.frame_skip = resolve_game(game), noop_max, frame_skip
-        self.env = None
-
-    def make_env(self):
-        from trajdata.envs.atari import make_play_env
-
-        self.env = make_play_env(self.game, self.noop_max, self.frame_skip)
-        return self.env
-
-    def reset_env(self, env, seed: int):
-        obs, info = env.reset(seed=seed)
-        return obs, info, {"seed": seed}
-
-    def step_fields(self, obs, info: dict) -> dict:
-        from trajdata.envs.atari import lives
-
-        return {"frame": obs[:, :, 0], "lives": np.uint8(lives(self.env))}
-
-    def summary(self, env) -> dict:
-        from trajdata.envs.atari import lives
-
-        return {"score": env.episode_return, "game": self.game, "lives_left": lives(self.env)}
+    name, version = "eval-host", "1"
 
     def describe(self) -> dict:
-        from trajdata.envs.atari import env_id
-
         return {"name": self.name, "env": env_id(self.game), "game": self.game, "noop_max": self.noop_max,
                 "frame_skip": self.frame_skip}
-
-    def close(self) -> None:
-        if self.env is not None:
-            self.env.close()
 
 
 class NullWriter:
