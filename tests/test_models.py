@@ -67,7 +67,7 @@ def test_encoder_width_is_paper_d_in():
     x = m.encoder({k: v.flatten(0, 1) for k, v in b.items()}, torch.zeros(4, dtype=torch.long))
     assert NetHackConfig().d_in == 1729 and x.shape == (4, 1729)
     assert m.mixer.net[0].in_features == 1729
-    assert 3.8e6 < count_params(m.encoder) < 4.0e6  # DESIGN §6: ~3.9M fixed encoder parameters
+    assert 3.8e6 < count_params(m.encoder) < 4.0e6  # the paper: ~3.9M fixed encoder parameters
 
 
 def test_config_errors():
