@@ -6,7 +6,7 @@ import json
 import click
 
 from trajdata.cli.options import dataclass_options
-from trajdata.collectors.config import CollectConfig, ExpertSpec
+from trajdata.collectors.config import EXPERTS, CollectConfig, ExpertSpec
 from trajdata.envs.atari import GAMES
 
 _GAMES_HELP = ", ".join(GAMES)
@@ -22,9 +22,11 @@ def collect_options(f=None, **defaults):
 
 
 def run_collect(expert: str, expert_kwargs: dict, quiet: bool = False, **opts) -> dict:
+    """Collect with ``expert`` (a name of ``EXPERTS``, or a ``"module:Class"`` target) and print the summary."""
     from trajdata.collectors.runner import collect
 
-    cfg = CollectConfig(expert=ExpertSpec.named(expert, **expert_kwargs), **opts)
+    spec = ExpertSpec.named(expert, **expert_kwargs) if expert in EXPERTS else ExpertSpec(expert, expert_kwargs)
+    cfg = CollectConfig(expert=spec, **opts)
     result = collect(cfg, progress=not quiet)
     click.echo(json.dumps({k: v for k, v in result.items() if k != "config"}))
     return result
