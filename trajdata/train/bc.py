@@ -307,7 +307,8 @@ def validate(model, cfg: BCConfig, mcfg, device, autocast) -> dict:
     loss = tot.sum() / n.sum()
     k = len(n)
     se = math.sqrt(k / (k - 1) * ((tot - loss * n) ** 2).sum()) / n.sum() if k > 1 else float("nan")
-    return dict(loss=float(loss), loss_se=float(se), accuracy=correct / n.sum(), episodes=k, steps=int(n.sum()))
+    return dict(loss=float(loss), loss_se=float(se), accuracy=correct / n.sum(), episodes=k, steps=int(n.sum()),
+                per_episode=[(e, s[0] / s[1], int(s[1])) for e, s in sorted(sums.items())])
 
 
 def _tensorboard(run: Path, enabled: bool):
@@ -444,7 +445,7 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
                 flops=repr(budget), flops_actual=f"{samples * per_sample:.6g}", loss=f"{val['loss']:.6f}", loss_se=f"{val['loss_se']:.6f}",
                 val_episodes=val["episodes"], family=family, width=mcfg.width,
                 layers=getattr(mcfg, "layers", ""), core=getattr(mcfg, "core", "cnn"),
-                checkpoint=str(path.relative_to(run))))
+                checkpoint=str(path.relative_to(run)), val_episode_losses=ckpt_io.episode_losses_cell(val["per_episode"])))
         return val
 
     from tqdm import tqdm

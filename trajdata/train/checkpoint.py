@@ -154,6 +154,13 @@ RUN_COLUMNS = ("run", "budget", "params", "samples", "flops", "flops_actual", "l
 EVAL_COLUMNS = ("return", "return_se", "episodes")
 
 
+def episode_losses_cell(per_episode) -> str:
+    """The runs.csv ``val_episode_losses`` cell (written last in a row, as it is long) of
+    [(episode, mean loss, steps), ...]: "EPISODE:LOSS:STEPS ...". The scaling bootstrap resamples these
+    episodes; EPISODE is the episode's index in the validation split, the same for runs on one dataset."""
+    return " ".join(f"{e}:{v:.7g}:{int(n)}" for e, v, n in per_episode)
+
+
 def read_runs(path: str | os.PathLike) -> list[dict]:
     """Rows of a runs.csv as dicts of strings ([] when it does not exist)."""
     import csv
