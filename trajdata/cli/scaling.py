@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
 
 from trajdata.errors import ConfigError, DataError
 from trajdata.scaling.fits import FitConfig, fit_all
-from trajdata.scaling.forecast import METHODS, forecast
+from trajdata.scaling.forecast import METHODS, REFUSE_DECADES, WARN_DECADES, forecast
 from trajdata.scaling.runs import COLUMN_ALIASES, load_runs, parse_budgets
 
 
@@ -52,6 +53,13 @@ def runs_options(f):
         click.option("--cv-folds", default=d.cv_folds, show_default=True, type=int,
                      help="Rolling cross-validation: largest budgets held out one at a time."),
         click.option("--no-return", is_flag=True, help="Skip the return fits."),
+        click.option("--vertex-weights", default=d.vertex_weights, show_default=True,
+                     type=click.Choice(["none", "se"]),
+                     help="isoFLOP power laws over the budget optima: unweighted (as the paper), or weighted "
+                          "1/(SE²+tau²) by each optimum's SE."),
+        click.option("--bootstrap", default=d.bootstrap, show_default=True, type=int,
+                     help="Bootstrap draws behind every interval (0: OLS/delta-method intervals only)."),
+        click.option("--seed", default=d.seed, show_default=True, type=int, help="Bootstrap seed."),
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -82,7 +90,7 @@ def method_lines(fit: dict) -> list[str]:
 
 def load_and_config(runs_path, cols, wheres, budgets, min_budget, max_budget, min_points_per_budget, window,
                     optimum, parametric_points, flops_per_param_sample, ci_level, bin_budgets, cv_folds, no_return,
-                    bootstrap=0, seed=0):
+                    bootstrap=0, seed=0, vertex_weights="none", sensitivity=False):
     runs = load_runs(runs_path, _pairs(cols, "--col"), _pairs(wheres, "--where"))
     chosen = parse_budgets(budgets)
     if chosen is not None:
@@ -94,17 +102,32 @@ def load_and_config(runs_path, cols, wheres, budgets, min_budget, max_budget, mi
     cfg = FitConfig(optimum=optimum, window=window, min_points=min_points_per_budget,
                     flops_per_param_sample=flops_per_param_sample, ci_level=ci_level, cv_folds=cv_folds,
                     bootstrap=bootstrap, seed=seed, fit_return=not no_return, parametric_points=parametric_points,
-                    bin_budgets=bin_budgets)
+                    bin_budgets=bin_budgets, vertex_weights=vertex_weights, sensitivity=sensitivity)
     return runs, cfg
+
+
+def progress_bars() -> bool:
+    """tqdm bars only where someone watches them: stderr a terminal."""
+    return sys.stderr.isatty()
+
+
+def interval_line(fit: dict) -> str:
+    """Which interval the exponents above are."""
+    bs = fit.get("bootstrap")
+    if bs:
+        return (f"intervals: {int(round(100 * fit['config']['ci_level']))}% bootstrap percentile, {bs['draws']} draws "
+                f"(validation noise: {bs['validation_noise']['loss']}; run and budget scatter from the residuals)")
+    return "intervals: OLS t-interval (isoFLOP) and delta method (parametric); no bootstrap (--bootstrap 0)"
 
 
 @click.command("fit")
 @click.argument("runs_path", metavar="RUNS", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for fit.json and report.html.")
 @runs_options
-@click.option("--bootstrap", default=0, show_default=True, type=int, help="Bootstrap resamples (0: delta method only).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
-def fit_cmd(runs_path, out, bootstrap, seed, **opts):
+@click.option("--sensitivity", is_flag=True,
+              help="Also refit under each alternative setting (window, optimum, budgets, points, weights) and "
+                   "add the forecasts side by side to the report.")
+def fit_cmd(runs_path, out, **opts):
     """Fit isoFLOP profiles, parametric laws and return-vs-loss to RUNS (CSV or Parquet).
 
     RUNS has one row per evaluated checkpoint: FLOPs, params, samples, loss (+ its SE),
@@ -113,11 +136,12 @@ def fit_cmd(runs_path, out, bootstrap, seed, **opts):
     """
     from trajdata.scaling.report import write_report
 
-    runs, cfg = load_and_config(runs_path, bootstrap=bootstrap, seed=seed, **opts)
-    result = fit_all(runs, cfg, progress=True)
+    runs, cfg = load_and_config(runs_path, **opts)
+    result = fit_all(runs, cfg, progress=progress_bars())
     paths = write_report(result, out)
     for key, e in result["summary"].items():
         click.echo(f"{key:28s} {e['value']:8.3f}  ({e['ci'][0]:.3f}, {e['ci'][1]:.3f})")
+    click.echo(interval_line(result))
     for line in method_lines(result):
         click.echo(line)
     if "binning" in result:
@@ -130,6 +154,12 @@ def fit_cmd(runs_path, out, bootstrap, seed, **opts):
     line = dropped_line(result)
     if line:
         click.echo(line)
+    if "sensitivity" in result:
+        from trajdata.scaling.sensitivity import sensitivity_lines
+
+        click.echo(f"forecasts at C = {result['sensitivity']['given']['compute']:.3g} under each setting:")
+        for line in sensitivity_lines(result["sensitivity"]):
+            click.echo(line)
     click.echo(f"wrote {paths['json']} and {paths['html']}")
 
 
@@ -146,15 +176,26 @@ def fit_cmd(runs_path, out, bootstrap, seed, **opts):
               help="Dataset for the printed `train bc` command of the compute-optimal model (needed by --run).")
 @click.option("--run-out", default=None, type=click.Path(file_okay=False), help="--out of that run [runs/forecast-...].")
 @click.option("--run", "start", is_flag=True, help="Start that `train bc` run now.")
+@click.option("--sensitivity", is_flag=True,
+              help="Refit RUNS under each alternative setting and print every method's forecast side by side, "
+                   "marking those outside the default's interval (needs a RUNS file).")
+@click.option("--max-extrapolation", default=REFUSE_DECADES, show_default=True, type=float, metavar="DECADES",
+              help=f"Refuse forecasts whose C lies more than this many decades outside the fitted FLOP budgets "
+                   f"(beyond {WARN_DECADES:g} decade they warn).")
 @runs_options
-def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json, dataset, run_out, start, **opts):
-    """Compute-optimal N, D, C and predicted loss/return from a fit JSON (or a RUNS file, fitted first).
+def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json, dataset, run_out, start,
+                 sensitivity, max_extrapolation, **opts):
+    """Compute-optimal N, D, C and predicted loss/return from a fit JSON (or a RUNS file, fitted first),
+    each with its interval (from the fit's bootstrap draws; the delta method for a fit without them).
 
     Give exactly one of --dataset-size, --compute, --params; e.g. `--dataset-size 40e9`.
     """
     path = Path(source)
     if not path.exists():
         raise DataError(f"file not found: {path}")
+    if sensitivity and path.suffix.lower() == ".json":
+        raise ConfigError("--sensitivity refits the runs under each setting: give the RUNS table, not a fit JSON")
+    runs = None
     if path.suffix.lower() == ".json":
         try:
             fit = json.loads(path.read_text())
@@ -164,29 +205,58 @@ def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json
             raise DataError(f"{path} is not a trajdata scaling fit (no 'loss' section)")
     else:
         runs, cfg = load_and_config(source, **opts)
-        fit = fit_all(runs, cfg)
+        fit = fit_all(runs, cfg, progress=progress_bars())
         line = dropped_line(fit)
         if line:
             click.echo(line, err=True)
     targets = ("loss", "return") if target == "both" else (target,)
-    rows = forecast(fit, methods or None, targets, dataset_size=dataset_size, compute=compute, params=params)
+    given = dict(dataset_size=dataset_size, compute=compute, params=params)
+    rows = forecast(fit, methods or None, targets, max_extrapolation, **given)
     if start and not dataset:
         raise ConfigError("--run needs --dataset (the data to train the forecast model on)")
-    if as_json:
-        click.echo(json.dumps(rows, indent=1))
-    else:
-        click.echo(f"{'target':7s} {'method':10s} {'FLOPs':>10s} {'params':>10s} {'samples':>10s} {'predicted':>10s}")
-        for r in rows:
-            click.echo(f"{r['target']:7s} {r['method']:10s} {r['flops']:10.3g} {r['params']:10.3g} "
-                       f"{r['samples']:10.3g} {r[r['target']]:10.4g}")
-    from trajdata.scaling.forecast import pick, train_bc_args
+    for r in rows:
+        if "warning" in r:
+            click.echo(f"warning: {r['target']} {r['method']}: {r['warning']}", err=True)
+    sens = None
+    if sensitivity:
+        from trajdata.scaling.sensitivity import sensitivity as run_sensitivity
 
-    best = pick(rows, "loss" if target in ("loss", "both") else "return")
+        sens = run_sensitivity(runs, cfg, fit=fit, progress=progress_bars(), **given)
+    if as_json:
+        click.echo(json.dumps(rows if sens is None else {"forecasts": rows, "sensitivity": sens}, indent=1))
+    else:
+        lvl = int(round(100 * rows[0]["ci_level"]))
+        click.echo(f"{'target':7s} {'method':10s} {'FLOPs (' + str(lvl) + '% interval)':>30s} "
+                   f"{'params':>30s} {'samples':>30s} {'predicted':>28s}")
+
+        def cell(v, ci, f=".3g", w=30):
+            return f"{f'{v:{f}} ({ci[0]:{f}}, {ci[1]:{f}})':>{w}s}"
+
+        for r in rows:
+            t = r["target"]
+            click.echo(f"{t:7s} {r['method']:10s} {cell(r['flops'], r['flops_ci'])} {cell(r['params'], r['params_ci'])} "
+                       f"{cell(r['samples'], r['samples_ci'])} {cell(r[t], r[t + '_ci'], '.4g', 28)}")
+        click.echo(f"intervals: {rows[0]['interval']}")
+        if sens is not None:
+            from trajdata.scaling.sensitivity import sensitivity_lines
+
+            for line in sensitivity_lines(sens):
+                click.echo(line)
+    from trajdata.scaling.forecast import pick, preferred, train_bc_args
+
+    want = "loss" if target in ("loss", "both") else "return"
+    best = pick(rows, want, fit)
     args = train_bc_args(best, dataset or "DATASET", run_out)
     if not as_json:
         import shlex
 
-        click.echo(f"compute-optimal run ({best['target']} {best['method']}): trajdata {shlex.join(args)}")
+        t = best["target"]
+        pm, why = preferred(fit, t)
+        why = why if best["method"] == pm else "the method asked for"
+        click.echo(f"compute-optimal run ({t} {best['method']}: {why}): trajdata {shlex.join(args)}")
+        click.echo(f"  N {best['params']:.3g} ({best['params_ci'][0]:.3g}, {best['params_ci'][1]:.3g}), "
+                   f"D {best['samples']:.3g}, C {best['flops']:.3g} ({best['flops_ci'][0]:.3g}, {best['flops_ci'][1]:.3g}); "
+                   f"predicted {t} {best[t]:.4g} ({best[t + '_ci'][0]:.4g}, {best[t + '_ci'][1]:.4g})")
     if start:
         from trajdata.cli.main import cli
 

@@ -378,6 +378,10 @@ def bootstrap(runs: Runs, fit: dict, cfg: FitConfig, progress: bool = False) -> 
             summary[f"{name}.{meth}.b"] = {"median": 1 - summary[f"{name}.{meth}.a"]["median"],
                                             "ci": [1 - c for c in summary[f"{name}.{meth}.a"]["ci"][::-1]],
                                             "n": int(ok.sum())}
+            if meth == "isoflop" and name == "loss":
+                kd = P[:, 4][np.isfinite(P[:, 4])]
+                summary["loss.isoflop.k"] = {"median": float(np.median(kd)) if len(kd) else float("nan"),
+                                             "ci": percentile_ci(P[:, 4], cfg.ci_level), "n": int(len(kd))}
             draws[name][meth] = {"columns": list(COLUMNS[meth]),
                                  "values": [[float(f"{v:.7g}") for v in row] for row in P]}
     summary["draws"] = cfg.bootstrap

@@ -671,6 +671,7 @@ def _fit_all(runs: Runs, cfg: FitConfig, progress: bool) -> dict:
                                   "by_column": dict(runs.dropped)},
            "dropped_duplicates": int(runs.n_duplicates),
            "median_flops_per_param_sample": float(np.median(ratio))}
+    raw = runs
     if cfg.bin_budgets > 0:
         before = len(runs.budgets)
         runs = bin_budgets(runs, cfg.bin_budgets)
@@ -680,9 +681,28 @@ def _fit_all(runs: Runs, cfg: FitConfig, progress: bool) -> dict:
     # Fit steps: the loss fits, the return fits, return vs loss (the bootstrap has its own bar).
     bar = tqdm(total=3, desc="fit loss", unit="fit", disable=not progress, leave=False)
     try:
-        return _fit_steps(runs, cfg, progress, out, bar)
+        out = _fit_steps(runs, cfg, progress, out, bar)
     finally:
         bar.close()
+    out["forecasts"] = default_forecasts(out, 10 * float(runs.flops.max()))
+    if cfg.sensitivity:
+        from trajdata.scaling.sensitivity import sensitivity
+
+        # the forecast a decade of compute past the largest budget, under each setting
+        out["sensitivity"] = sensitivity(raw, cfg, fit=out, progress=progress, compute=10 * float(runs.flops.max()))
+    return out
+
+
+def default_forecasts(fit: dict, compute: float) -> dict:
+    """Every method's forecast (with intervals) at ``compute``, and the method each target prefers."""
+    from trajdata.scaling.forecast import forecast, preferred
+
+    try:
+        rows = forecast(fit, compute=compute)
+    except DataError:
+        rows = []
+    return {"given": {"compute": compute}, "rows": rows,
+            "preferred": {t: dict(zip(("method", "why"), preferred(fit, t))) for t in ("loss", "return") if t in fit}}
 
 
 def _fit_steps(runs: Runs, cfg: FitConfig, progress: bool, out: dict, bar) -> dict:
@@ -727,8 +747,15 @@ def summary(fit: dict) -> dict:
                 s[f"{tgt}.{meth}.b"] = f["b"]
     if "return_vs_loss" in fit:
         s["return_vs_loss.delta"] = fit["return_vs_loss"]["delta"]
+        s["return_vs_loss.delta"].setdefault("ci_method", "OLS t-interval over the budgets' loss optima")
     if fit.get("loss", {}).get("isoflop", {}).get("Y_opt"):
-        s["loss.isoflop.k"] = fit["loss"]["isoflop"]["Y_opt"]["k"]
+        e = s["loss.isoflop.k"] = fit["loss"]["isoflop"]["Y_opt"]["k"]
+        b = (fit.get("bootstrap") or {}).get("loss.isoflop.k")
+        e.setdefault("ci_analytic", list(e["ci"]))
+        if b and b["n"] >= 0.8 * fit["config"]["bootstrap"] and all(np.isfinite(b["ci"])):
+            e.update(ci=b["ci"], ci_bootstrap=b["ci"], ci_method=f"bootstrap percentile, {b['n']} draws")
+        else:
+            e.setdefault("ci_method", "delta method on the E + A·C^-k fit's covariance")
     return s
 
 

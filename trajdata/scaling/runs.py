@@ -141,7 +141,7 @@ def parse_episode_losses(cell) -> tuple[np.ndarray, np.ndarray, np.ndarray] | No
 
 def format_episode_losses(ids, losses, steps) -> str:
     """The runs-table cell of one run's per-episode validation losses (see ``parse_episode_losses``)."""
-    return " ".join(f"{i}:{v:.6g}:{int(n)}" for i, v, n in zip(ids, losses, steps))
+    return " ".join(f"{i}:{v:.7g}:{int(n)}" for i, v, n in zip(ids, losses, steps))
 
 
 def runs_from_frame(df: pd.DataFrame, columns: dict[str, str] | None = None, source: str = "") -> Runs:
