@@ -73,6 +73,8 @@ def dropped_line(fit: dict) -> str | None:
     if d.get("n"):
         cols = ", ".join(f"{c}: {n}" for c, n in d["by_column"].items())
         parts.append(f"dropped {d['n']} of {d['of']} runs with NaN/inf values ({cols})")
+    if fit.get("dropped_duplicates"):
+        parts.append(f"{fit['dropped_duplicates']} rows repeated verbatim were counted once")
     n_ret = fit.get("n_runs_with_return")
     if n_ret is not None and n_ret < fit["n_runs"]:
         parts.append(f"{fit['n_runs'] - n_ret} runs without a finite return are left out of the return fits")
@@ -217,6 +219,8 @@ def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json
     for r in rows:
         if "warning" in r:
             click.echo(f"warning: {r['target']} {r['method']}: {r['warning']}", err=True)
+        for note in r.get("left_out", []):
+            click.echo(f"warning: left out: {note}", err=True)
     sens = None
     if sensitivity:
         from trajdata.scaling.sensitivity import sensitivity as run_sensitivity
@@ -253,7 +257,7 @@ def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json
         t = best["target"]
         pm, why = preferred(fit, t)
         why = why if best["method"] == pm else "the method asked for"
-        click.echo(f"compute-optimal run ({t} {best['method']}: {why}): trajdata {shlex.join(args)}")
+        click.echo(f"compute-optimal run ({t} {best['method']}, {why}): trajdata {shlex.join(args)}")
         click.echo(f"  N {best['params']:.3g} ({best['params_ci'][0]:.3g}, {best['params_ci'][1]:.3g}), "
                    f"D {best['samples']:.3g}, C {best['flops']:.3g} ({best['flops_ci'][0]:.3g}, {best['flops_ci'][1]:.3g}); "
                    f"predicted {t} {best[t]:.4g} ({best[t + '_ci'][0]:.4g}, {best[t + '_ci'][1]:.4g})")

@@ -14,6 +14,14 @@ WARN_DECADES = 1.0     # a forecast this far (decades of C) outside the fitted F
 REFUSE_DECADES = 3.0   # and this far is refused
 
 
+class NotCredible(DataError):
+    """A forecast far outside the fitted FLOP range (``flops`` its C, ``decades`` how far)."""
+
+    def __init__(self, message: str, flops: float, decades: float):
+        super().__init__(message)
+        self.flops, self.decades = flops, decades
+
+
 def check_given(dataset_size=None, compute=None, params=None) -> None:
     given = [v is not None for v in (dataset_size, compute, params)]
     if sum(given) != 1:
@@ -157,8 +165,8 @@ def forecast_one(fit: dict, target: str, method: str, max_extrapolation: float =
     where = (f"C = {C:.3g} FLOPs is {ext:.1f} decades {'above' if C > hi else 'below'} the fitted budgets "
              f"({lo:.3g} .. {hi:.3g})")
     if ext > max_extrapolation or N < 1 or D < 1 or not np.isfinite(y):
-        raise DataError(f"the {target} {method} forecast for {what} is not credible: {where}, N = {N:.3g}, "
-                        f"D = {D:.3g} (refused beyond {max_extrapolation:g} decades; --max-extrapolation)")
+        raise NotCredible(f"the {target} {method} forecast for {what} is not credible: {where}, N = {N:.3g}, "
+                        f"D = {D:.3g} (refused beyond {max_extrapolation:g} decades; --max-extrapolation)", C, ext)
     level = fit["config"].get("ci_level", 0.95)
     ci = intervals(fit, target, method, level, **given)
     out = {"target": target, "method": method, "flops": C, "params": N, "samples": D, target: y,
@@ -186,7 +194,7 @@ def forecast(fit: dict, methods=None, targets=("loss", "return"), max_extrapolat
     bad = set(methods) - set(METHODS)
     if bad:
         raise ConfigError(f"unknown method(s) {', '.join(sorted(bad))} (choose from {', '.join(METHODS)})")
-    rows, why = [], []
+    rows, why, far = [], [], []
     for t in targets:
         if t not in fit:
             if not any(u in fit for u in targets):
@@ -197,12 +205,25 @@ def forecast(fit: dict, methods=None, targets=("loss", "return"), max_extrapolat
                 continue
             try:
                 rows.append(forecast_one(fit, t, m, max_extrapolation, **given))
+            except NotCredible as e:
+                far.append(e)
             except DataError as e:
                 if len(methods) == 1 and m in fit[t]:
                     raise
                 why.append(str(e))
+    if not rows and far and not why:
+        if len(far) == 1:
+            raise far[0]
+        lo, hi = fitted_range(fit)
+        what = ", ".join(f"{q}={v:g}" for q, v in given.items() if v is not None)
+        Cs = [e.flops for e in far]
+        raise DataError(f"no credible forecast for {what}: the fits put C at {min(Cs):.3g} .. {max(Cs):.3g} FLOPs, "
+                        f"{min(e.decades for e in far):.1f}+ decades outside the fitted budgets ({lo:.3g} .. {hi:.3g}); "
+                        f"refused beyond {max_extrapolation:g} decades (--max-extrapolation)")
     if not rows:
-        raise DataError("; ".join(why) if why else "fit has none of the requested methods")
+        raise DataError("; ".join(why + [str(e) for e in far]) if why or far else "fit has none of the requested methods")
+    for e in far:  # methods whose forecast lies too far out are left out, saying so
+        rows[0].setdefault("left_out", []).append(str(e))
     return rows
 
 

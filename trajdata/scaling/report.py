@@ -293,6 +293,8 @@ def render_body(fit: dict, figures: dict[str, str], title: str = "Scaling-law fi
     if d.get("n"):
         cols = ", ".join(f"{c}: {n}" for c, n in d["by_column"].items())
         notes.append(f"{d['n']} of {d['of']} runs were dropped for NaN/inf values ({cols}).")
+    if fit.get("dropped_duplicates"):
+        notes.append(f"{fit['dropped_duplicates']} rows repeated verbatim in the table were counted once.")
     if "binning" in fit:
         b = fit["binning"]
         notes.append(f"FLOP budgets were binned ({b['bins_per_decade']:g} bins per decade, each run snapped to "
