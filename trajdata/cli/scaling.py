@@ -192,6 +192,9 @@ def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json
 
     Give exactly one of --dataset-size, --compute, --params; e.g. `--dataset-size 40e9`.
     """
+    from trajdata.scaling.forecast import check_given
+
+    check_given(dataset_size, compute, params)  # before a fit that may take a while
     path = Path(source)
     if not path.exists():
         raise DataError(f"file not found: {path}")
