@@ -71,17 +71,18 @@ def runs_table(law: Law = Law(), seed: int = 0, grid: bool = True, budgets=np.lo
 
 def coverage(tables: int = 200, bootstrap: int = 200, grid: bool = True, law: Law = Law(),
              dataset_size: float | None = None, seed0: int = 0, methods=("isoflop", "quadratic"),
-             episodes: int = 0, drop_se: bool = False) -> dict:
+             episodes: int = 0, drop_se: bool = False, **fit_settings) -> dict:
     """Fit ``tables`` seeded tables; per method the fraction whose intervals hold the true exponent a
     and the true forecast N (at ``dataset_size``, default: the optimal D at 10x the largest budget),
-    for the bootstrap intervals and for the analytic (OLS / delta-method) ones."""
+    for the bootstrap intervals and for the analytic (OLS / delta-method) ones. ``fit_settings``: FitConfig fields to change."""
     from trajdata.scaling.fits import FitConfig, fit_all
     from trajdata.scaling.forecast import intervals
     from trajdata.scaling.runs import runs_from_frame
 
     D = dataset_size or float(1e19 / (law.k * law.n_opt(1e19)))
     n_true = law.n_for_dataset(D)
-    cfg = FitConfig(bootstrap=bootstrap, cv_folds=0, fit_return=False, chinchilla=False, seed=seed0)
+    cfg = FitConfig(**{**dict(bootstrap=bootstrap, cv_folds=0, fit_return=False, chinchilla=False, seed=seed0),
+                       **fit_settings})
     hits = {m: {k: [] for k in ("a_bootstrap", "a_analytic", "n_bootstrap", "n_analytic")} for m in methods}
     width = {m: [] for m in methods}
     failed = {m: 0 for m in methods}
