@@ -56,7 +56,6 @@ def test_bootstrap_intervals_cover_the_true_law_off_grid():
     _check_coverage(coverage(tables=200, bootstrap=200, grid=False, methods=("quadratic",)), ("quadratic",))
 
 
-@pytest.mark.slow
 def test_bootstrap_intervals_cover_with_per_episode_losses():
     """Runs validated on 20 shared episodes of varying difficulty: the bootstrap resamples the
     episodes (not the SEs) and still covers."""
