@@ -187,10 +187,10 @@ def fit_cmd(runs_path, out, **opts):
 @runs_options
 def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json, dataset, run_out, start,
                  sensitivity, max_extrapolation, **opts):
-    """Compute-optimal N, D, C and predicted loss/return from a fit JSON (or a RUNS file, fitted first),
-    each with its interval (from the fit's bootstrap draws; the delta method for a fit without them).
+    """Compute-optimal N, D, C and predicted loss/return from a fit JSON (or a RUNS file, fitted first).
 
-    Give exactly one of --dataset-size, --compute, --params; e.g. `--dataset-size 40e9`.
+    Each comes with its interval: percentiles of the fit's bootstrap draws solved the same way (the
+    delta method for a fit without them). Give exactly one of --dataset-size, --compute, --params; e.g. `--dataset-size 40e9`.
     """
     from trajdata.scaling.forecast import check_given
 
