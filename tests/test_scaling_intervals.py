@@ -179,6 +179,12 @@ def test_cli_sensitivity_marks_settings_outside_the_default(tmp_path):
              "--cv-folds", 0, "--no-return")
     assert r.exit_code == 0, r.output
     assert any(ln.startswith(" ! parametric points: all") for ln in r.output.splitlines())
+    f = _run("scaling", "fit", NETHACK, "--out", tmp_path / "rep", "--sensitivity", "--bootstrap", 30,
+             "--cv-folds", 0, "--no-return")
+    assert f.exit_code == 0, f.output
+    assert "forecasts at C = 1e+20 under each setting:" in f.output
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "<h2>Fit choices side by side</h2>" in html and "disjoint" in html
     (tmp_path / "fit.json").write_text("{}")
     bad = _run("scaling", "forecast", tmp_path / "fit.json", "--compute", "1e19", "--sensitivity")
     assert bad.exit_code == 1 and "--sensitivity refits the runs under each setting: give the RUNS table" in bad.output
