@@ -61,6 +61,9 @@ def test_nethack_loss_far_below_uniform_with_budget_snapshots(scripted_data, tmp
 
     runs = load_runs(tmp_path / "run" / "runs.csv")
     assert len(runs) == 2 and runs.params[0] == 188_793
+    # with each validation episode's loss, which the scaling bootstrap resamples
+    for (ids, losses, steps), loss in zip(runs.loss_episodes, runs.loss):
+        assert list(ids) == ["0"] and (losses * steps).sum() / steps.sum() == pytest.approx(loss, abs=1e-5)
 
 
 def test_atari_loss_far_below_uniform(atari_data, tmp_path):

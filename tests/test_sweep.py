@@ -194,7 +194,7 @@ def test_forecast_prints_the_train_bc_command():
     params = dict(train_bc.make_context("bc", argv[3:]).params)
     assert params["samples"] == 40_000_000_000 and params["schedule"] == "cosine" and params["lr"] == 2e-4
     isoflop = next(x for x in r.stdout.splitlines() if x.startswith("loss    isoflop"))
-    assert float(isoflop.split()[3]) == pytest.approx(float(params["params"]), rel=1e-2)
+    assert float(isoflop.split()[5]) == pytest.approx(float(params["params"]), rel=1e-2)  # C (lo, hi) N
     r = subprocess.run([*TRAJDATA, "scaling", "forecast", str(src), "--dataset-size", "40e9", "--run"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "--run needs --dataset" in r.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -9,7 +10,7 @@ import click
 from trajdata.cli.options import dataclass_options
 from trajdata.errors import ConfigError, DataError
 from trajdata.scaling.fits import FitConfig, fit_all
-from trajdata.scaling.forecast import METHODS, forecast
+from trajdata.scaling.forecast import METHODS, REFUSE_DECADES, WARN_DECADES, forecast
 from trajdata.scaling.runs import COLUMN_ALIASES, load_runs, parse_budgets
 
 
@@ -48,6 +49,8 @@ def dropped_line(fit: dict) -> str | None:
     if d.get("n"):
         cols = ", ".join(f"{c}: {n}" for c, n in d["by_column"].items())
         parts.append(f"dropped {d['n']} of {d['of']} runs with NaN/inf values ({cols})")
+    if fit.get("dropped_duplicates"):
+        parts.append(f"{fit['dropped_duplicates']} rows repeated verbatim were counted once")
     n_ret = fit.get("n_runs_with_return")
     if n_ret is not None and n_ret < fit["n_runs"]:
         parts.append(f"{fit['n_runs'] - n_ret} runs without a finite return are left out of the return fits")
@@ -76,6 +79,20 @@ def load_and_config(runs_path, cols=(), wheres=(), budgets=None, min_budget=None
     return runs, FitConfig(**fit)
 
 
+def progress_bars() -> bool:
+    """tqdm bars only where someone watches them: stderr a terminal."""
+    return sys.stderr.isatty()
+
+
+def interval_line(fit: dict) -> str:
+    """Which interval the exponents above are."""
+    bs = fit.get("bootstrap")
+    if bs:
+        return (f"intervals: {int(round(100 * fit['config']['ci_level']))}% bootstrap percentile, {bs['draws']} draws "
+                f"(validation noise: {bs['validation_noise']['loss']}; run and budget scatter from the residuals)")
+    return "intervals: OLS t-interval (isoFLOP) and delta method (parametric); no bootstrap (--bootstrap 0)"
+
+
 @click.command("fit")
 @click.argument("runs_path", metavar="RUNS", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for fit.json and report.html.")
@@ -90,10 +107,11 @@ def fit_cmd(runs_path, out, **opts):
     from trajdata.scaling.report import write_report
 
     runs, cfg = load_and_config(runs_path, **opts)
-    result = fit_all(runs, cfg, progress=True)
+    result = fit_all(runs, cfg, progress=progress_bars())
     paths = write_report(result, out)
     for key, e in result["summary"].items():
         click.echo(f"{key:28s} {e['value']:8.3f}  ({e['ci'][0]:.3f}, {e['ci'][1]:.3f})")
+    click.echo(interval_line(result))
     for line in method_lines(result):
         click.echo(line)
     if "binning" in result:
@@ -106,7 +124,34 @@ def fit_cmd(runs_path, out, **opts):
     line = dropped_line(result)
     if line:
         click.echo(line)
+    if "sensitivity" in result:
+        from trajdata.scaling.sensitivity import sensitivity_lines
+
+        click.echo(f"forecasts at C = {result['sensitivity']['given']['compute']:.3g} under each setting:")
+        for line in sensitivity_lines(result["sensitivity"]):
+            click.echo(line)
     click.echo(f"wrote {paths['json']} and {paths['html']}")
+
+
+def print_forecasts(rows: list[dict], sens: dict | None) -> None:
+    """The forecast table, each figure with its interval, then the sensitivity lines."""
+    lvl = int(round(100 * rows[0]["ci_level"]))
+    click.echo(f"{'target':7s} {'method':10s} {'FLOPs (' + str(lvl) + '% interval)':>30s} "
+               f"{'params':>30s} {'samples':>30s} {'predicted':>28s}")
+
+    def cell(v, ci, f=".3g", w=30):
+        return f"{f'{v:{f}} ({ci[0]:{f}}, {ci[1]:{f}})':>{w}s}"
+
+    for r in rows:
+        t = r["target"]
+        click.echo(f"{t:7s} {r['method']:10s} {cell(r['flops'], r['flops_ci'])} {cell(r['params'], r['params_ci'])} "
+                   f"{cell(r['samples'], r['samples_ci'])} {cell(r[t], r[t + '_ci'], '.4g', 28)}")
+    click.echo(f"intervals: {rows[0]['interval']}")
+    if sens is not None:
+        from trajdata.scaling.sensitivity import sensitivity_lines
+
+        for line in sensitivity_lines(sens):
+            click.echo(line)
 
 
 @click.command("forecast")
@@ -122,15 +167,26 @@ def fit_cmd(runs_path, out, **opts):
               help="Dataset for the printed `train bc` command of the compute-optimal model (needed by --run).")
 @click.option("--run-out", default=None, type=click.Path(file_okay=False), help="--out of that run [runs/forecast-...].")
 @click.option("--run", "start", is_flag=True, help="Start that `train bc` run now.")
+@click.option("--max-extrapolation", default=REFUSE_DECADES, show_default=True, type=float, metavar="DECADES",
+              help=f"Refuse forecasts whose C lies more than this many decades outside the fitted FLOP budgets "
+                   f"(beyond {WARN_DECADES:g} decade they warn).")
 @runs_options
-def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json, dataset, run_out, start, **opts):
+def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json, dataset, run_out, start,
+                 max_extrapolation, sensitivity, **opts):
     """Compute-optimal N, D, C and predicted loss/return from a fit JSON (or a RUNS file, fitted first).
 
-    Give exactly one of --dataset-size, --compute, --params; e.g. `--dataset-size 40e9`.
+    Each comes with its interval: percentiles of the fit's bootstrap draws solved the same way (the
+    delta method for a fit without them). Give exactly one of --dataset-size, --compute, --params; e.g. `--dataset-size 40e9`.
     """
+    from trajdata.scaling.forecast import check_given
+
+    check_given(dataset_size, compute, params)  # before a fit that may take a while
     path = Path(source)
     if not path.exists():
         raise DataError(f"file not found: {path}")
+    if sensitivity and path.suffix.lower() == ".json":
+        raise ConfigError("--sensitivity refits the runs under each setting: give the RUNS table, not a fit JSON")
+    runs = None
     if path.suffix.lower() == ".json":
         try:
             fit = json.loads(path.read_text())
@@ -140,29 +196,44 @@ def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json
             raise DataError(f"{path} is not a trajdata scaling fit (no 'loss' section)")
     else:
         runs, cfg = load_and_config(source, **opts)
-        fit = fit_all(runs, cfg)
+        fit = fit_all(runs, cfg, progress=progress_bars())
         line = dropped_line(fit)
         if line:
             click.echo(line, err=True)
     targets = ("loss", "return") if target == "both" else (target,)
-    rows = forecast(fit, methods or None, targets, dataset_size=dataset_size, compute=compute, params=params)
+    given = dict(dataset_size=dataset_size, compute=compute, params=params)
+    rows = forecast(fit, methods or None, targets, max_extrapolation, **given)
     if start and not dataset:
         raise ConfigError("--run needs --dataset (the data to train the forecast model on)")
-    if as_json:
-        click.echo(json.dumps(rows, indent=1))
-    else:
-        click.echo(f"{'target':7s} {'method':10s} {'FLOPs':>10s} {'params':>10s} {'samples':>10s} {'predicted':>10s}")
-        for r in rows:
-            click.echo(f"{r['target']:7s} {r['method']:10s} {r['flops']:10.3g} {r['params']:10.3g} "
-                       f"{r['samples']:10.3g} {r[r['target']]:10.4g}")
-    from trajdata.scaling.forecast import pick, train_bc_args
+    for r in rows:
+        if "warning" in r:
+            click.echo(f"warning: {r['target']} {r['method']}: {r['warning']}", err=True)
+        for note in r.get("left_out", []):
+            click.echo(f"warning: left out: {note}", err=True)
+    sens = None
+    if sensitivity:
+        from trajdata.scaling.sensitivity import sensitivity as run_sensitivity
 
-    best = pick(rows, "loss" if target in ("loss", "both") else "return")
+        sens = run_sensitivity(runs, cfg, fit_all, fit=fit, progress=progress_bars(), **given)
+    if as_json:
+        click.echo(json.dumps(rows if sens is None else {"forecasts": rows, "sensitivity": sens}, indent=1))
+    else:
+        print_forecasts(rows, sens)
+    from trajdata.scaling.forecast import pick, preferred, train_bc_args
+
+    want = "loss" if target in ("loss", "both") else "return"
+    best = pick(rows, want, fit)
     args = train_bc_args(best, dataset or "DATASET", run_out)
     if not as_json:
         import shlex
 
-        click.echo(f"compute-optimal run ({best['target']} {best['method']}): trajdata {shlex.join(args)}")
+        t = best["target"]
+        pm, why = preferred(fit, t)
+        why = why if best["method"] == pm else "the method asked for"
+        click.echo(f"compute-optimal run ({t} {best['method']}, {why}): trajdata {shlex.join(args)}")
+        click.echo(f"  N {best['params']:.3g} ({best['params_ci'][0]:.3g}, {best['params_ci'][1]:.3g}), "
+                   f"D {best['samples']:.3g}, C {best['flops']:.3g} ({best['flops_ci'][0]:.3g}, {best['flops_ci'][1]:.3g}); "
+                   f"predicted {t} {best[t]:.4g} ({best[t + '_ci'][0]:.4g}, {best[t + '_ci'][1]:.4g})")
     if start:
         click.get_current_context().find_root().command.main(args, prog_name="trajdata")
 

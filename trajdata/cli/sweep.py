@@ -1,6 +1,8 @@
 """`trajdata sweep`: the whole scaling pipeline from one spec."""
 from __future__ import annotations
 
+import math
+
 import click
 
 from trajdata.cli.options import dataclass_options
@@ -10,6 +12,7 @@ def _sweep_options(f):
     from trajdata.sweep.run import SweepOptions
 
     return dataclass_options(SweepOptions)(f)
+from trajdata.errors import ConfigError
 
 
 @click.command("sweep")
@@ -29,6 +32,9 @@ def sweep_cmd(spec_path, dry_run, flops_per_s, **flags):
     from trajdata.sweep.plan import describe, load_spec, make_plan
     from trajdata.sweep.run import SweepOptions, run_sweep
 
+    if flops_per_s is not None and not (math.isfinite(flops_per_s) and flops_per_s > 0):
+        raise ConfigError(f"--flops-per-s must be a positive finite number of FLOP/s, not {flops_per_s:g}",
+                          field="flops_per_s")
     spec = load_spec(spec_path)
     if dry_run:
         click.echo(describe(make_plan(spec), flops_per_s))

@@ -7,7 +7,7 @@ An allocation rule is N_opt = exp(log_gn)·C^a, D_opt = exp(log_gd)·C^b (natura
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import numpy as np
 from scipy import optimize, stats
@@ -15,49 +15,10 @@ from scipy.special import logsumexp, softmax
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from trajdata.config import choose, coerce_fields, option, require
 from trajdata.errors import DataError
+from trajdata.scaling.config import FitConfig
+from trajdata.scaling.laws import PARAMETRIC, chin_alloc, quad_alloc, quad_design
 from trajdata.scaling.runs import Runs
-
-OPTIMA = ("vertex", "argmin")
-PARAMETRIC_POINTS = ("window", "all")
-
-
-@dataclass
-class FitConfig:
-    """All fitting hyper-parameters (the flags of `scaling fit` and `scaling forecast`)."""
-
-    optimum: str = option("vertex", "Per-budget optimum: parabola vertex or best observed run (argmin).",
-                          choices=OPTIMA)
-    window: int = option(3, "Sizes either side of the observed optimum each parabola uses (0: all).")
-    min_points: int = option(3, "Model sizes (in the window) a budget needs to be kept.", flag="min_points_per_budget")
-    log_target: bool = option(True, "Fit each parabola in (ln N, ln target), as the seed code does.")
-    flops_per_param_sample: float = option(6.0, "k in C = k*N*D (6 for Transformers).")
-    ci_level: float = option(0.95, "CI level.", flag="ci")
-    huber_delta: float = option(1e-3, "Huber loss delta of the Chinchilla fit.")
-    ftol: float = option(1e-15, "L-BFGS-B ftol of the Chinchilla fit.")
-    gtol: float = option(1e-12, "L-BFGS-B gtol of the Chinchilla fit.")
-    maxiter: int = option(20_000, "L-BFGS-B iterations of the Chinchilla fit.")
-    grid_top_k: int = option(16, "Chinchilla: best grid starts refined by L-BFGS-B.")
-    cv_folds: int = option(4, "Rolling cross-validation: largest budgets held out one at a time.")
-    bootstrap: int = option(0, "Bootstrap resamples (0: delta method only).")
-    seed: int = option(0, "Bootstrap seed.")
-    fit_return: bool = option(True, "Fit the return too (--no-return: loss only).", flag="return")
-    parametric_points: str = option("window", "Runs the parametric fits use: inside kept parabola windows, or all.",
-                                    choices=PARAMETRIC_POINTS)
-    bin_budgets: float = option(0.0, "Bin FLOP budgets, this many bins per decade; each run's FLOPs snap to its bin's "
-                                     "geometric centre, so runs off an isoFLOP grid can share budgets (0: off).",
-                                metavar="PER_DECADE")
-
-    def __post_init__(self):
-        coerce_fields(self)
-        choose(self.optimum, OPTIMA, "optimum")
-        require(self.min_points >= 3 or self.optimum != "vertex", "min_points", "must be >= 3 to fit a parabola")
-        choose(self.parametric_points, PARAMETRIC_POINTS, "parametric_points")
-        require(0 < self.ci_level < 1, "ci_level", f"must be in (0, 1) (got {self.ci_level})")
-        require(bool(np.isfinite(self.bin_budgets) and self.bin_budgets >= 0), "bin_budgets",
-                f"must be >= 0 bins per decade (0: off), not {self.bin_budgets}")
-
 
 def estimate(value: float, se: float, level: float, dof: int | None = None) -> dict:
     q = stats.t.ppf(0.5 + level / 2, dof) if dof else stats.norm.ppf(0.5 + level / 2)
@@ -79,14 +40,33 @@ def delta_method(fun, theta: np.ndarray, cov: np.ndarray) -> tuple[float, float]
     return float(fun(theta)), float(np.sqrt(max(grad @ cov @ grad, 0.0)))
 
 
-def ols(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Least squares with the classical covariance sigma^2 (X'X)^-1; returns beta, cov, dof."""
-    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+def ols(X: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Least squares with the classical covariance sigma^2 (X'X)^-1; returns beta, cov, dof.
+
+    With weights ``w`` (inverse variances): weighted least squares with the Knapp-Hartung covariance
+    (X'WX)^-1 · sum(w r²) / dof."""
+    if w is None:
+        w = np.ones(len(y))
+    sw = np.sqrt(w)
+    beta, *_ = np.linalg.lstsq(X * sw[:, None], y * sw, rcond=None)
     dof = len(y) - X.shape[1]
     resid = y - X @ beta
-    s2 = resid @ resid / dof if dof > 0 else np.nan
-    cov = s2 * np.linalg.pinv(X.T @ X)
+    s2 = (w * resid) @ resid / dof if dof > 0 else np.nan
+    cov = s2 * np.linalg.pinv((X * w[:, None]).T @ X)
     return beta, cov, dof
+
+
+def excess_variance(resid: np.ndarray, se: np.ndarray | None, dof_frac: np.ndarray | float, dof: int) -> float:
+    """Variance of the scatter that the SEs do not explain: max(0, (sum r² - sum (1-h)·se²) / dof),
+    with 1-h each point's share of the residual degrees of freedom (all of it when there are no SEs)."""
+    if dof <= 0:
+        return 0.0
+    meas = 0.0 if se is None else float(np.sum(dof_frac * np.square(se)))
+    return max(0.0, (float(resid @ resid) - meas) / dof)
+
+
+def _leverage(X: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,jk,ik->i", X, np.linalg.pinv(X.T @ X), X)
 
 
 # ---------------------------------------------------------------- isoFLOP profiles
@@ -133,7 +113,8 @@ def isoflop_profiles(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: b
         lo, hi = (0, len(N)) if cfg.window <= 0 else (max(0, best - cfg.window), min(len(N), best + cfg.window + 1))
         prof = {"flops": float(C), "n_sizes": int(len(N)), "params": N.tolist(), "value": y.tolist(),
                 "se": None if se_all is None else se_all[m][order].tolist(),
-                "window": [float(N[lo]), float(N[hi - 1])], "log_target": use_log, "coef": None,
+                "window": [float(N[lo]), float(N[hi - 1])], "window_idx": [int(lo), int(hi)],
+                "log_target": use_log, "coef": None,
                 "kept": False, "reason": "", "n_opt": None, "d_opt": None, "y_opt": None}
         out.append(prof)
         if hi - lo < cfg.min_points:
@@ -162,10 +143,10 @@ def isoflop_profiles(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: b
     return out
 
 
-def fit_power_law(C: np.ndarray, Y: np.ndarray, level: float) -> dict:
-    """OLS of ln Y on ln C: Y = exp(intercept)·C^exponent."""
+def fit_power_law(C: np.ndarray, Y: np.ndarray, level: float, w: np.ndarray | None = None) -> dict:
+    """OLS (or WLS with weights ``w``) of ln Y on ln C: Y = exp(intercept)·C^exponent."""
     X = np.stack([np.ones_like(C), np.log(C)], 1)
-    beta, cov, dof = ols(X, np.log(Y))
+    beta, cov, dof = ols(X, np.log(Y), w)
     return {"intercept": estimate(beta[0], np.sqrt(cov[0, 0]), level, dof),
             "exponent": estimate(beta[1], np.sqrt(cov[1, 1]), level, dof),
             "cov": cov.tolist(), "n": int(len(C))}
@@ -218,6 +199,66 @@ def power_plus_const(fit: dict, C) -> np.ndarray:
     return E + np.exp(a - k * (np.log(np.asarray(C, float)) - fit["log_c0"]))
 
 
+def _window(p: dict):
+    """A kept profile's parabola data in fit space: centred ln N, target, its SE (or None), and the centre."""
+    lo, hi = p["window_idx"]
+    N, y = np.array(p["params"][lo:hi]), np.array(p["value"][lo:hi])
+    se = None if p["se"] is None else np.array(p["se"][lo:hi])
+    if p["log_target"]:
+        t, se = np.log(y), (None if se is None else se / y)
+    else:
+        t = y
+    x = np.log(N)
+    return x - x.mean(), t, se, float(x.mean())
+
+
+def profile_noise(profiles: list[dict], vertex: bool) -> dict:
+    """Noise of the per-budget optima, in fit space (ln target where positive).
+
+    ``sigma_run``: the scatter about parabolas over the kept windows that the runs' SEs do not explain
+    (seeds, training noise, misfit), pooled over budgets. With vertex optima each kept profile gets
+    ``n_opt_se`` (SE of ln N_opt) and ``y_opt_se`` (SE of ln target at the vertex) by the delta
+    method from SE² + sigma_run²; observed (argmin) optima have none."""
+    kept = [p for p in profiles if p["kept"]]
+    ssr = meas = 0.0
+    dof = 0
+    fits = []
+    for p in kept:
+        x, t, se, _ = _window(p)
+        if len(t) < 3:
+            continue
+        X = np.stack([x * x, x, np.ones_like(x)], 1)
+        c, *_ = np.linalg.lstsq(X, t, rcond=None)
+        r = t - X @ c
+        h = _leverage(X)
+        ssr += float(r @ r)
+        meas += 0.0 if se is None else float(np.sum((1 - h) * se ** 2))
+        dof += len(t) - 3
+        fits.append((p, X, c, se))
+    sigma2 = max(0.0, (ssr - meas) / dof) if dof > 0 else 0.0
+    for p in kept:
+        p["n_opt_se"] = p["y_opt_se"] = None
+    for p, X, c, se in fits if vertex else ():
+        var = np.full(len(X), sigma2) + (0.0 if se is None else se ** 2)
+        XtXi = np.linalg.pinv(X.T @ X)
+        cov = XtXi @ (X.T * var) @ X @ XtXi
+        c2, c1, _ = c
+        gv = np.array([c1 / (2 * c2 ** 2), -1 / (2 * c2), 0.0])
+        gy = np.array([c1 ** 2 / (4 * c2 ** 2), -c1 / (2 * c2), 1.0])
+        se_t = float(np.sqrt(max(gy @ cov @ gy, 0.0)))
+        p["n_opt_se"] = float(np.sqrt(max(gv @ cov @ gv, 0.0)))
+        p["y_opt_se"] = se_t if p["log_target"] else se_t / abs(p["y_opt"])  # SE of ln y_opt
+    return {"sigma_run": float(np.sqrt(sigma2))}
+
+
+def excess_scatter(resid: np.ndarray, se: np.ndarray, n_par: int) -> float:
+    """tau²: the variance of the optima about their fitted law beyond their own SEs (a moment estimate)."""
+    dof = len(resid) - n_par
+    if dof <= 0 or not np.isfinite(se).all():
+        return 0.0
+    return max(0.0, float(resid @ resid) / dof - float(np.mean(se ** 2)))
+
+
 def fit_isoflop(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = False,
                 se: np.ndarray | None = None) -> dict:
     profiles = isoflop_profiles(runs, target, cfg, maximize, se)
@@ -231,17 +272,35 @@ def fit_isoflop(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool =
                             f"(need 3 such budgets){hint}")
         raise DataError(f"only {len(kept)} FLOP budgets give an optimum (need >= 3); "
                         "try --window 0, --optimum argmin or more budgets")
+    vertex = cfg.optimum == "vertex"
+    noise = profile_noise(profiles, vertex)
     C = np.array([p["flops"] for p in kept])
     N = np.array([p["n_opt"] for p in kept])
     D = np.array([p["d_opt"] for p in kept])
     Y = np.array([p["y_opt"] for p in kept])
-    n_fit, d_fit = fit_power_law(C, N, cfg.ci_level), fit_power_law(C, D, cfg.ci_level)
+    X = np.stack([np.ones_like(C), np.log(C)], 1)
+    # observed optima have no SE: all their scatter about the line counts as budget noise (conservative)
+    s_n = np.array([p["n_opt_se"] for p in kept]) if vertex else np.zeros(len(kept))
+    noise["tau_n"] = float(np.sqrt(excess_scatter(np.log(N) - X @ ols(X, np.log(N))[0], s_n, 2)))
+    weights, noise["weighted"], noise["weights"] = None, False, "none: ordinary least squares, as the paper"
+    if cfg.vertex_weights == "se":
+        if not vertex:
+            noise["weights"] = "none: observed (argmin) optima have no SE to weight by"
+        else:
+            weights = 1.0 / (s_n ** 2 + noise["tau_n"] ** 2)
+            noise["weighted"] = True
+            noise["weights"] = "1 / (SE² + tau²) per optimum (random effects), Knapp-Hartung covariance"
+    n_fit, d_fit = fit_power_law(C, N, cfg.ci_level, weights), fit_power_law(C, D, cfg.ci_level, weights)
     if (Y > 0).all():
         y_fit = fit_power_plus_const(C, 1.0 / Y if maximize else Y, cfg.ci_level)
         y_fit["inverse"] = maximize
+        if len(kept) > 3:
+            ly = np.log(1.0 / Y if maximize else Y)
+            s_y = np.array([p["y_opt_se"] for p in kept]) if vertex else np.zeros(len(kept))
+            noise["tau_y"] = float(np.sqrt(excess_scatter(ly - np.log(power_plus_const(y_fit, C)), s_y, 3)))
     else:
         y_fit = None  # E + A·C^-k needs positive optima
-    return {"profiles": profiles, "budgets_kept": C.tolist(),
+    return {"profiles": profiles, "budgets_kept": C.tolist(), "noise": noise,
             "N_opt": n_fit, "D_opt": d_fit, "Y_opt": y_fit,
             "a": n_fit["exponent"], "b": d_fit["exponent"],
             "allocation": {"log_gn": n_fit["intercept"]["value"], "a": n_fit["exponent"]["value"],
@@ -262,38 +321,40 @@ def near_optimum(runs: Runs, target: np.ndarray, profiles: list[dict], cfg: FitC
 
 # ---------------------------------------------------------------- parametric: quadratic in (ln N, ln D)
 
-def _quad_design(x, y):
-    return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], 1)
+def one_budget(runs: Runs, what: str) -> None:
+    """Refuse a parametric fit whose runs span (nearly) one FLOP budget: there N and D move together."""
+    span = float(runs.flops.max() / runs.flops.min())
+    if span < 1.5:
+        raise DataError(f"{what} needs runs at more than one FLOP budget (these span {span:.3g}x in C): "
+                        "at one budget N and D move together, so their exponents cannot be told apart")
 
 
-def _quad_alloc(beta, k):
-    """Stationary point of beta·[1, x, y, x², xy, y²] on x + y = ln(C/k): x* = g + a·ln C."""
-    b0, b1, b2, b3, b4, b5 = beta
-    K = 2 * (b3 - b4 + b5)
-    a = (2 * b5 - b4) / K
-    g = (b2 - b1) / K - a * np.log(k)
-    return g, a
+def fit_quadratic(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = False,
+                  se: np.ndarray | None = None) -> dict:
+    """ln target = b0 + b1 x + b2 y + b3 x² + b4 xy + b5 y² by OLS over the given runs (the paper's Eq. 3).
 
-
-def fit_quadratic(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = False) -> dict:
-    """ln target = b0 + b1 x + b2 y + b3 x² + b4 xy + b5 y² by OLS over the given runs (the paper's Eq. 3)."""
+    ``se`` (per run) only sets ``sigma_run``, the scatter the SEs do not explain (for the bootstrap)."""
     if (target <= 0).any():
         raise DataError("quadratic parametric fit needs positive targets")
     x, y, t = np.log(runs.params), np.log(runs.samples), np.log(target)
-    X = _quad_design(x, y)
+    X = quad_design(x, y)
     if len(t) < 7:
         raise DataError(f"quadratic parametric fit needs >= 7 runs, got {len(t)}")
+    one_budget(runs, "the quadratic parametric fit")
     if np.linalg.matrix_rank(X) < 6:
         raise DataError("quadratic parametric fit: the runs do not vary ln N and ln D independently enough")
     beta, cov, dof = ols(X, t)
     k, lvl = cfg.flops_per_param_sample, cfg.ci_level
-    a_val, a_se = delta_method(lambda b: _quad_alloc(b, k)[1], beta, cov)
-    g_val, g_se = delta_method(lambda b: _quad_alloc(b, k)[0], beta, cov)
+    a_val, a_se = delta_method(lambda b: quad_alloc(b, k)[1], beta, cov)
+    g_val, g_se = delta_method(lambda b: quad_alloc(b, k)[0], beta, cov)
     curv = 2 * (beta[3] - beta[4] + beta[5])
     ok = curv < 0 if maximize else curv > 0
     names = ["b0", "b_lnN", "b_lnD", "b_lnN2", "b_lnNlnD", "b_lnD2"]
-    resid = t - _quad_design(x, y) @ beta
-    return {"form": "ln Y = b0 + b1 lnN + b2 lnD + b3 lnN^2 + b4 lnN lnD + b5 lnD^2",
+    resid = t - quad_design(x, y) @ beta
+    Xc = quad_design(x - x.mean(), y - y.mean())
+    se_t = None if se is None or not np.isfinite(se).all() else se / target
+    sigma = np.sqrt(excess_variance(resid, se_t, 1 - _leverage(Xc), dof))
+    return {"form": "ln Y = b0 + b1 lnN + b2 lnD + b3 lnN^2 + b4 lnN lnD + b5 lnD^2", "sigma_run": float(sigma),
             "coef": {n: estimate(v, np.sqrt(max(cov[i, i], 0.0)), lvl, dof) for i, (n, v) in enumerate(zip(names, beta))},
             "beta": beta.tolist(), "cov": cov.tolist(),
             "a": estimate(a_val, a_se, lvl, dof), "b": estimate(1 - a_val, a_se, lvl, dof),
@@ -303,7 +364,7 @@ def fit_quadratic(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool
 
 def quadratic_predict(fit: dict, N, D) -> np.ndarray:
     x, y = np.log(np.asarray(N, float)), np.log(np.asarray(D, float))
-    return np.exp(_quad_design(np.atleast_1d(x), np.atleast_1d(y)) @ np.array(fit["beta"]))
+    return np.exp(quad_design(np.atleast_1d(x), np.atleast_1d(y)) @ np.array(fit["beta"]))
 
 
 # ---------------------------------------------------------------- parametric: Chinchilla
@@ -338,13 +399,14 @@ def chinchilla_grid():
     return np.stack([a.ravel() for a in g], 1)
 
 
-def fit_chinchilla(runs: Runs, target: np.ndarray, cfg: FitConfig) -> dict:
+def fit_chinchilla(runs: Runs, target: np.ndarray, cfg: FitConfig, se: np.ndarray | None = None) -> dict:
     """L = E + A/N^alpha + B/D^beta: Huber loss on ln L, L-BFGS-B from the best grid starts."""
     if (target <= 0).any():
         raise DataError("Chinchilla fit needs positive targets")
     x, y, t = np.log(runs.params), np.log(runs.samples), np.log(target)
     if len(t) < 6 or len(np.unique(x)) < 2 or len(np.unique(y)) < 2:
         raise DataError(f"Chinchilla fit needs >= 6 runs with >= 2 sizes and >= 2 sample counts, got {len(t)} runs")
+    one_budget(runs, "the Chinchilla fit")
     grid = chinchilla_grid()
     z1 = grid[:, 1, None] - grid[:, 3, None] * x
     z2 = grid[:, 2, None] - grid[:, 4, None] * y
@@ -367,19 +429,15 @@ def fit_chinchilla(runs: Runs, target: np.ndarray, cfg: FitConfig) -> dict:
     dof = len(t) - 5
     cov = (resid @ resid / dof) * np.linalg.pinv(J.T @ J)  # Gauss-Newton at the Huber optimum
     k, lvl = cfg.flops_per_param_sample, cfg.ci_level
-
-    def alloc(th):
-        e, a, b, al, be = th
-        a_exp = be / (al + be)
-        log_g = (np.log(al) + a - np.log(be) - b) / (al + be)
-        return log_g - a_exp * np.log(k), a_exp
-
     ok = bool(theta[3] > 0 and theta[4] > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        a_val, a_se = delta_method(lambda th: alloc(th)[1], theta, cov)
-        g_val = alloc(theta)[0] if ok else float("nan")
+        a_val, a_se = delta_method(lambda th: chin_alloc(th, k)[1], theta, cov)
+        g_val = chin_alloc(theta, k)[0] if ok else float("nan")
     names = ["log_E", "log_A", "log_B", "alpha", "beta"]
+    se_t = None if se is None or not np.isfinite(se).all() else se / target
+    sigma = np.sqrt(excess_variance(resid, se_t, max(dof, 0) / len(t), dof))
     return {"form": "L = E + A/N^alpha + B/D^beta", "theta": theta.tolist(), "cov": cov.tolist(),
+            "sigma_run": float(sigma),
             "coef": {n: estimate(v, np.sqrt(max(cov[i, i], 0.0)), lvl, dof) for i, (n, v) in enumerate(zip(names, theta))},
             "E": float(np.exp(theta[0])), "A": float(np.exp(theta[1])), "B": float(np.exp(theta[2])),
             "a": estimate(a_val, a_se, lvl, dof), "b": estimate(1 - a_val, a_se, lvl, dof),
@@ -480,8 +538,11 @@ def fit_all(runs: Runs, cfg: FitConfig | None = None, progress: bool = False) ->
         return _fit_all(runs, cfg or FitConfig(), progress)
 
 
-PARAMETRIC = {False: ("quadratic", "chinchilla"), True: ("quadratic",)}  # by `maximize`
 FIT_ERRORS = (DataError, np.linalg.LinAlgError, ValueError)
+
+
+def parametric_methods(cfg: FitConfig, maximize: bool) -> tuple[str, ...]:
+    return tuple(m for m in PARAMETRIC[maximize] if cfg.chinchilla or m != "chinchilla")
 
 
 def fit_target(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = False,
@@ -510,9 +571,13 @@ def fit_target(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = 
         pr, pt, on = runs, target, "all runs: the isoFLOP method did not run"
     else:
         (pr, pt), on = near_optimum(runs, target, iso["profiles"], cfg), "inside the kept isoFLOP windows"
-    for meth in PARAMETRIC[maximize]:
+    pse = None
+    if se is not None:
+        pse = se if pr is runs else near_optimum(runs, se, iso["profiles"], cfg)[1]
+    for meth in parametric_methods(cfg, maximize):
         try:
-            f = fit_quadratic(pr, pt, cfg, maximize) if meth == "quadratic" else fit_chinchilla(pr, pt, cfg)
+            f = (fit_quadratic(pr, pt, cfg, maximize, pse) if meth == "quadratic"
+                 else fit_chinchilla(pr, pt, cfg, pse))
         except FIT_ERRORS as e:
             methods[meth] = {"ran": False, "reason": str(e)}
             continue
@@ -525,7 +590,7 @@ def fit_target(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = 
             res["crossval"] = {"folds": [], "rmse": {}, "best_by_y_opt": None,
                                "skipped": "needs isoFLOP optima to hold out; the isoFLOP method did not run"}
         else:
-            ran = tuple(m for m in ("isoflop",) + PARAMETRIC[maximize] if m in res)
+            ran = tuple(m for m in ("isoflop",) + parametric_methods(cfg, maximize) if m in res)
             res["crossval"] = rolling_cv(runs, target, iso["profiles"], cfg, ran, maximize)
     return res
 
@@ -537,7 +602,9 @@ def _fit_all(runs: Runs, cfg: FitConfig, progress: bool) -> dict:
     out = {"config": asdict(cfg), "source": runs.source, "n_runs": int(len(runs)),
            "dropped_non_finite": {"n": int(runs.n_dropped), "of": int(len(runs) + runs.n_dropped),
                                   "by_column": dict(runs.dropped)},
+           "dropped_duplicates": int(runs.n_duplicates),
            "median_flops_per_param_sample": float(np.median(ratio))}
+    raw = runs
     if cfg.bin_budgets > 0:
         before = len(runs.budgets)
         runs = bin_budgets(runs, cfg.bin_budgets)
@@ -547,9 +614,28 @@ def _fit_all(runs: Runs, cfg: FitConfig, progress: bool) -> dict:
     # Fit steps: the loss fits, the return fits, return vs loss (the bootstrap has its own bar).
     bar = tqdm(total=3, desc="fit loss", unit="fit", disable=not progress, leave=False)
     try:
-        return _fit_steps(runs, cfg, progress, out, bar)
+        out = _fit_steps(runs, cfg, progress, out, bar)
     finally:
         bar.close()
+    out["forecasts"] = default_forecasts(out, 10 * float(runs.flops.max()))
+    if cfg.sensitivity:
+        from trajdata.scaling.sensitivity import sensitivity
+
+        # the forecast a decade of compute past the largest budget, under each setting
+        out["sensitivity"] = sensitivity(raw, cfg, fit_all, fit=out, progress=progress, compute=10 * float(runs.flops.max()))
+    return out
+
+
+def default_forecasts(fit: dict, compute: float) -> dict:
+    """Every method's forecast (with intervals) at ``compute``, and the method each target prefers."""
+    from trajdata.scaling.forecast import forecast, preferred
+
+    try:
+        rows = forecast(fit, compute=compute)
+    except DataError:
+        rows = []
+    return {"given": {"compute": compute}, "rows": rows,
+            "preferred": {t: dict(zip(("method", "why"), preferred(fit, t))) for t in ("loss", "return") if t in fit}}
 
 
 def _fit_steps(runs: Runs, cfg: FitConfig, progress: bool, out: dict, bar) -> dict:
@@ -577,7 +663,8 @@ def _fit_steps(runs: Runs, cfg: FitConfig, progress: bool, out: dict, bar) -> di
             pass
     bar.update(bar.total - bar.n)
     if cfg.bootstrap > 0:
-        out["bootstrap"] = bootstrap(runs, cfg, progress, within_budgets="isoflop" in out["loss"])
+        out["bootstrap"], out["bootstrap_draws"] = bootstrap(runs, out, cfg, progress)
+    headline_intervals(out, cfg)
     out["summary"] = summary(out)
     return out
 
@@ -593,31 +680,49 @@ def summary(fit: dict) -> dict:
                 s[f"{tgt}.{meth}.b"] = f["b"]
     if "return_vs_loss" in fit:
         s["return_vs_loss.delta"] = fit["return_vs_loss"]["delta"]
+        s["return_vs_loss.delta"].setdefault("ci_method", "OLS t-interval over the budgets' loss optima")
     if fit.get("loss", {}).get("isoflop", {}).get("Y_opt"):
-        s["loss.isoflop.k"] = fit["loss"]["isoflop"]["Y_opt"]["k"]
+        e = s["loss.isoflop.k"] = fit["loss"]["isoflop"]["Y_opt"]["k"]
+        b = (fit.get("bootstrap") or {}).get("loss.isoflop.k")
+        e.setdefault("ci_analytic", list(e["ci"]))
+        if b and b["n"] >= 0.8 * fit["config"]["bootstrap"] and all(np.isfinite(b["ci"])):
+            e.update(ci=b["ci"], ci_bootstrap=b["ci"], ci_method=f"bootstrap percentile, {b['n']} draws")
+        else:
+            e.setdefault("ci_method", "delta method on the E + A·C^-k fit's covariance")
     return s
 
 
-def bootstrap(runs: Runs, cfg: FitConfig, progress: bool = False, within_budgets: bool = True) -> dict:
-    """Percentile CIs of the exponents from resampling runs within each budget (or among all runs)."""
-    rng = np.random.default_rng(cfg.seed)
-    sub = FitConfig(**{**asdict(cfg), "bootstrap": 0, "grid_top_k": min(cfg.grid_top_k, 4)})
-    draws: dict[str, list[float]] = {}
-    groups = [np.flatnonzero(runs.flops == c) for c in runs.budgets] if within_budgets else [np.arange(len(runs))]
-    for _ in tqdm(range(cfg.bootstrap), desc="bootstrap", disable=not progress):
-        idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
-        r = runs.subset(idx)
-        targets = [("loss", r, r.loss, False)]
-        if r.ret is not None and sub.fit_return and np.isfinite(r.ret).sum() >= 8:
-            rr = r.subset(np.isfinite(r.ret))
-            targets.append(("return", rr, rr.ret, True))
-        for name, rs, t, maximize in targets:
-            res = fit_target(rs, t, sub, maximize, crossval=False)
-            if within_budgets and "isoflop" not in res:
-                continue  # the full fit's parametric points are the isoFLOP windows: no like-for-like draw
-            for meth in ("isoflop",) + PARAMETRIC[maximize]:
-                if meth in res:
-                    draws.setdefault(f"{name}.{meth}.a", []).append(res[meth]["a"]["value"])
-    lo, hi = 50 * (1 - cfg.ci_level), 50 * (1 + cfg.ci_level)
-    return {k: {"median": float(np.median(v)), "ci": [float(np.percentile(v, lo)), float(np.percentile(v, hi))],
-                "n": len(v)} for k, v in draws.items()}
+ANALYTIC = {"isoflop": "OLS t-interval over the budget optima", "quadratic": "delta method on the OLS covariance",
+            "chinchilla": "delta method on the Gauss-Newton covariance"}
+WEIGHTED = "WLS t-interval over the budget optima (weights 1/(SE²+tau²), Knapp-Hartung)"
+
+
+def headline_intervals(fit: dict, cfg: FitConfig) -> None:
+    """Give every exponent its interval's provenance: ``ci`` is the headline interval (the bootstrap's
+    where it ran, which the coverage test calibrates), ``ci_analytic`` the OLS/delta-method one."""
+    bs = fit.get("bootstrap") or {}
+    for tgt in ("loss", "return"):
+        for meth in ("isoflop", "quadratic", "chinchilla"):
+            f = fit.get(tgt, {}).get(meth)
+            if not f:
+                continue
+            analytic = WEIGHTED if meth == "isoflop" and f["noise"]["weighted"] else ANALYTIC[meth]
+            for name in ("a", "b"):
+                e = f[name]
+                e["ci_analytic"] = list(e["ci"])
+                b = bs.get(f"{tgt}.{meth}.{name}")
+                if b and b["n"] >= 0.8 * cfg.bootstrap and all(np.isfinite(b["ci"])):
+                    e["ci_bootstrap"] = b["ci"]
+                    e["ci"] = b["ci"]
+                    e["ci_method"] = f"bootstrap percentile, {b['n']} of {cfg.bootstrap} draws"
+                else:
+                    e["ci_method"] = analytic + ("" if not b else
+                                                 f" (the bootstrap: only {b['n']} of {cfg.bootstrap} draws gave a fit)")
+
+
+def bootstrap(runs: Runs, fit: dict, cfg: FitConfig, progress: bool = False) -> tuple[dict, dict]:
+    """Percentile intervals of the exponents and every method's forecast parameters, per draw
+    (trajdata.scaling.bootstrap)."""
+    from trajdata.scaling import bootstrap as bs
+
+    return bs.bootstrap(runs, fit, cfg, progress)

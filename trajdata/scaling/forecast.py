@@ -1,32 +1,149 @@
-"""Compute-optimal forecasts from a fit: given D, C or N, the other two and the predicted loss/return."""
+"""Compute-optimal forecasts from a fit: given D, C or N, the other two and the predicted loss/return,
+each with an interval: percentiles of the fit's bootstrap draws solved the same way, or (for a fit
+without a bootstrap) the delta method on the fit's covariance."""
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
 
 from trajdata.errors import ConfigError, DataError
-from trajdata.scaling.fits import chinchilla_predict, power_plus_const, quadratic_predict
+from trajdata.scaling.laws import chin_alloc, quad_alloc, quad_design
 
 METHODS = ("isoflop", "quadratic", "chinchilla")
+WARN_DECADES = 1.0     # a forecast this far (decades of C) outside the fitted FLOPs warns
+REFUSE_DECADES = 3.0   # and this far is refused
 
 
-def solve_compute(alloc: dict, *, dataset_size=None, compute=None, params=None) -> float:
-    """The budget C whose optimal allocation has the given D (or N), or C itself."""
+class NotCredible(DataError):
+    """A forecast far outside the fitted FLOP range (``flops`` its C, ``decades`` how far)."""
+
+    def __init__(self, message: str, flops: float, decades: float):
+        super().__init__(message)
+        self.flops, self.decades = flops, decades
+
+
+def check_given(dataset_size=None, compute=None, params=None) -> None:
     given = [v is not None for v in (dataset_size, compute, params)]
     if sum(given) != 1:
         raise ConfigError("give exactly one of --dataset-size, --compute, --params")
     for flag, v in (("--dataset-size", dataset_size), ("--compute", compute), ("--params", params)):
         if v is not None and not (np.isfinite(v) and v > 0):
             raise ConfigError(f"{flag} must be a positive finite number, not {v:g}")
+
+
+def solve_compute(alloc: dict, *, dataset_size=None, compute=None, params=None):
+    """The budget C whose optimal allocation has the given D (or N), or C itself (arrays broadcast)."""
+    check_given(dataset_size, compute, params)
     if compute is not None:
-        return float(compute)
+        return np.full(np.shape(alloc["a"]), float(compute))
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         if dataset_size is not None:
-            return float(np.exp((np.log(dataset_size) - alloc["log_gd"]) / alloc["b"]))
-        return float(np.exp((np.log(params) - alloc["log_gn"]) / alloc["a"]))
+            return np.exp((np.log(dataset_size) - alloc["log_gd"]) / alloc["b"])
+        return np.exp((np.log(params) - alloc["log_gn"]) / alloc["a"])
 
 
-def forecast_one(fit: dict, target: str, method: str, **given) -> dict:
-    """One method's forecast for 'loss' (minimised) or 'return' (maximised)."""
+def allocations(method: str, P: np.ndarray, k: float) -> dict:
+    """Per row of method parameters P (bootstrap.COLUMNS[method]): log_gn, a, log_gd, b."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if method == "isoflop":
+            g, a = P[:, 0], P[:, 1]
+        elif method == "quadratic":
+            g, a = quad_alloc(P.T, k)
+        else:
+            g, a = chin_alloc(P.T, k)
+    return {"log_gn": g, "a": a, "log_gd": -np.log(k) - g, "b": 1 - a}
+
+
+def outcomes(method: str, f: dict, alloc: dict, P: np.ndarray | None, **given) -> dict:
+    """C, N, D and the predicted target at the optimum, per row of P (None: the point estimate)."""
+    C = solve_compute(alloc, **given)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        N = np.exp(alloc["log_gn"]) * C ** alloc["a"]
+        D = np.exp(alloc["log_gd"]) * C ** alloc["b"]
+        if method == "isoflop":
+            yf = f["Y_opt"]
+            if yf is None:
+                y = np.full(np.shape(C), np.nan)
+            else:
+                E, ya, yk = (np.array(yf["theta"])[:, None] if P is None else P[:, 2:].T)
+                y = E + np.exp(ya - yk * (np.log(C) - yf["log_c0"]))
+                y = 1.0 / y if yf.get("inverse") else y
+        elif method == "quadratic":
+            beta = np.array(f["beta"])[None] if P is None else P
+            X = quad_design(np.log(N), np.log(D))
+            y = np.exp(np.einsum("bi,bi->b", X, beta))
+        else:
+            th = np.array(f["theta"])[None] if P is None else P
+            e, a, b, al, be = th.T
+            y = np.exp(e) + np.exp(a) / N ** al + np.exp(b) / D ** be
+    return {"flops": C, "params": N, "samples": D, "y": y}
+
+
+def _delta_params(method: str, f: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The point parameters (as a bootstrap row) and their covariance."""
+    if method == "isoflop":
+        n = f["N_opt"]
+        th = [n["intercept"]["value"], n["exponent"]["value"]]
+        cov = np.zeros((5, 5))
+        cov[:2, :2] = n["cov"]
+        if f["Y_opt"] is not None:
+            th += list(f["Y_opt"]["theta"])
+            cov[2:, 2:] = f["Y_opt"]["cov"]
+        else:
+            th += [np.nan] * 3
+        return np.array(th, float), cov
+    key = "beta" if method == "quadratic" else "theta"
+    return np.array(f[key], float), np.array(f["cov"], float)
+
+
+def intervals(fit: dict, target: str, method: str, level: float, **given) -> dict:
+    """[lo, hi] of flops, params, samples and the target: bootstrap percentiles, else the delta method."""
+    f = fit[target][method]
+    k = fit["config"]["flops_per_param_sample"]
+    draws = (fit.get("bootstrap_draws") or {}).get(target, {}).get(method)
+    keys = ("flops", "params", "samples", "y")
+    if draws:
+        P = np.array(draws["values"], float)
+        out = outcomes(method, f, allocations(method, P, k), P, **given)
+        ok = np.all([np.isfinite(out[q]) & (out[q] > 0) for q in keys[:3]], 0)
+        res = {}
+        for q in keys:
+            v = out[q][ok & np.isfinite(out[q])]
+            res[q] = ([float(np.percentile(v, 50 * (1 - level))), float(np.percentile(v, 50 * (1 + level)))]
+                      if len(v) else [float("nan")] * 2)
+        res["how"] = f"bootstrap percentile, {int(ok.sum())} of {len(P)} draws"
+        return res
+    th, cov = _delta_params(method, f)
+    h = 1e-6 * np.maximum(1.0, np.abs(th))
+    rows = np.vstack([th] + [th + h[i] * np.eye(len(th))[i] for i in range(len(th))]
+                     + [th - h[i] * np.eye(len(th))[i] for i in range(len(th))])
+    out = outcomes(method, f, allocations(method, rows, k), rows, **given)
+    dof = len(f["budgets_kept"]) - 2 if method == "isoflop" else f["n"] - len(th)
+    z = stats.t.ppf(0.5 + level / 2, dof) if dof > 0 else np.nan
+    res = {}
+    p = len(th)
+    for q in keys:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lv = np.log(np.abs(out[q]))
+        grad = np.nan_to_num((lv[1:p + 1] - lv[p + 1:]) / (2 * h))
+        se = float(np.sqrt(max(grad @ cov @ grad, 0.0)))
+        res[q] = [float(np.exp(lv[0] - z * se) * np.sign(out[q][0])), float(np.exp(lv[0] + z * se) * np.sign(out[q][0]))]
+    res["how"] = f"delta method on the fit's covariance, t({dof}) (the fit has no bootstrap draws)"
+    return res
+
+
+def fitted_range(fit: dict) -> tuple[float, float]:
+    return float(min(fit["budgets"])), float(max(fit["budgets"]))
+
+
+def extrapolation(fit: dict, C: float) -> float:
+    """Decades of C outside the fitted FLOP range (0 inside it)."""
+    lo, hi = fitted_range(fit)
+    return float(max(np.log10(C / hi), np.log10(lo / C), 0.0))
+
+
+def forecast_one(fit: dict, target: str, method: str, max_extrapolation: float = REFUSE_DECADES, **given) -> dict:
+    """One method's forecast for 'loss' (minimised) or 'return' (maximised), with intervals."""
     sec = fit.get(target)
     if sec is None:
         raise DataError(f"the fit has no {target} data ({fit.get(target + '_skipped', 'not fitted')})")
@@ -38,41 +155,46 @@ def forecast_one(fit: dict, target: str, method: str, **given) -> dict:
     alloc = f["allocation"]
     if any(v is None or not np.isfinite(v) for v in alloc.values()):
         raise DataError(f"the {target} {method} fit has no optimum to forecast with")
-    C = solve_compute(alloc, **given)
-    with np.errstate(over="ignore", invalid="ignore"):
-        N = float(np.exp(alloc["log_gn"]) * C ** alloc["a"])
-        D = float(np.exp(alloc["log_gd"]) * C ** alloc["b"])
+    pt = outcomes(method, f, {q: np.array([v], float) for q, v in alloc.items()}, None, **given)
+    C, N, D, y = (float(pt[q][0]) for q in ("flops", "params", "samples", "y"))
+    what = ", ".join(f"{q}={v:g}" for q, v in given.items() if v is not None)
     if not all(np.isfinite(v) and v > 0 for v in (C, N, D)):
-        raise DataError(f"the {target} {method} fit gives no finite compute-optimal run for "
-                        + ", ".join(f"{k}={v:g}" for k, v in given.items() if v is not None))
-    if method == "isoflop":
-        if f["Y_opt"] is None:
-            y = float("nan")
-        else:
-            y = float(power_plus_const(f["Y_opt"], C))
-            y = 1.0 / y if f["Y_opt"].get("inverse") else y
-    elif method == "quadratic":
-        y = float(quadratic_predict(f, N, D)[0])
-    else:
-        y = float(chinchilla_predict(f, N, D))
+        raise DataError(f"the {target} {method} fit gives no finite compute-optimal run for {what}")
+    ext = extrapolation(fit, C)
+    lo, hi = fitted_range(fit)
+    where = (f"C = {C:.3g} FLOPs is {ext:.1f} decades {'above' if C > hi else 'below'} the fitted budgets "
+             f"({lo:.3g} .. {hi:.3g})")
+    if ext > max_extrapolation or N < 1 or D < 1 or not np.isfinite(y):
+        raise NotCredible(f"the {target} {method} forecast for {what} is not credible: {where}, N = {N:.3g}, "
+                        f"D = {D:.3g} (refused beyond {max_extrapolation:g} decades; --max-extrapolation)", C, ext)
+    level = fit["config"].get("ci_level", 0.95)
+    ci = intervals(fit, target, method, level, **given)
     out = {"target": target, "method": method, "flops": C, "params": N, "samples": D, target: y,
-           "a": alloc["a"], "b": alloc["b"]}
+           "a": alloc["a"], "b": alloc["b"], "flops_ci": ci["flops"], "params_ci": ci["params"],
+           "samples_ci": ci["samples"], f"{target}_ci": ci["y"], "ci_level": level, "interval": ci["how"],
+           "extrapolation_decades": ext}
+    if ext > WARN_DECADES:
+        out["warning"] = f"extrapolated: {where}"
     rvl = fit.get("return_vs_loss")
     if target == "loss" and rvl:
         out["return_from_loss"] = float(np.exp(rvl["log_c"]["value"]) * y ** rvl["delta"]["value"])
     return out
 
 
-def forecast(fit: dict, methods=None, targets=("loss", "return"), **given) -> list[dict]:
+def forecast(fit: dict, methods=None, targets=("loss", "return"), max_extrapolation: float = REFUSE_DECADES,
+             **given) -> list[dict]:
     """Forecasts for every method that ran, for each target present in `fit`.
 
     With no rows to give, the DataError says why for each target and method that was asked for."""
+    check_given(**given)
+    if not (np.isfinite(max_extrapolation) and max_extrapolation >= 0):
+        raise ConfigError(f"--max-extrapolation must be >= 0 decades, not {max_extrapolation:g}")
     explicit = bool(methods)
     methods = methods or METHODS
     bad = set(methods) - set(METHODS)
     if bad:
         raise ConfigError(f"unknown method(s) {', '.join(sorted(bad))} (choose from {', '.join(METHODS)})")
-    rows, why = [], []
+    rows, why, far = [], [], []
     for t in targets:
         if t not in fit:
             if not any(u in fit for u in targets):
@@ -82,24 +204,54 @@ def forecast(fit: dict, methods=None, targets=("loss", "return"), **given) -> li
             if m not in fit[t] and not explicit and m not in fit[t].get("methods", {}):
                 continue
             try:
-                rows.append(forecast_one(fit, t, m, **given))
+                rows.append(forecast_one(fit, t, m, max_extrapolation, **given))
+            except NotCredible as e:
+                far.append(e)
             except DataError as e:
                 if len(methods) == 1 and m in fit[t]:
                     raise
                 why.append(str(e))
+    if not rows and far and not why:
+        if len(far) == 1:
+            raise far[0]
+        lo, hi = fitted_range(fit)
+        what = ", ".join(f"{q}={v:g}" for q, v in given.items() if v is not None)
+        Cs = [e.flops for e in far]
+        raise DataError(f"no credible forecast for {what}: the fits put C at {min(Cs):.3g} .. {max(Cs):.3g} FLOPs, "
+                        f"{min(e.decades for e in far):.1f}+ decades outside the fitted budgets ({lo:.3g} .. {hi:.3g}); "
+                        f"refused beyond {max_extrapolation:g} decades (--max-extrapolation)")
     if not rows:
-        raise DataError("; ".join(why) if why else "fit has none of the requested methods")
+        raise DataError("; ".join(why + [str(e) for e in far]) if why or far else "fit has none of the requested methods")
+    for e in far:  # methods whose forecast lies too far out are left out, saying so
+        rows[0].setdefault("left_out", []).append(str(e))
     return rows
+
+
+def preferred(fit: dict, target: str) -> tuple[str | None, str]:
+    """The method to act on for ``target`` and why: rolling cross-validation's best (lowest RMSE of the
+    held-out optimum's target, as the paper recommends) where it scored >= 2 held-out budgets, else isoFLOP."""
+    sec = fit.get(target) or {}
+    cv = sec.get("crossval") or {}
+    best = cv.get("best_by_y_opt")
+    folds = sum(1 for r in cv.get("folds", []) if best in r)
+    if best and folds >= 2 and (sec.get(best) or {}).get("optimum_exists", True):
+        return best, f"rolling cross-validation prefers it ({folds} held-out budgets)"
+    if "isoflop" in sec:
+        return "isoflop", ("isoFLOP (cross-validation did not score >= 2 held-out budgets)" if not best
+                           else f"isoFLOP (cross-validation scored {folds} held-out budget(s) only)")
+    return None, "no method preferred"
 
 
 # the paper's forecast-run schedule: cosine from 2e-4, 2000 warm-up steps, to 0.1x
 FORECAST_SCHEDULE = dict(schedule="cosine", lr=2e-4, warmup_steps=2000, min_lr_ratio=0.1)
 
 
-def pick(rows: list[dict], target: str = "loss") -> dict:
-    """The forecast to act on: the isoFLOP method's if it ran, else the first for ``target``."""
+def pick(rows: list[dict], target: str = "loss", fit: dict | None = None) -> dict:
+    """The forecast to act on: the method rolling cross-validation prefers (``preferred``) where
+    ``fit`` is given, else the isoFLOP method's; else the first for ``target``."""
     mine = [r for r in rows if r["target"] == target] or rows
-    return next((r for r in mine if r["method"] == "isoflop"), mine[0])
+    want = preferred(fit, mine[0]["target"])[0] if fit is not None else "isoflop"
+    return next((r for r in mine if r["method"] == want), next((r for r in mine if r["method"] == "isoflop"), mine[0]))
 
 
 def train_bc_args(row: dict, dataset: str, out: str | None = None, **schedule) -> list[str]:

@@ -95,14 +95,20 @@ def plot_runs(fit: dict, target: str):
     return fig
 
 
-def _band(ax, fit: dict, C, color, label):
-    """Power-law line with its confidence band from the OLS covariance."""
-    cov = np.array(fit["cov"])
+def _band(ax, fit: dict, C, color, label, draws=None, level=0.95):
+    """Power-law line with its band: percentiles of the bootstrap draws (rows of intercept, slope)
+    where given, else the OLS covariance's t-band."""
     X = np.stack([np.ones_like(C), np.log(C)], 1)
     mu = X @ [fit["intercept"]["value"], fit["exponent"]["value"]]
-    se = np.sqrt(np.einsum("ij,jk,ik->i", X, cov, X))
-    q = stats.t.ppf(0.975, max(fit["n"] - 2, 1))
     ax.plot(C, np.exp(mu), "-", color=color, label=label)
+    if draws is not None:
+        lines = draws[np.isfinite(draws).all(1)] @ X.T
+        lo, hi = np.percentile(lines, [50 * (1 - level), 50 * (1 + level)], axis=0)
+        ax.fill_between(C, np.exp(lo), np.exp(hi), color=color, alpha=0.2)
+        return
+    cov = np.array(fit["cov"])
+    se = np.sqrt(np.einsum("ij,jk,ik->i", X, cov, X))
+    q = stats.t.ppf(0.5 + level / 2, max(fit["n"] - 2, 1))
     ax.fill_between(C, np.exp(mu - q * se), np.exp(mu + q * se), color=color, alpha=0.2)
 
 
@@ -114,12 +120,17 @@ def plot_allocation(fit: dict, target: str):
     C = _c_range(fit)
     k = fit["config"]["flops_per_param_sample"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    dr = (fit.get("bootstrap_draws") or {}).get(target, {}).get("isoflop")
+    P = np.array(dr["values"], float)[:, :2] if dr else None
+    band = {"N": P, "D": None if P is None else np.stack([-np.log(k) - P[:, 0], 1 - P[:, 1]], 1)}
+    level = fit["config"]["ci_level"]
     for ax, key, pts, name in ((axes[0], "N_opt", [p["n_opt"] for p in kept], "N"),
                                (axes[1], "D_opt", [p["d_opt"] for p in kept], "D")):
         if iso:
             e = iso[key]["exponent"]
             _band(ax, iso[key], C, "tab:blue",
-                  f"isoFLOP: {name} ∝ C^{e['value']:.3f} ({e['ci'][0]:.2f}, {e['ci'][1]:.2f})")
+                  f"isoFLOP: {name} ∝ C^{e['value']:.3f} ({e['ci'][0]:.2f}, {e['ci'][1]:.2f})"
+                  + (", bootstrap band" if P is not None else ", OLS band"), band[name], level)
             ax.plot(Ck, pts, "o", color="tab:blue", mec="k")
         for meth, (color, ls) in METHOD_STYLE.items():
             if meth in res and res[meth]["optimum_exists"]:
@@ -198,6 +209,49 @@ def table(rows, header) -> str:
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
+def forecast_table(rows: list[dict]) -> str:
+    """Forecast rows (trajdata.scaling.forecast) with their intervals as an HTML table."""
+    def cell(r, q, f=".3g"):
+        lo, hi = r[q + "_ci"]
+        return f"{r[q]:{f}} ({lo:{f}}, {hi:{f}})"
+
+    body = [[r["target"], r["method"], cell(r, "flops"), cell(r, "params"), cell(r, "samples"),
+             cell(r, r["target"], ".4g"), r["interval"] + (f"; {r['warning']}" if "warning" in r else "")]
+            for r in rows]
+    lvl = int(round(100 * rows[0]["ci_level"])) if rows else 95
+    return table(body, ["target", "method", f"FLOPs ({lvl}% interval)", "params", "samples", "predicted", "interval"])
+
+
+def forecast_section(fit: dict) -> str:
+    f = fit["forecasts"]
+    pref = "; ".join(f"{t}: {p['method']} ({html.escape(p['why'])})" for t, p in f["preferred"].items())
+    return (f"<h2>Forecast</h2><p>The compute-optimal run at C = {f['given']['compute']:.3g} FLOPs (a decade past "
+            f"the largest budget), by each method, with intervals from the same draws. Preferred: {pref}.</p>"
+            + forecast_table(f["rows"]))
+
+
+def sensitivity_section(sens: dict) -> str:
+    given = ", ".join(f"{k} = {v:.3g}" for k, v in sens["given"].items())
+    parts = [f"<h2>Fit choices side by side</h2><p>The forecast at {given} under each setting (alternatives "
+             "bootstrapped with fewer draws). <b>outside</b>: the forecast N lies outside the default setting's interval "
+             "for the same method; <b>disjoint</b>: the two intervals do not overlap.</p>"]
+    for t in ("loss", "return"):
+        mine = [r for r in sens["rows"] if r["target"] == t]
+        if not mine:
+            continue
+        p = sens["preferred"].get(t, {})
+        rows = [[r["setting"], r["method"], f"{r['params']:.3g} ({r['params_ci'][0]:.3g}, {r['params_ci'][1]:.3g})",
+                 f"{r[t]:.4g} ({r[t + '_ci'][0]:.4g}, {r[t + '_ci'][1]:.4g})",
+                 "disjoint" if r.get("overlaps_default") is False else ("outside" if r.get("outside_default") else "")]
+                for r in mine]
+        parts.append(f"<h3>{t}</h3><p>Rolling cross-validation prefers <b>{p.get('method')}</b> "
+                     f"({html.escape(str(p.get('why')))}).</p>"
+                     + table(rows, ["setting", "method", "N (interval)", f"{t} (interval)", "vs default"]))
+    if sens["failed"]:
+        parts.append("<p>" + "; ".join(html.escape(f"{f['setting']}: {f['reason']}") for f in sens["failed"]) + "</p>")
+    return "".join(parts)
+
+
 def build_figures(fit: dict) -> dict[str, str]:
     figs = {}
     for target in ("loss", "return"):
@@ -228,6 +282,25 @@ def render_html(fit: dict, figures: dict[str, str]) -> str:
     return page("trajdata scaling report", render_body(fit, figures))
 
 
+def exponents_section(fit: dict, level: int) -> str:
+    """The exponents with their headline interval, how it was computed, and the analytic one beside it."""
+    rows = []
+    for key, e in fit["summary"].items():
+        an = e.get("ci_analytic")
+        rows.append([key, _fmt(e), e.get("ci_method", "OLS / delta method"),
+                     f"({an[0]:.3f}, {an[1]:.3f})" if an else ""])
+    bs = fit.get("bootstrap")
+    how = (f"The headline intervals are {level}% bootstrap percentile intervals ({bs['draws']} draws), which the "
+           "coverage test calibrates: each draw redraws the validation noise (loss: "
+           f"{html.escape(bs['validation_noise']['loss'])}), the run scatter the SEs do not explain and the budget "
+           "optima's scatter, then reruns the same fits. The OLS/delta-method intervals are shown beside them."
+           if bs else "The intervals are OLS t-intervals (isoFLOP) and delta-method intervals (parametric): the fit "
+           "ran without a bootstrap (--bootstrap 0).")
+    return ("<h2>Exponents</h2><p>a: N_opt ∝ C^a, b: D_opt ∝ C^b; delta: R ∝ L^delta; "
+            f"k: L_opt = E + A·C^-k. {how}</p>"
+            + table(rows, ["quantity", f"estimate ({level}% interval)", "interval", "OLS / delta-method interval"]))
+
+
 def render_body(fit: dict, figures: dict[str, str], title: str = "Scaling-law fit") -> str:
     """The report sections of one fit (an h1 title, then h2/h3 sections)."""
     cfg = fit["config"]
@@ -241,6 +314,8 @@ def render_body(fit: dict, figures: dict[str, str], title: str = "Scaling-law fi
     if d.get("n"):
         cols = ", ".join(f"{c}: {n}" for c, n in d["by_column"].items())
         notes.append(f"{d['n']} of {d['of']} runs were dropped for NaN/inf values ({cols}).")
+    if fit.get("dropped_duplicates"):
+        notes.append(f"{fit['dropped_duplicates']} rows repeated verbatim in the table were counted once.")
     if "binning" in fit:
         b = fit["binning"]
         notes.append(f"FLOP budgets were binned ({b['bins_per_decade']:g} bins per decade, each run snapped to "
@@ -248,12 +323,11 @@ def render_body(fit: dict, figures: dict[str, str], title: str = "Scaling-law fi
     if "return_skipped" in fit:
         notes.append(f"Return fits: not fitted ({fit['return_skipped']}).")
     parts.extend(f"<p>{html.escape(n)}</p>" for n in notes)
-    rows = []
-    for key, e in fit["summary"].items():
-        bs = fit.get("bootstrap", {}).get(key)
-        rows.append([key, _fmt(e), f"({bs['ci'][0]:.3f}, {bs['ci'][1]:.3f})" if bs else ""])
-    parts.append("<h2>Exponents</h2><p>a: N_opt ∝ C^a, b: D_opt ∝ C^b; delta: R ∝ L^delta; "
-                 "k: L_opt = E + A·C^-k.</p>" + table(rows, ["quantity", f"estimate ({level}% CI)", "bootstrap CI"]))
+    parts.append(exponents_section(fit, level))
+    if fit.get("forecasts"):
+        parts.append(forecast_section(fit))
+    if fit.get("sensitivity"):
+        parts.append(sensitivity_section(fit["sensitivity"]))
     for target in ("loss", "return"):
         if target not in fit:
             continue

@@ -19,7 +19,11 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "return": ("return", "mean_return", "mean_returns", "return_seed_main"),
     "return_se": ("return_se", "se_returns", "se_return"),
     "episodes": ("episodes", "n_returns", "n_episodes"),
+    "loss_episodes": ("val_episode_losses", "loss_episodes"),
 }
+# a runs table's per-episode validation losses, one cell per run: "EPISODE:LOSS:STEPS EPISODE:LOSS:STEPS ..."
+# (EPISODE an id shared by runs validated on the same episodes, LOSS the episode's mean per-step loss)
+TEXT_ROLES = ("loss_episodes",)
 REQUIRED = ("flops", "params", "samples", "loss")
 
 
@@ -38,9 +42,11 @@ class Runs:
     ret: np.ndarray | None = None
     ret_se: np.ndarray | None = None
     episodes: np.ndarray | None = None
+    loss_episodes: np.ndarray | None = None  # object array: per run None or (ids, losses, steps) arrays
     source: str = ""
     dropped: dict[str, int] = field(default_factory=dict)
     n_dropped: int = 0
+    n_duplicates: int = 0
 
     def __len__(self) -> int:
         return len(self.flops)
@@ -53,7 +59,7 @@ class Runs:
         pick = lambda a: None if a is None else a[mask]  # noqa: E731
         return Runs(self.flops[mask], self.params[mask], self.samples[mask], self.loss[mask],
                     pick(self.loss_se), pick(self.ret), pick(self.ret_se), pick(self.episodes),
-                    self.source, self.dropped, self.n_dropped)
+                    pick(self.loss_episodes), self.source, self.dropped, self.n_dropped, self.n_duplicates)
 
     def with_budgets(self, budgets) -> "Runs":
         budgets = np.asarray(list(budgets), dtype=float)
@@ -117,10 +123,37 @@ def load_runs(path: str | Path, columns: dict[str, str] | None = None,
     return runs_from_frame(df, columns, source=str(path))
 
 
+def parse_episode_losses(cell) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """One run's "EPISODE:LOSS:STEPS ..." cell -> (ids, losses, steps); None for an empty cell."""
+    if cell is None or (isinstance(cell, float) and not np.isfinite(cell)) or not str(cell).strip():
+        return None
+    try:
+        parts = [t.split(":") for t in str(cell).split()]
+        ids = np.array([p[0] for p in parts])
+        loss = np.array([float(p[1]) for p in parts])
+        steps = np.array([float(p[2]) for p in parts])
+    except (IndexError, ValueError):
+        raise DataError(f"per-episode losses {str(cell)[:40]!r}... are not 'EPISODE:LOSS:STEPS ...'") from None
+    if not (np.isfinite(loss).all() and (steps > 0).all()):
+        raise DataError("per-episode losses must be finite with positive step counts")
+    return ids, loss, steps
+
+
+def format_episode_losses(ids, losses, steps) -> str:
+    """The runs-table cell of one run's per-episode validation losses (see ``parse_episode_losses``)."""
+    return " ".join(f"{i}:{v:.7g}:{int(n)}" for i, v, n in zip(ids, losses, steps))
+
+
 def runs_from_frame(df: pd.DataFrame, columns: dict[str, str] | None = None, source: str = "") -> Runs:
     cols = resolve_columns(df, columns)
+    roles = [r for r in cols if r not in TEXT_ROLES]
+    # a row repeated verbatim is one run listed twice, not two runs
+    dup = df.duplicated(subset=[cols[r] for r in cols]).to_numpy()
+    if dup.any():
+        df = df[~dup]
     arrays = {}
-    for role, name in cols.items():
+    for role in roles:
+        name = cols[role]
         try:
             a = pd.to_numeric(df[name], errors="raise").to_numpy(dtype=float)
         except (ValueError, TypeError):
@@ -136,11 +169,17 @@ def runs_from_frame(df: pd.DataFrame, columns: dict[str, str] | None = None, sou
     if ok.sum() == 0:
         raise DataError(f"no usable runs in {source or 'runs table'} (every row lacks one of "
                         f"{', '.join(cols[r] for r in REQUIRED)})")
+    per_ep = None
+    if "loss_episodes" in cols:
+        per_ep = np.empty(len(df), object)
+        per_ep[:] = [parse_episode_losses(c) for c in df[cols["loss_episodes"]]]
+        if all(p is None for p in per_ep):
+            per_ep = None
     return Runs(
         flops=arrays["flops"], params=arrays["params"], samples=arrays["samples"],
         loss=arrays["loss"], loss_se=arrays.get("loss_se"), ret=arrays.get("return"),
-        ret_se=arrays.get("return_se"), episodes=arrays.get("episodes"), source=source,
-        dropped={c: n for c, n in dropped.items() if n}, n_dropped=int((~ok).sum()),
+        ret_se=arrays.get("return_se"), episodes=arrays.get("episodes"), loss_episodes=per_ep, source=source,
+        dropped={c: n for c, n in dropped.items() if n}, n_dropped=int((~ok).sum()), n_duplicates=int(dup.sum()),
     ).subset(ok)
 
 

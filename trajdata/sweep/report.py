@@ -57,13 +57,14 @@ def _fit(path: Path, cfg: FitConfig) -> dict:
     return fit_all(runs, cfg)
 
 
-def _forecast_rows(fit: dict, **given) -> list[list[str]]:
+def _forecast_html(fit: dict, **given) -> str:
+    """Each method's forecast with its interval, or why there is none."""
+    from trajdata.scaling.report import forecast_table
+
     try:
-        rows = forecast(fit, **given)
-    except Exception as e:  # a fit with no optimum: say why in the table
-        return [["-", "-", "-", "-", "-", html.escape(str(e))]]
-    return [[r["target"], r["method"], f"{r['flops']:.3g}", f"{r['params']:.3g}", f"{r['samples']:.3g}",
-             f"{r[r['target']]:.4g}"] for r in rows]
+        return forecast_table(forecast(fit, **given))
+    except Exception as e:  # a fit with no optimum: say why
+        return f"<p>No forecast: {html.escape(str(e))}</p>"
 
 
 def write_sweep_report(plan: Plan, out: Path, baselines: dict, timings: dict) -> str:
@@ -101,12 +102,10 @@ def _write_report(plan: Plan, out: Path, baselines: dict, timings: dict) -> str:
     parts.append(render_body(own, build_figures(own), title=f"This project's runs ({spec.name})"))
     parts.append("<h2>Forecast</h2><p>The compute-optimal run for this sweep's dataset "
                  f"(D = {ds_steps:,} steps), by each method that ran:</p>"
-                 + table(_forecast_rows(own, dataset_size=float(ds_steps)),
-                          ["target", "method", "FLOPs", "params", "samples", "predicted"]))
+                 + _forecast_html(own, dataset_size=float(ds_steps)))
     if ref is not None:
         parts.append(render_body(ref, build_figures(ref), title=f"Reference: {ref_path.name}, fitted the same way"))
         parts.append("<h2>Reference forecast</h2><p>At the paper's 40B-sample dataset:</p>"
-                     + table(_forecast_rows(ref, dataset_size=40e9),
-                              ["target", "method", "FLOPs", "params", "samples", "predicted"]))
+                     + _forecast_html(ref, dataset_size=40e9))
     (rep / "report.html").write_text(page(f"trajdata sweep {spec.name}", "".join(parts)))
     return str(rep / "report.html")

@@ -25,7 +25,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -278,7 +278,8 @@ def validate(model, cfg: BCConfig, mcfg, device, autocast) -> dict:
     loss = tot.sum() / n.sum()
     k = len(n)
     se = math.sqrt(k / (k - 1) * ((tot - loss * n) ** 2).sum()) / n.sum() if k > 1 else float("nan")
-    return dict(loss=float(loss), loss_se=float(se), accuracy=correct / n.sum(), episodes=k, steps=int(n.sum()))
+    return dict(loss=float(loss), loss_se=float(se), accuracy=correct / n.sum(), episodes=k, steps=int(n.sum()),
+                per_episode=[(e, s[0] / s[1], int(s[1])) for e, s in sorted(sums.items())])
 
 
 @torch.no_grad()

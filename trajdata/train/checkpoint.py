@@ -157,6 +157,13 @@ RUN_COLUMNS = ("run", "budget", "params", "samples", "flops", "flops_actual", "l
 EVAL_COLUMNS = ("return", "return_se", "episodes")
 
 
+def episode_losses_cell(per_episode) -> str:
+    """The runs.csv ``val_episode_losses`` cell (written last in a row, as it is long) of
+    [(episode, mean loss, steps), ...]: "EPISODE:LOSS:STEPS ...". The scaling bootstrap resamples these
+    episodes; EPISODE is the episode's index in the validation split, the same for runs on one dataset."""
+    return " ".join(f"{e}:{v:.7g}:{int(n)}" for e, v, n in per_episode)
+
+
 def read_runs(path: str | os.PathLike) -> list[dict]:
     """Rows of a runs.csv as dicts of strings ([] when it does not exist)."""
     import csv
@@ -193,7 +200,8 @@ def snapshot_row(record: dict, path: str | os.PathLike, run: str | os.PathLike) 
                 loss=f"{val['loss']:.6f}" if val else "", loss_se=f"{val['loss_se']:.6f}" if val else "",
                 val_episodes=val.get("episodes", ""), family=record["family"], width=mcfg["width"],
                 layers=mcfg.get("layers", ""), core=mcfg.get("core", "cnn"),
-                checkpoint=os.path.relpath(path, run))
+                checkpoint=os.path.relpath(path, run),
+                val_episode_losses=episode_losses_cell(val.get("per_episode", ())) if val else "")
 
 
 def upsert_run(path: str | os.PathLike, row: dict, key=("run", "budget")) -> None:

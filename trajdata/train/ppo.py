@@ -12,7 +12,6 @@ import csv
 import dataclasses
 import json
 import os
-import re
 import signal
 import threading
 import time
