@@ -8,7 +8,7 @@ import click
 from trajdata.collectors.config import BACKENDS, CollectConfig, ExpertSpec
 from trajdata.config import default
 from trajdata.envs.atari import GAMES
-from trajdata.format.codec import PROFILES
+from trajdata.format.codec import PROFILE_HELP, PROFILES
 
 _GAMES_HELP = ", ".join(GAMES)
 
@@ -45,8 +45,7 @@ def collect_options(f=None, *, max_steps: int | None = None, max_seconds: float 
                      help="Rerun a shard whose worker died (crash, out of memory, hang) this many times, then give it up."),
         click.option("--chunk-steps", default=_d("chunk_steps"), show_default=True, type=int, help="Steps per stored chunk."),
         click.option("--codec", default=_d("codec"), show_default=True, type=click.Choice(sorted(PROFILES)),
-                     help="Storage profile: stream (smallest; the loader decodes it straight into batches), "
-                          "compact or fast (older profiles; kept for comparison)."),
+                     help=PROFILE_HELP),
         click.option("--backend", default=_d("backend"), show_default=True, type=click.Choice(BACKENDS)),
         click.option("--ray-address", default=_d("ray_address"),
                      help="Ray cluster address (with --backend ray; default: start local Ray)."),

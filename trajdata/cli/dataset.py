@@ -5,6 +5,7 @@ import json
 
 import click
 
+from trajdata.format.codec import DEFAULT_PROFILE, PROFILES
 
 
 @click.command()
@@ -100,13 +101,14 @@ def show(dataset, episode, step, no_color):
 @click.command()
 @click.argument("dataset", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="New dataset directory (created, or resumed).")
-@click.option("--codec", default="stream", show_default=True, type=click.Choice(["compact", "fast", "stream"]),
+@click.option("--codec", default=DEFAULT_PROFILE, show_default=True, type=click.Choice(sorted(PROFILES)),
               help="Storage profile to re-encode every chunk with.")
 def recode(dataset, out, codec):
     """Copy DATASET to --out with every chunk re-encoded in another storage profile.
 
-    E.g. a `compact` dataset from an older trajdata into `stream`, which the loader decodes straight
-    into batches. Every new chunk is checked against the original; rerunning resumes.
+    E.g. a `stream` dataset from an older trajdata into `stream2` (smaller), or `compact` into either,
+    which the loader decodes straight into batches. Every new chunk is checked against the original;
+    rerunning resumes.
     """
     from trajdata.format.dataset import recode as run
 

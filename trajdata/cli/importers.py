@@ -6,7 +6,7 @@ import json
 import click
 
 from trajdata.config import default
-from trajdata.format.codec import PROFILES
+from trajdata.format.codec import PROFILE_HELP, PROFILES
 from trajdata.importers.nld import NldImportConfig
 
 
@@ -21,8 +21,7 @@ def _d(name):
 @click.option("--episodes-per-shard", default=_d("episodes_per_shard"), show_default=True, type=int, help="Games per shard.")
 @click.option("--chunk-steps", default=_d("chunk_steps"), show_default=True, type=int, help="Steps per stored chunk.")
 @click.option("--codec", default=_d("codec"), show_default=True, type=click.Choice(sorted(PROFILES)),
-              help="Storage profile: stream (smallest; the loader decodes it straight into batches), "
-                   "compact or fast (older profiles; kept for comparison).")
+              help=PROFILE_HELP)
 @click.option("--max-games", default=_d("max_games"), type=int, help="Import only the first N games (by gameid; N >= 1; default: all).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def import_nld(db, name, out, episodes_per_shard, chunk_steps, codec, max_games, quiet):
