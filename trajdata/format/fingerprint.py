@@ -19,6 +19,7 @@ _P3 = np.uint64(0x165667B19E3779F9)
 _P4 = np.uint64(0x85EBCA77C2B2AE63)
 _P5 = np.uint64(0x27D4EB2F165667C5)
 CHAIN_START = 0x7472616A64617461  # "trajdata"
+_LANES0 = np.array([(int(_P1) + int(_P2)) % 2**64, int(_P2), 0, -int(_P1) % 2**64, 0], np.uint64)
 
 
 @njit(inline="always")
@@ -51,29 +52,32 @@ def _word(r, t, j):
 
 
 @njit(cache=True, nogil=True)
-def _step_hashes(rows, out):
+def _absorb(r, v):
+    """Absorb each step's row of one field (``r``: (T, bytes)) into that step's lanes ``v`` (T, 5)."""
+    nb = r.shape[1]
+    for t in range(r.shape[0]):
+        v1, v2, v3, v4 = v[t, 0], v[t, 1], v[t, 2], v[t, 3]
+        j = 0
+        while j + 32 <= nb:
+            v1 = _round(v1, _word(r, t, j))
+            v2 = _round(v2, _word(r, t, j + 8))
+            v3 = _round(v3, _word(r, t, j + 16))
+            v4 = _round(v4, _word(r, t, j + 24))
+            j += 32
+        while j + 8 <= nb:
+            v1 = _round(v1, _word(r, t, j))
+            j += 8
+        while j < nb:
+            v2 = _rotl(v2 ^ (np.uint64(r[t, j]) * _P5), 11) * _P1
+            j += 1
+        v[t, 0], v[t, 1], v[t, 2], v[t, 3] = v1, v2, _round(v3, np.uint64(nb)), v4
+        v[t, 4] += np.uint64(nb)
+
+
+@njit(cache=True, nogil=True)
+def _finish(v, out):
     for t in range(out.size):
-        v1, v2, v3, v4 = _P1 + _P2, _P2, np.uint64(0), np.uint64(0) - _P1
-        total = np.uint64(0)
-        for f in range(len(rows)):
-            r = rows[f]
-            nb = r.shape[1]
-            j = 0
-            while j + 32 <= nb:
-                v1 = _round(v1, _word(r, t, j))
-                v2 = _round(v2, _word(r, t, j + 8))
-                v3 = _round(v3, _word(r, t, j + 16))
-                v4 = _round(v4, _word(r, t, j + 24))
-                j += 32
-            while j + 8 <= nb:
-                v1 = _round(v1, _word(r, t, j))
-                j += 8
-            while j < nb:
-                v2 = _rotl(v2 ^ (np.uint64(r[t, j]) * _P5), 11) * _P1
-                j += 1
-            v3 = _round(v3, np.uint64(nb))
-            total += np.uint64(nb)
-        h = _rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18) + total * _P4
+        h = _rotl(v[t, 0], 1) + _rotl(v[t, 1], 7) + _rotl(v[t, 2], 12) + _rotl(v[t, 3], 18) + v[t, 4] * _P4
         out[t] = _mix(h)
 
 
@@ -87,11 +91,15 @@ def _chain(h, c0, out):
 
 def step_hashes(arrays: dict[str, np.ndarray], names) -> np.ndarray:
     """(T,) uint64: a hash of each step's values of ``names`` (each ``arrays[n]`` shaped (T, ...))."""
-    rows = tuple(np.ascontiguousarray(arrays[n]).reshape(len(arrays[n]), -1).view(np.uint8) for n in names)
-    T = len(rows[0]) if rows else 0
+    T = len(arrays[names[0]]) if len(names) else 0
+    v = np.empty((T, 5), np.uint64)
+    v[:] = _LANES0
+    for n in names:
+        a = np.ascontiguousarray(arrays[n])
+        if T:
+            _absorb(a.reshape(T, -1).view(np.uint8), v)
     out = np.empty(T, np.uint64)
-    if T:
-        _step_hashes(rows, out)
+    _finish(v, out)
     return out
 
 

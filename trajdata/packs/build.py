@@ -29,7 +29,7 @@ from trajdata.format.schema import SCHEMA_VERSION
 from trajdata.format.shard import WALL_CLOCK_FIELDS, ShardReader, ShardWriter
 from trajdata.packs import store
 from trajdata.packs.replay import (EnvPool, EpisodeReplay, _EndedEarly, installed_versions, new_chunk, replay_chunks,
-                                   replay_spec)
+                                   replay_spec, version_note)
 
 BACKENDS = ("local", "ray")
 
@@ -107,12 +107,6 @@ def _profile(ds: Dataset) -> str:
                 return "stream"
             return "compact" if any(e.get("stage") == "xor_previous" for e in entries) else "fast"
     return DEFAULT_PROFILE
-
-
-def _version_note(recorded: dict, kind: str) -> str:
-    now = installed_versions(kind)
-    diff = [f"{k} {v} (here {now.get(k, 'not installed')})" for k, v in sorted(recorded.items()) if now.get(k) != v]
-    return f"; the pack was made with {', '.join(diff)}" if diff else ""
 
 
 # ---- pack --------------------------------------------------------------------------------------------
@@ -289,7 +283,7 @@ def unpack(cfg: UnpackConfig, progress: bool = True) -> dict:
     from trajdata.collectors.runner import failure_message, lock_out, run_shards, shard_problem
 
     pk = store.Pack(cfg.pack)
-    note = _version_note(pk.info.get("versions") or {}, pk.schema.name)
+    note = version_note(pk.info.get("versions") or {}, pk.schema.name)
     if note:
         print(f"trajdata: warning: {note[2:]}: replays may diverge (unpack then stops naming the episode "
               f"and step)", file=sys.stderr)
@@ -347,7 +341,7 @@ def unpack_shard(cfg: UnpackConfig, shard: int, report=None, before_commit=None)
     header, episodes = pk.read_shard(shard_name(shard))
     path = Path(cfg.out) / SHARD_DIR / header["source"]["name"]
     where = f"pack {pk.root}"
-    note = _version_note(pk.info.get("versions") or {}, pk.schema.name)
+    note = version_note(pk.info.get("versions") or {}, pk.schema.name)
     rows = []
     with ShardWriter(path, pk.schema, header["chunk_steps"], pk.info["codec"], before_commit=before_commit) as sw:
         for ep in episodes:

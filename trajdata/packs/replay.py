@@ -65,7 +65,7 @@ def replay_spec(schema: str, info: dict, row: dict, where: str) -> dict:
     if schema == "atari":
         from trajdata.envs.atari import FRAME_SKIP, NOOP_MAX, env_id, resolve_game
 
-        game = expert.get("game")
+        game = expert.get("game") or info.get("env")
         seed = seeds.get("seed", row.get("seed"))
         if not game:
             raise DataError(f"{where}: its dataset.json names no Atari game, so its episodes cannot be re-simulated")
@@ -88,6 +88,14 @@ def installed_versions(kind: str) -> dict:
         except importlib.metadata.PackageNotFoundError:
             pass
     return out
+
+
+def version_note(recorded: dict, kind: str) -> str:
+    """'; the pack was made with nle 1.3.0 (here 1.4.0)' for the replay packages whose installed
+    version differs from ``recorded``'s; '' if none does."""
+    now = installed_versions(kind)
+    diff = [f"{k} {v} (here {now.get(k, 'not installed')})" for k, v in sorted(recorded.items()) if now.get(k) != v]
+    return f"; the pack was made with {', '.join(diff)}" if diff else ""
 
 
 class EnvPool:

@@ -1,5 +1,6 @@
 """The pack layout: ``P/pack.json``, ``P/shards/shard-NNNNNN.tdp`` (one per shard of the source dataset)
-and ``P/index.parquet`` (the source's index rows, written when a pack is complete).
+and ``P/index.jsonl.zst`` (the source's index rows, written when a pack is complete; rebuilt from the
+shard headers if missing).
 
 A pack shard: b"TDP1" | u32 header length | zstd(header JSON) | the actions of its episodes (one zstd
 frame) | their check bits (raw: ``CHECK_BITS`` per step, each episode from a byte boundary). The
@@ -29,7 +30,7 @@ PACK_JSON = "pack.json"
 PACK_FORMAT = "trajdata-pack"
 PACK_VERSION = 1
 SHARD_DIR = "shards"
-INDEX_FILE = "index.parquet"
+INDEX_FILE = "index.jsonl.zst"
 EXT = "tdp"
 MAGIC = b"TDP1"
 CHECK_BITS = 2
@@ -194,14 +195,14 @@ class Pack:
         if self._rows is None:
             path = self.root / INDEX_FILE
             if path.is_file():
-                import pyarrow.parquet as pq
-
-                self._rows = pq.read_table(path).to_pylist()
+                try:
+                    rows = [json.loads(line) for line in _dctx.decompress(path.read_bytes()).splitlines()]
+                except (ValueError, zstandard.ZstdError):
+                    raise DataError(f"{path}: unreadable (corrupt pack); delete it to rebuild it from the shards") from None
             else:
-                self._rows = rows_to_table(sorted(
-                    (dict(e.row, shard=h["source"]["name"], **e.wall)
-                     for p in self.shard_paths() for h, eps in [self.read_shard(p.name)] for e in eps),
-                    key=lambda r: r["id"])).to_pylist()
+                rows = [dict(e.row, shard=h["source"]["name"], **e.wall)
+                        for p in self.shard_paths() for h, eps in [self.read_shard(p.name)] for e in eps]
+            self._rows = rows_to_table(sorted(rows, key=lambda r: r["id"])).to_pylist()
         return self._rows
 
 
@@ -210,10 +211,5 @@ def is_pack(root: str | os.PathLike) -> bool:
 
 
 def write_index(root: Path, rows: list[dict]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(rows_to_table(sorted(rows, key=lambda r: r["id"])), sink, compression="zstd",
-                   write_page_checksum=True)
-    atomic_write_bytes(root / INDEX_FILE, sink.getvalue().to_pybytes())
+    lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in sorted(rows, key=lambda r: r["id"]))
+    atomic_write_bytes(root / INDEX_FILE, zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(lines.encode()))
