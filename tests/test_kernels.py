@@ -97,14 +97,18 @@ def test_sparse_follow_round_trip_in_any_segments(monkeypatch, dense):
     pair = table[(rect.astype(np.int64) << 8) | other]
     pair[rng.random(pair.shape) < 0.01] = -1
     counter = np.cumsum(rng.integers(0, 3, (T, 5)), axis=0).astype(np.int16) + np.int16(32000)
+    over = src[:, 1:5, :].copy()  # a dense follower (not a pair's source: a pair keeps its sources' values)
+    over[rng.random(over.shape) < 0.01] = 9
+    over[70:75, 1] = rng.integers(0, 256, (5, 9))
     specs = {
         "src": ({"dense": dense}, [], None),
-        "rect": ({"rect": (1, 2), "dense": dense}, ["src"], sparse.fixed_table("identity", np.uint8)),
+        "rect": ({"rect": (1, 2)}, ["src"], sparse.fixed_table("identity", np.uint8)),
+        "over": ({"rect": (1, 0), "dense": dense}, ["src"], sparse.fixed_table("identity", np.uint8)),
         "other": ({}, [], None),
         "pair": ({}, ["rect", "other"], table),
         "counter": ({"values": "delta"}, [], None),
     }
-    arrays = {"src": src, "rect": rect, "other": other, "pair": pair, "counter": counter}
+    arrays = {"src": src, "rect": rect, "over": over, "other": other, "pair": pair, "counter": counter}
     parts, wls = {}, {}
     for name, (follow, srcs, tab) in specs.items():
         parts[name], wls[name] = sparse.encode(arrays[name], dict(follow, **({"from": srcs} if srcs else {})),
@@ -112,6 +116,7 @@ def test_sparse_follow_round_trip_in_any_segments(monkeypatch, dense):
     assert parts["rect"]["flag"][100:120].sum() == 0 and parts["rect"]["flag"].sum() > 100
     if dense:
         assert set(parts["src"]["rows"][50:61]) == {2} and parts["src"]["rows"].sum() > 22
+        assert set(parts["over"]["rows"][70:75]) == {1}
         assert "rows" not in parts["counter"]  # counters never: their values are changes
     else:
         assert "rows" not in parts["src"]
@@ -122,7 +127,7 @@ def test_sparse_follow_round_trip_in_any_segments(monkeypatch, dense):
                                   arrays[srcs[0]].shape[1:] if srcs else None, tab, [arrays[s].dtype for s in srcs])
                for name, (follow, srcs, tab) in specs.items()}
         for f in out.values():
-            f.emit = f.name in ("src", "rect", "other")
+            f.emit = f.name in ("src", "rect", "over", "other")
         return out
 
     cuts = [0, *sorted(rng.choice(np.arange(1, T), 12, replace=False)), T]

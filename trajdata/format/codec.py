@@ -224,6 +224,10 @@ def _sparse_specs(schema: Schema, prof: dict) -> dict[str, dict]:
         if name in schema.names:
             ok = all(src in schema.names for src in follow.get("from", ()))
             specs[name] = dict(follow) if ok else {}
+    for follow in list(specs.values()):
+        if len(follow.get("from", ())) == 2:  # a pair follower keeps copies of its sources: every change counts
+            for src in follow["from"]:
+                specs[src].pop("dense", None)
     order: list[str] = []
 
     def visit(name):

@@ -419,20 +419,24 @@ def _sparse_decode(state, m, out, rows, stg, counts, k, dpos, vals, flags, t0, n
 @njit(inline="always")
 def _whole_row(state, r0, W, dvals, kd, emit, wl_pos, wl_val, w):
     """Row ``kd`` of ``dvals`` into ``state[r0 : r0 + W]``; emits the elements it changes (branch-free:
-    every element is written to the next write-list slot, which only a change keeps)."""
-    b = kd * W
+    every element goes to the next write-list slot, which only a change keeps). Slices, so that the
+    loops vectorise."""
+    row = state[r0 : r0 + W]
+    new = dvals[kd * W : kd * W + W]
     if not emit:
         for c in range(W):
-            state[r0 + c] = dvals[b + c]
+            row[c] = new[c]
         return w
+    pos = wl_pos[w : w + W]
+    val = wl_val[w : w + W]
+    n = 0
     for c in range(W):
-        v = dvals[b + c]
-        changed = state[r0 + c] != v
-        state[r0 + c] = v
-        wl_pos[w] = r0 + c
-        wl_val[w] = v
-        w += changed
-    return w
+        v = new[c]
+        pos[n] = r0 + c
+        val[n] = v
+        n += row[c] != v
+        row[c] = v
+    return w + n
 
 
 @njit(cache=True, nogil=True)
