@@ -104,6 +104,10 @@ def encode_steps(ds: Dataset, profile: str) -> int:
     return steps
 
 
+def autoascend_dir(games: int, max_steps: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"trajdata-bench-autoascend-{games}x{max_steps}"
+
+
 def autoascend(src: str | None, games: int, max_steps: int, work: Path) -> dict:
     """Before (stream) / after (stream2) on the same AutoAscend games, beside NLE's ttyrec.bz2 of them."""
     from trajdata.format.dataset import recode
@@ -115,7 +119,7 @@ def autoascend(src: str | None, games: int, max_steps: int, work: Path) -> dict:
             return {"skipped": "--autoascend-games 0"}
         if installed_path() is None or missing_requirements():
             return {"skipped": "AutoAscend is not installed (trajdata experts install autoascend)"}
-        src = work / "aa-collected"
+        src = autoascend_dir(games, max_steps)  # shared with bin/bench_packs.py: a rerun resumes, not redoes
         collect(CollectConfig(out=str(src), expert=ExpertSpec("trajdata.collectors.autoascend:AutoAscendExpert"),
                               shards=games, episodes_per_shard=1, workers=min(2, games), max_steps=max_steps,
                               stall_seconds=0), progress=False)

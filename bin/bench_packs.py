@@ -100,6 +100,10 @@ def atari(work: Path, episodes: int, game: str) -> Path:
     return out
 
 
+def autoascend_dir(games: int, max_steps: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"trajdata-bench-autoascend-{games}x{max_steps}"
+
+
 def autoascend(work: Path, src: str | None, games: int, max_steps: int) -> Path | str:
     if src is not None:
         return Path(src)
@@ -108,7 +112,7 @@ def autoascend(work: Path, src: str | None, games: int, max_steps: int) -> Path 
 
     if installed_path() is None or missing_requirements():
         return "AutoAscend is not installed (trajdata experts install autoascend)"
-    out = work / "autoascend"
+    out = autoascend_dir(games, max_steps)  # shared with bin/bench_format.py: a rerun resumes, not redoes
     collect(CollectConfig(out=str(out), expert=ExpertSpec("trajdata.collectors.autoascend:AutoAscendExpert"),
                           shards=games, episodes_per_shard=1, workers=min(2, games), max_steps=max_steps,
                           stall_seconds=0), progress=False)

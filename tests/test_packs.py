@@ -115,6 +115,14 @@ def test_loader_streams_a_pack_as_its_unpacked_dataset(scripted_data, scripted_p
     assert_same_batches(batches(scripted_data, **kw)[1:], [{k: v.numpy() for k, v in b.items()} for b in rest])
 
 
+def test_unpack_on_ray(scripted_data, scripted_pack, tmp_path):
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'trajdata[ray]')")
+    pk, _ = scripted_pack
+    r = unpack(UnpackConfig(str(pk), str(tmp_path / "d2"), workers=2, backend="ray"), progress=False)
+    assert r["shards_written"] == 3
+    assert_same_dataset(scripted_data, tmp_path / "d2")
+
+
 def test_atari_pack_unpacks_and_streams(atari_data, tmp_path):
     pk, d2 = tmp_path / "p", tmp_path / "d2"
     s = pack(PackConfig(str(atari_data), str(pk)), progress=False)
