@@ -133,6 +133,8 @@ def export_minari(root, name: str, final_obs: str = "replay", *, minari_root=Non
             raise
         finally:
             bar.close()
+            while _pool:
+                _pool.pop().close()
     return {"name": name, "path": str(path), "episodes": len(kept), "steps": sum(int(r["steps"]) for r in kept),
             "left_out_empty": len(rows) - len(kept), "final_obs": final_obs}
 
@@ -173,7 +175,7 @@ _pool: list = []
 
 def _replayed_final(ds: Dataset, row: dict, spec: dict, arrays: dict) -> dict:
     """The observation after the episode's last action, re-simulated; every recorded step is checked."""
-    from trajdata.packs.replay import EnvPool, EpisodeReplay, _EndedEarly, new_chunk
+    from trajdata.packs.replay import EnvPool, EpisodeReplay, EndedEarly, new_chunk
 
     if not _pool:
         _pool.append(EnvPool())
@@ -187,7 +189,7 @@ def _replayed_final(ds: Dataset, row: dict, spec: dict, arrays: dict) -> dict:
             got = {n: a[:m] for n, a in buf.items()}
             try:
                 rep.play(arrays["action"][s : s + m], got)
-            except _EndedEarly as e:
+            except EndedEarly as e:
                 raise DataError(f"{where}: replaying it, the game ends at step {e.step}; the recording goes on "
                                 "(export with --final-obs repeat)") from None
             for n in ds.schema.names:
@@ -196,8 +198,6 @@ def _replayed_final(ds: Dataset, row: dict, spec: dict, arrays: dict) -> dict:
                     t = s + int(np.argmax((got[n] != want).reshape(m, -1).any(axis=1)))
                     raise DataError(f"{where}: replay diverges from the recording at step {t} ({n} differs); "
                                     "export with --final-obs repeat")
-        if rep.nethack:
-            return {n: rep.obs[n] for n in ds.schema.observation_names}
-        return {"frame": rep.obs[:, :, 0], "lives": rep._lives()}
+        return rep.observation()
     finally:
         rep.close()

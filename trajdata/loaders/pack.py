@@ -88,3 +88,4 @@ class PackSource:
         for gen, _ in self._live.values():
             gen.close()
         self._live.clear()
+        self.pool.close()

@@ -12,6 +12,7 @@ episode and step; shards already written stay, and a rerun resumes.
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trajdata.config import at_least, choose, require
+from trajdata.config import at_least, atomic_write_bytes, choose, require
 from trajdata.errors import DataError, TrajdataError
 from trajdata.format import fingerprint
 from trajdata.format.codec import DEFAULT_PROFILE, PROFILES
@@ -28,7 +29,7 @@ from trajdata.format.dataset import (DATASET_JSON, FORMAT_NAME, INDEX_FILE, SHAR
 from trajdata.format.schema import SCHEMA_VERSION
 from trajdata.format.shard import WALL_CLOCK_FIELDS, ShardReader, ShardWriter
 from trajdata.packs import store
-from trajdata.packs.replay import (EnvPool, EpisodeReplay, _EndedEarly, installed_versions, new_chunk, replay_chunks,
+from trajdata.packs.replay import (EnvPool, EpisodeReplay, EndedEarly, installed_versions, new_chunk, replay_chunks,
                                    replay_spec, version_note)
 
 BACKENDS = ("local", "ray")
@@ -76,6 +77,13 @@ def _pool() -> EnvPool:
     if "pool" not in _cache:
         _cache["pool"] = EnvPool()
     return _cache["pool"]
+
+
+def _close_pool() -> None:
+    """Close this process's envs (the end of an in-process pack or unpack)."""
+    pool = _cache.pop("pool", None)
+    if pool is not None:
+        pool.close()
 
 
 def _source(cfg: PackConfig) -> tuple[Dataset, dict, str]:
@@ -149,6 +157,7 @@ def pack(cfg: PackConfig, progress: bool = True) -> dict:
         store.write_index(out, all_rows)
     finally:
         lock.close()
+        _close_pool()
     steps = sum(int(r["steps"]) for r in all_rows)
     pack_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "collect.lock")
     source_bytes = sum(p.stat().st_size for p in ds.shard_paths())
@@ -162,10 +171,6 @@ def pack(cfg: PackConfig, progress: bool = True) -> dict:
 
 
 def _create_or_check_pack(out: Path, info: dict) -> None:
-    import json
-
-    from trajdata.config import atomic_write_bytes
-
     path = out / store.PACK_JSON
     if path.is_file():
         old = store.Pack(out).info
@@ -222,8 +227,6 @@ def pack_shard(cfg: PackConfig, shard: int, report=None, before_commit=None) -> 
                                    chunk_steps, episodes)
     if before_commit is not None:
         before_commit()
-    from trajdata.config import atomic_write_bytes
-
     atomic_write_bytes(Path(cfg.out) / store.SHARD_DIR / store.pack_shard_name(path.name), blob)
     return [dict(e.row, shard=path.name, **e.wall) for e in episodes]
 
@@ -255,7 +258,7 @@ def _pack_chunk(cur: dict, fields: dict, schema, chunk_steps: int, where: str) -
         try:
             rep.play(fields["action"], got)
             ended = None
-        except _EndedEarly as e:
+        except EndedEarly as e:
             ended = e.step - cur["steps"]
         m = n if ended is None else ended + 1
         differ = np.zeros(m, bool)
@@ -319,6 +322,7 @@ def unpack(cfg: UnpackConfig, progress: bool = True) -> dict:
             raise DataError(failure_message(failed))
     finally:
         lock.close()
+        _close_pool()
     elapsed = time.monotonic() - t0
     identical = sum(_sha256(out / SHARD_DIR / h["source"]["name"]) == h["source"]["sha256"] for h, _ in headers.values())
     return {"out": str(out), "shards_written": len(todo), "shards_skipped": len(headers) - len(todo),

@@ -202,9 +202,15 @@ class EpisodeReplay:
             if (term or trunc) and self.t + i + 1 < self.steps:
                 self.t += i + 1
                 self.obs = obs
-                raise _EndedEarly(self.t - 1)
+                raise EndedEarly(self.t - 1)
         self.t += n
         self.obs = obs
+
+    def observation(self) -> dict[str, np.ndarray]:
+        """The observation fields after the last step played (the one a next action would act on)."""
+        if self.nethack:
+            return {name: self.obs[name] for name in self.obs_names}
+        return {"frame": self.obs[:, :, 0], "lives": self._lives()}
 
     def close(self) -> None:
         if self.env is not None:
@@ -212,8 +218,11 @@ class EpisodeReplay:
             self.env = None
 
 
-class _EndedEarly(Exception):
+class EndedEarly(Exception):
+    """The game ended at ``step``, before the recording does (``EpisodeReplay.play``)."""
+
     def __init__(self, step: int):
+        super().__init__(step)
         self.step = step
 
 
@@ -248,7 +257,7 @@ def replay_chunks(pool: EnvPool, schema: Schema, ep, chunk_steps: int, where: st
             ended = None
             try:
                 rep.play(ep.actions[s : s + n], arrays)
-            except _EndedEarly as e:
+            except EndedEarly as e:
                 ended = e.step
             m = n if ended is None else ended - s + 1
             h = fingerprint.step_hashes({k_: a[:m] for k_, a in arrays.items()}, schema.names)
