@@ -353,36 +353,10 @@ def _sparse_decode(state, m, out, rows, stg, counts, k, dpos, vals, flags, t0, n
             w = _replay(off_a, pos_a, val_a, i, pair, sh_a, sh_b, qmap, table, mask, state, emit, wl_pos, wl_val, w)
             if pair:
                 w = _replay(off_b, pos_b, val_b, i, pair, sh_a, sh_b, qmap, table, mask, state, emit, wl_pos, wl_val, w)
-        nd = dcounts[t] if dense else 0
-        nxt = drows[kd] * W if nd > 0 else F
-        p = 0
-        for _ in range(counts[t]):
-            p += dpos[k]
-            while nd > 0 and p >= nxt:
-                if nxt >= F:
-                    return -1, t, 0
-                w = _whole_row(state, nxt, W, dvals, kd, emit, wl_pos, wl_val, w)
-                kd += 1
-                nd -= 1
-                nxt = drows[kd] * W if nd > 0 else F
-            if p >= F:
-                return -1, t, 0
-            if add:
-                state[p] = state[p] + vals[k]
-            else:
-                state[p] = vals[k]
-            if emit:
-                wl_pos[w] = p
-                wl_val[w] = state[p]
-                w += 1
-            k += 1
-        while nd > 0:
-            if nxt >= F:
-                return -1, t, 0
-            w = _whole_row(state, nxt, W, dvals, kd, emit, wl_pos, wl_val, w)
-            kd += 1
-            nd -= 1
-            nxt = drows[kd] * W if nd > 0 else F
+        k, kd, w = _own_writes(state, counts[t], k, dpos, vals, add, emit, wl_pos, wl_val, w,
+                               dcounts[t] if dense else 0, kd, drows, dvals, W)
+        if k < 0:
+            return -1, t, 0
         if rows == 1:
             for j in range(F):
                 out[i, j] = state[j]
@@ -413,6 +387,39 @@ def _sparse_decode(state, m, out, rows, stg, counts, k, dpos, vals, flags, t0, n
         _sfence()
     if emit:
         wl_off[m] = w
+    return k, kd, w
+
+
+@njit(inline="always")
+def _own_writes(state, n, k, dpos, vals, add, emit, wl_pos, wl_val, w, nd, kd, drows, dvals, W):
+    """A step's own changes: ``n`` patches from ``k`` and ``nd`` whole rows from ``kd``, in position
+    order. Returns (k, kd, w), k -1 at a position or row past the field (corrupt data)."""
+    F = state.size
+    nxt = drows[kd] * W if nd > 0 else F
+    p = 0
+    for _ in range(n):
+        p += dpos[k]
+        while nd > 0 and p >= nxt and nxt < F:
+            w = _whole_row(state, nxt, W, dvals, kd, emit, wl_pos, wl_val, w)
+            kd, nd = kd + 1, nd - 1
+            nxt = drows[kd] * W if nd > 0 else F
+        if p >= F or (nd > 0 and nxt >= F):
+            return -1, kd, w
+        if add:
+            state[p] = state[p] + vals[k]
+        else:
+            state[p] = vals[k]
+        if emit:
+            wl_pos[w] = p
+            wl_val[w] = state[p]
+            w += 1
+        k += 1
+    while nd > 0:
+        if nxt >= F:
+            return -1, kd, w
+        w = _whole_row(state, nxt, W, dvals, kd, emit, wl_pos, wl_val, w)
+        kd, nd = kd + 1, nd - 1
+        nxt = drows[kd] * W if nd > 0 else F
     return k, kd, w
 
 
