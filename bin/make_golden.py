@@ -2,7 +2,9 @@
 (scripted expert) and Atari (uniformly random actions on Breakout), and the digests test_golden checks.
 
 Run only on purpose: when the on-disk format changes deliberately (then bump SCHEMA_VERSION or the
-profile, and say so in the commit). ``python bin/make_golden.py [--out tests/data/golden]``.
+profile, and say so in the commit). ``python bin/make_golden.py [--out tests/data/golden]``;
+``--add PROFILE`` writes only a new profile's sets, recoded from the checked-in ``stream`` ones (the
+others are left as they are, byte for byte).
 """
 from __future__ import annotations
 
@@ -65,7 +67,21 @@ def atari_random(root: Path, episodes: int = 2) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "tests/data/golden"))
-    out = Path(ap.parse_args().out)
+    ap.add_argument("--add", default=None, help="Only add this profile's sets (recoded from the stream sets).")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.add:
+        digests = json.loads((out / "digests.json").read_text())
+        for env in ("atari", "nethack"):
+            name = f"{env}-{args.add}"
+            shutil.rmtree(out / name, ignore_errors=True)
+            recode(out / f"{env}-stream", out / name, args.add, progress=False)
+            digests[name] = digest(Dataset(out / name))
+            if digests[name] != digests[f"{env}-stream"]:
+                raise SystemExit(f"{name} does not decode to what {env}-stream holds")
+        (out / "digests.json").write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
+        print(f"added {args.add} to the golden datasets in {out}")
+        return
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:

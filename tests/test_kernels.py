@@ -78,13 +78,17 @@ def _sparse_series(rng, T, shape, dtype, rate):
     return x
 
 
-def test_sparse_follow_round_trip_in_any_segments(monkeypatch):
+@pytest.mark.parametrize("dense", [0, 3])
+def test_sparse_follow_round_trip_in_any_segments(monkeypatch, dense):
     """Source, a rectangle follower (identity table, with its own changes and whole steps where the
     prediction is wrong), a pair follower through a look-up table and a wrapping counter: decoding
-    in random segments gives the arrays and the write lists that encoding saw."""
+    in random segments gives the arrays and the write lists that encoding saw. With ``dense``, rows
+    with more than that many changes are stored whole (a text window over the source)."""
     rng = np.random.default_rng(0)
     T = 300
     src = _sparse_series(rng, T, (6, 9), np.uint8, 0.05)
+    src[50:60, 2:4] = rng.integers(0, 256, (10, 2, 9))  # whole rows rewritten
+    src[60, 2:4] = src[49, 2:4]  # ... and restored
     rect = src[:, 1:5, 2:9].copy()
     rect[rng.random(rect.shape) < 0.01] = 7
     rect[100:120] = rect[99]  # an overlay: the source changes, the follower does not
@@ -93,19 +97,29 @@ def test_sparse_follow_round_trip_in_any_segments(monkeypatch):
     pair = table[(rect.astype(np.int64) << 8) | other]
     pair[rng.random(pair.shape) < 0.01] = -1
     counter = np.cumsum(rng.integers(0, 3, (T, 5)), axis=0).astype(np.int16) + np.int16(32000)
+    over = src[:, 1:5, :].copy()  # a dense follower (not a pair's source: a pair keeps its sources' values)
+    over[rng.random(over.shape) < 0.01] = 9
+    over[70:75, 1] = rng.integers(0, 256, (5, 9))
     specs = {
-        "src": ({}, [], None),
+        "src": ({"dense": dense}, [], None),
         "rect": ({"rect": (1, 2)}, ["src"], sparse.fixed_table("identity", np.uint8)),
+        "over": ({"rect": (1, 0), "dense": dense}, ["src"], sparse.fixed_table("identity", np.uint8)),
         "other": ({}, [], None),
         "pair": ({}, ["rect", "other"], table),
         "counter": ({"values": "delta"}, [], None),
     }
-    arrays = {"src": src, "rect": rect, "other": other, "pair": pair, "counter": counter}
+    arrays = {"src": src, "rect": rect, "over": over, "other": other, "pair": pair, "counter": counter}
     parts, wls = {}, {}
     for name, (follow, srcs, tab) in specs.items():
         parts[name], wls[name] = sparse.encode(arrays[name], dict(follow, **({"from": srcs} if srcs else {})),
                                                [(arrays[s], wls[s]) for s in srcs], tab)
     assert parts["rect"]["flag"][100:120].sum() == 0 and parts["rect"]["flag"].sum() > 100
+    if dense:
+        assert set(parts["src"]["rows"][50:61]) == {2} and parts["src"]["rows"].sum() > 22
+        assert set(parts["over"]["rows"][70:75]) == {1}
+        assert "rows" not in parts["counter"]  # counters never: their values are changes
+    else:
+        assert "rows" not in parts["src"]
     assert len(parts["pair"][""]) < pair[1:].size * 0.02  # the table predicts most changes
     def fields():
         out = {name: sparse.Field(name, arrays[name].shape[1:], arrays[name].dtype,
@@ -113,7 +127,7 @@ def test_sparse_follow_round_trip_in_any_segments(monkeypatch):
                                   arrays[srcs[0]].shape[1:] if srcs else None, tab, [arrays[s].dtype for s in srcs])
                for name, (follow, srcs, tab) in specs.items()}
         for f in out.values():
-            f.emit = f.name in ("src", "rect", "other")
+            f.emit = f.name in ("src", "rect", "over", "other")
         return out
 
     cuts = [0, *sorted(rng.choice(np.arange(1, T), 12, replace=False)), T]
@@ -158,6 +172,14 @@ def test_sparse_follow_round_trip_in_any_segments(monkeypatch):
         sparse.Field("src", src.shape[1:], src.dtype, {}, bad, None, None, where="x.tdc").decode(T)
     with pytest.raises(DataError, match="changes counted"):
         sparse.Field("src", src.shape[1:], src.dtype, {}, dict(bad, data=bad["data"][1:]), None, None)
+    if dense:
+        bad = dict(parts["src"], data=parts["src"][""])
+        bad["row"] = bad["row"].copy()
+        bad["row"][len(bad["row"]) // 2] = 6  # a row past the field's 6
+        with pytest.raises(DataError, match=r"x.tdc: field 'src': step \d+: change position past"):
+            sparse.Field("src", src.shape[1:], src.dtype, {}, bad, None, None, where="x.tdc").decode(T)
+        with pytest.raises(DataError, match="whole rows counted"):
+            sparse.Field("src", src.shape[1:], src.dtype, {}, dict(bad, rowval=bad["rowval"][1:]), None, None)
     strided = fields()["counter"]
     cols = np.zeros((T, strided.F * 2), strided.dtype)
     strided.decode(T, cols[:, ::2], stream=True)  # not contiguous: decoded aside, then copied

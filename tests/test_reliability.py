@@ -58,7 +58,7 @@ def collect_cli(out, *extra):
 
 # ---- 1. zero-step episodes and invalid option values ---------------------------------------------
 
-@pytest.mark.parametrize("codec", ["stream", "compact", "fast"])
+@pytest.mark.parametrize("codec", ["stream2", "stream", "compact", "fast"])
 def test_zero_step_episode_is_recorded_truncated(tmp_path, codec):
     """Failed before the fix: ValueError 'cannot reshape array of size 0' from every codec."""
     out = tmp_path / "x"

@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "trajdata"
 
 # Stages in pipeline order: a module may import its own stage and earlier ones, never a later one.
-STAGES = ("__init__", "errors", "config", "format", "envs", "collectors", "importers", "loaders", "models", "train",
+STAGES = ("__init__", "errors", "config", "format", "envs", "collectors", "importers", "packs", "loaders", "exporters", "models", "train",
           "evaluate", "scaling", "sweep", "cli")
 RANKS = {s: i for i, s in enumerate(STAGES)}
 MAX_FUNCTION_LINES = 80
@@ -293,6 +293,8 @@ def _command(path: list[str]):
     (["sweep"], "trajdata.sweep.run:SweepOptions", ()),
     (["scaling", "fit"], "trajdata.scaling.fits:FitConfig", ()),
     (["scaling", "forecast"], "trajdata.scaling.fits:FitConfig", ()),
+    (["pack"], "trajdata.packs.build:PackConfig", ("source",)),
+    (["unpack"], "trajdata.packs.build:UnpackConfig", ("pack",)),
 ])
 def test_every_config_reaches_its_command_one_way(path, cls, not_flags):
     """Every field of the stage's config is a flag generated from it: its help, its default, its

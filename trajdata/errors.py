@@ -42,6 +42,7 @@ EXTRAS = {
     "train": ("torch", "tensorboard"),
     "ray": ("ray",),
     "scaling": ("scipy", "pandas", "matplotlib", "threadpoolctl"),
+    "minari": ("minari", "PIL"),
     "autoascend": ("scipy", "cv2", "nltk", "toolz", "matplotlib", "seaborn"),
 }
 

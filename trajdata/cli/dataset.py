@@ -106,8 +106,9 @@ def show(dataset, episode, step, no_color):
 def recode(dataset, out, codec):
     """Copy DATASET to --out with every chunk re-encoded in another storage profile.
 
-    E.g. a `compact` dataset from an older trajdata into `stream`, which the loader decodes straight
-    into batches. Every new chunk is checked against the original; rerunning resumes.
+    E.g. a `stream` dataset from an older trajdata into `stream2` (smaller), or `compact` into either,
+    which the loader decodes straight into batches. Every new chunk is checked against the original;
+    rerunning resumes.
     """
     from trajdata.format.dataset import recode as run
 

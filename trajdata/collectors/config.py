@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from trajdata.config import at_least, choose, coerce_fields, option, require
 from trajdata.errors import ExpertError
-from trajdata.format.codec import DEFAULT_PROFILE, PROFILES
+from trajdata.format.codec import DEFAULT_PROFILE, PROFILE_HELP, PROFILES
 from trajdata.format.shard import DEFAULT_CHUNK_STEPS
 
 BACKENDS = ("local", "ray")
@@ -61,9 +61,7 @@ class CollectConfig:
     max_shard_retries: int = option(2, "Rerun a shard whose worker died (crash, out of memory, hang) this many "
                                        "times, then give it up.")
     chunk_steps: int = option(DEFAULT_CHUNK_STEPS, "Steps per stored chunk.")
-    codec: str = option(DEFAULT_PROFILE, "Storage profile: stream (smallest; the loader decodes it straight into "
-                                         "batches), compact or fast (older profiles; kept for comparison).",
-                        choices=sorted(PROFILES))
+    codec: str = option(DEFAULT_PROFILE, PROFILE_HELP, choices=sorted(PROFILES))
     backend: str = option("local", "local worker processes, or Ray tasks.", choices=BACKENDS)
     ray_address: str | None = option(None, "Ray cluster address (with --backend ray; default: start local Ray).")
 

@@ -65,7 +65,7 @@ def _connect(ray, address: str, **kwargs) -> None:
                           field="ray_address") from None
 
 
-def _shard_task(cfg, shard: int, progress) -> list[dict]:
+def _shard_task(cfg, shard: int, progress, work=run_shard) -> list[dict]:
     pending = {"n": 0, "t": time.monotonic()}
 
     def report(n: int) -> None:
@@ -76,7 +76,7 @@ def _shard_task(cfg, shard: int, progress) -> list[dict]:
 
     progress.restart.remote(shard)
     try:
-        return run_shard(cfg, shard, report=report)
+        return work(cfg, shard, report=report)
     finally:
         if pending["n"]:
             progress.add.remote(shard, pending["n"])
@@ -102,8 +102,9 @@ class _Progress:
 
 
 def run_ray(cfg, todo: list[int], on_steps: Callable[[int], None],
-            on_shard: Callable[[int, list], None]) -> dict[int, str]:
-    """Run `worker.run_shard(cfg, s)` for every shard `s` in `todo` as Ray tasks; returns {shard: why it failed}."""
+            on_shard: Callable[[int, list], None], work: Callable = run_shard) -> dict[int, str]:
+    """Run `work(cfg, s)` (default `worker.run_shard`) for every shard `s` in `todo` as Ray tasks;
+    returns {shard: why it failed}."""
     ray = _ray()
     started = False
     if not ray.is_initialized():
@@ -125,7 +126,7 @@ def run_ray(cfg, todo: list[int], on_steps: Callable[[int], None],
         while queue or running:
             while queue and len(running) < cfg.workers:
                 s = queue.pop(0)
-                running[task.remote(cfg, s, progress)] = s
+                running[task.remote(cfg, s, progress, work)] = s
             done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             n = ray.get(progress.take.remote())
             if n:

@@ -43,12 +43,12 @@ from trajdata.format.dataset import (DATASET_JSON, FORMAT_NAME, INDEX_FILE, SHAR
                                      shard_name)
 
 __all__ = ["BACKENDS", "CollectConfig", "ExpertSpec", "WORKER_DIED", "collect", "episode_seed", "failure_message",
-           "pending_shards"]
+           "lock_out", "pending_shards", "run_shards"]
 
 
-def _shard_worker(cfg: CollectConfig, shard: int, q) -> list[dict]:
-    return run_shard(cfg, shard, report=(lambda n: q.put((shard, n))) if q is not None else None,
-                     before_commit=_check_parent)
+def _shard_worker(cfg, shard: int, q, work: Callable = run_shard) -> list[dict]:
+    return work(cfg, shard, report=(lambda n: q.put((shard, n))) if q is not None else None,
+                before_commit=_check_parent)
 
 
 # ---- worker processes die with the collect that started them ----------------------------------------
@@ -128,9 +128,10 @@ def _kill_pools(pools: list[ProcessPoolExecutor]) -> None:
 LOCK_FILE = "collect.lock"
 
 
-def _lock_out(out: Path):
+def _lock_out(out: Path, what: str = "collect"):
     """Hold an exclusive lock on ``out/collect.lock`` (released by the kernel when this process dies,
-    so a killed collect never blocks a rerun); a second collect into ``out`` is refused naming the holder."""
+    so a killed collect never blocks a rerun); a second collect (or ``what``: unpack, pack) into
+    ``out`` is refused naming the holder."""
     import fcntl
 
     out.mkdir(parents=True, exist_ok=True)
@@ -143,13 +144,16 @@ def _lock_out(out: Path):
         holder = f.read().split()
         f.close()
         who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
-        raise DataError(f"{out} is being collected into by another collect ({who}); "
+        raise DataError(f"{out} is being written by another {what} ({who}); "
                         f"wait for it to finish or use another --out") from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()} {socket.gethostname()}\n")
     f.flush()
     return f
+
+
+lock_out = _lock_out
 
 
 def _remove_stale_tmp(out: Path) -> None:
@@ -223,15 +227,17 @@ def pending_shards(cfg: CollectConfig) -> list[int]:
 
 
 def _run_local(cfg: CollectConfig, todo: list[int], on_steps: Callable[[int], None],
-               on_shard: Callable[[int, list], None]) -> dict[int, str]:
+               on_shard: Callable[[int, list], None], work: Callable = run_shard,
+               tmp_of: Callable[[int], Path] | None = None) -> dict[int, str]:
     """Run the shards in ``todo``; returns {shard: why it failed} for shards given up on."""
     if cfg.workers == 1:
         for s in todo:
-            on_shard(s, run_shard(cfg, s, report=on_steps))
+            on_shard(s, work(cfg, s, report=on_steps))
         return {}
     ctx = get_context("spawn")
     with threads_env(1):  # workers are one per core
-        return _run_pools(cfg, ctx, todo, on_steps, on_shard)
+        return _run_pools(cfg, ctx, todo, on_steps, on_shard, work,
+                          tmp_of or (lambda s: Path(cfg.out) / SHARD_DIR / (shard_name(s) + ".tmp")))
 
 
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -250,7 +256,7 @@ def threads_env(n: int):
             os.environ.pop(k, None)
 
 
-def _run_pools(cfg: CollectConfig, ctx, todo: list[int], on_steps, on_shard) -> dict[int, str]:
+def _run_pools(cfg: CollectConfig, ctx, todo: list[int], on_steps, on_shard, work, tmp_of) -> dict[int, str]:
     todo, deaths, failed, live = list(todo), {}, {}, {}
     idle: list[ProcessPoolExecutor | None] = [None] * min(cfg.workers, len(todo))
     pools, running = [], {}
@@ -267,7 +273,7 @@ def _run_pools(cfg: CollectConfig, ctx, todo: list[int], on_steps, on_shard) -> 
 
     def submit(pool, s):
         with _no_sigint_in_children():  # the worker process starts at its first submit
-            return pool.submit(_shard_worker, cfg, s, q)
+            return pool.submit(_shard_worker, cfg, s, q, work)
 
     from multiprocessing.managers import SyncManager
 
@@ -311,7 +317,7 @@ def _run_pools(cfg: CollectConfig, ctx, todo: list[int], on_steps, on_shard) -> 
             except BaseException:  # Ctrl-C, SIGTERM, a worker's error: stop the other workers now
                 _kill_pools(pools)
                 for _, s in running.values():
-                    (Path(cfg.out) / SHARD_DIR / (shard_name(s) + ".tmp")).unlink(missing_ok=True)
+                    tmp_of(s).unlink(missing_ok=True)
                 for pool in pools:
                     pool.shutdown(wait=False, cancel_futures=True)
                 raise
@@ -371,9 +377,29 @@ def _collect_locked(cfg: CollectConfig, info: dict, progress: bool) -> dict:
     _redo_broken_shards(cfg)
     todo = pending_shards(cfg)
     skipped = cfg.shards - len(todo)
+    written, failed, stats = run_shards(cfg, todo, f"collect {cfg.expert.target.rpartition(':')[2]}", progress)
+    table = build_index(cfg.out, wall_clock=written)
+    if failed:
+        raise ExpertError(failure_message(failed))
+    elapsed = time.monotonic() - stats["t0"]
+    return {"out": cfg.out, "shards_written": len(todo), "shards_skipped": skipped,
+            "episodes_written": stats["episodes"], "steps_written": stats["steps"],
+            "episodes_total": table.num_rows, "seconds": round(elapsed, 2),
+            "steps_per_second": round(stats["steps"] / max(elapsed, 1e-9), 1), "config": asdict(cfg)}
+
+
+def run_shards(cfg, todo: list[int], desc: str, progress: bool = True, work: Callable = run_shard,
+               tmp_of: Callable[[int], Path] | None = None,
+               episodes: Callable[[int], int] | None = None) -> tuple[list[dict], dict[int, str], dict]:
+    """Run ``work(cfg, s, report=, before_commit=)`` (default ``worker.run_shard``) for each shard ``s``
+    in ``todo`` on ``cfg``'s backend (``cfg.workers``, ``backend``, ``ray_address``,
+    ``max_shard_retries``), a tqdm bar over shards (or over episodes, ``episodes(s)`` per shard) with
+    steps/s. ``work`` writes shard ``s`` atomically and returns its rows; a partial ``tmp_of(s)`` is
+    removed if the run stops. Returns (rows written, {shard: why it failed}, stats)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(todo), desc=f"collect {cfg.expert.target.rpartition(':')[2]}", unit="shard",
+    total = len(todo) if episodes is None else sum(episodes(s) for s in todo)
+    bar = tqdm(total=total, desc=desc, unit="shard" if episodes is None else "episode",
                disable=None if progress else True, dynamic_ncols=True)
     stats = {"live": 0, "steps": 0, "episodes": 0, "t0": time.monotonic()}
     written: list[dict] = []
@@ -390,22 +416,15 @@ def _collect_locked(cfg: CollectConfig, info: dict, progress: bool) -> dict:
         stats["episodes"] += len(rows)
         written.extend(rows)  # their wall-clock columns, which shards do not store, go to the index
         stats["steps"] += sum(int(r["steps"]) for r in rows)
-        bar.update(1)
+        bar.update(1 if episodes is None else len(rows))
 
     try:
         if cfg.backend == "ray":
             from trajdata.collectors.ray_backend import run_ray
 
-            failed = run_ray(cfg, todo, on_steps, on_shard)
+            failed = run_ray(cfg, todo, on_steps, on_shard, work)
         else:
-            failed = _run_local(cfg, todo, on_steps, on_shard)
+            failed = _run_local(cfg, todo, on_steps, on_shard, work, tmp_of)
     finally:
         bar.close()
-    table = build_index(cfg.out, wall_clock=written)
-    if failed:
-        raise ExpertError(failure_message(failed))
-    elapsed = time.monotonic() - stats["t0"]
-    return {"out": cfg.out, "shards_written": len(todo), "shards_skipped": skipped,
-            "episodes_written": stats["episodes"], "steps_written": stats["steps"],
-            "episodes_total": table.num_rows, "seconds": round(elapsed, 2),
-            "steps_per_second": round(stats["steps"] / max(elapsed, 1e-9), 1), "config": asdict(cfg)}
+    return written, failed, stats

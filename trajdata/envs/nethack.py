@@ -201,8 +201,13 @@ def pin_start_time(env: gym.Env, core: int) -> bool:
     cell = _start_time_cell(env)
     if abs(cell.value - time.time()) > 86400:
         raise RuntimeError(f"nle's ubirthday reads {cell.value}, not the current time: unknown libnethack layout")
-    cell.value = 257 * (1_700_000_000 // 257 + core % 65)
+    cell.value = pinned_start_time(core)
     return True
+
+
+def pinned_start_time(core: int) -> int:
+    """The game start time ``pin_start_time`` gives the game of core seed ``core``."""
+    return 257 * (1_700_000_000 // 257 + core % 65)
 
 
 def start_time(env: gym.Env, value: int | None = None) -> int:

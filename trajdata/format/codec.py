@@ -17,9 +17,10 @@ their range: each element becomes a mostly-zero series. Storage stages: ``tty_ch
 ``tty_colors`` XORed with the previous step; ``inv_strs`` keeps only the steps where it changed.
 
 The derivations and stages used are a *profile* (``PROFILES``), recorded per field in each chunk
-header, so readers decode any profile: ``stream`` (the default: every field in the ``sparse``
-stage, see ``sparse``; the smallest, and loaders decode it straight into batch rows), ``compact``
-(all of the above) or ``fast`` (no table look-ups or prefix scans on decode).
+header, so readers decode any profile: ``stream2`` (the default: every field in the ``sparse``
+stage, see ``sparse``, busy rows of the terminal stored whole; the smallest, and loaders decode it
+straight into batch rows), ``stream`` (the same without whole rows), ``compact`` (all of the
+above) or ``fast`` (no table look-ups or prefix scans on decode).
 
 Blob layout: b"TDC1" | u32 header length | zstd(header JSON) | field payloads (zstd frames; a sparse
 field's parts share one).
@@ -93,7 +94,18 @@ PROFILES: dict[str, dict] = {
         },
     },
 }
-DEFAULT_PROFILE = "stream"
+# "stream2": "stream" plus whole rows: a row of the terminal or of the inventory strings with more than
+# ``DENSE_ROWS[field]`` changes in a step is stored whole. The bytes of a text window or menu then no
+# longer depend on what it covers, so its next showing repeats them and zstd finds the repeat.
+DENSE_ROWS = {"tty_chars": 5, "inv_strs": 5}
+PROFILES["stream2"] = {
+    "derive": {}, "xor_previous": (), "dedup": (),
+    "sparse": {name: dict(spec, **({"dense": DENSE_ROWS[name]} if name in DENSE_ROWS else {}))
+               for name, spec in PROFILES["stream"]["sparse"].items()},
+}
+DEFAULT_PROFILE = "stream2"
+PROFILE_HELP = ("Storage profile: stream2 (smallest; the loader decodes it straight into batches), stream (its "
+                "predecessor), compact or fast (older profiles; all stay readable).")
 
 _cctx_cache: dict[int, zstandard.ZstdCompressor] = {}
 _dctx = zstandard.ZstdDecompressor(max_window_size=2**ZSTD_WINDOW_LOG)
@@ -212,6 +224,10 @@ def _sparse_specs(schema: Schema, prof: dict) -> dict[str, dict]:
         if name in schema.names:
             ok = all(src in schema.names for src in follow.get("from", ()))
             specs[name] = dict(follow) if ok else {}
+    for follow in list(specs.values()):
+        if len(follow.get("from", ())) == 2:  # a pair follower keeps copies of its sources: every change counts
+            for src in follow["from"]:
+                specs[src].pop("dense", None)
     order: list[str] = []
 
     def visit(name):

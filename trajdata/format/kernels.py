@@ -172,7 +172,10 @@ def _follow(src_off, src_pos, i, key_a, key_b, pair, qmap, table, mask, wl_pos, 
 
 @njit(cache=True, nogil=True)
 def sparse_encode(x, nsrc, off_a, pos_a, off_b, pos_b, key_a, key_b, pair, qmap, table, add,
-                   flags, counts, dpos, vals, wl_off, wl_pos):
+                  flags, counts, dpos, vals, wl_off, wl_pos, W, dense_min, dcounts, drows, dvals):
+    """Per step: follow (optional), then the step's changes against that base, as (delta position,
+    value) patches or, for a row of ``W`` elements with more than ``dense_min`` changes (0: never),
+    the whole row (``drows``: its index, ``dvals``: its values). Returns (patches, writes, rows)."""
     T, F = x.shape
     mask = table.size - 1
     pv = np.zeros(F, x.dtype)
@@ -180,6 +183,7 @@ def sparse_encode(x, nsrc, off_a, pos_a, off_b, pos_b, key_a, key_b, pair, qmap,
     prev = np.zeros(F, x.dtype)
     n = 0
     w = 0
+    nd = 0
     for t in range(T):
         wl_off[t] = w
         w0 = w
@@ -203,21 +207,40 @@ def sparse_encode(x, nsrc, off_a, pos_a, off_b, pos_b, key_a, key_b, pair, qmap,
         flags[t] = use
         last = 0
         c = 0
-        for j in range(F):
-            y = x[t, j]
-            base = pv[j] if use and stamp[j] == t + 1 else prev[j]
-            if y != base:
-                dpos[n] = j - last
-                vals[n] = y - base if add else y
-                last = j
-                n += 1
-                c += 1
-                wl_pos[w] = j
-                w += 1
-            prev[j] = y
+        d = 0
+        for r0 in range(0, F, W):
+            r1 = min(r0 + W, F)
+            dense = False
+            if dense_min > 0:
+                miss = 0
+                for j in range(r0, r1):
+                    if x[t, j] != (pv[j] if use and stamp[j] == t + 1 else prev[j]):
+                        miss += 1
+                dense = miss > dense_min
+                if dense:
+                    drows[nd] = r0 // W
+                    for j in range(r0, r1):
+                        dvals[nd * W + j - r0] = x[t, j]
+                    nd += 1
+                    d += 1
+            for j in range(r0, r1):
+                y = x[t, j]
+                base = pv[j] if use and stamp[j] == t + 1 else prev[j]
+                if y != base:
+                    if not dense:
+                        dpos[n] = j - last
+                        vals[n] = y - base if add else y
+                        last = j
+                        n += 1
+                        c += 1
+                    wl_pos[w] = j
+                    w += 1
+                prev[j] = y
         counts[t] = c
+        if dense_min > 0:
+            dcounts[t] = d
     wl_off[T] = w
-    return n, w
+    return n, w, nd
 
 
 # Rows of a multi-GB batch are written once and not read back here, so the decoder can stream
@@ -297,13 +320,16 @@ def _put(ob, base, blk, stg, lo, hi):
 @njit(cache=True, nogil=True)
 def sparse_decode(state, m, out, rows, stg, counts, k, dpos, vals, flags, t0, nsrc, pair,
                    off_a, pos_a, val_a, off_b, pos_b, val_b, sh_a, sh_b, qmap, table, add, emit,
-                   wl_off, wl_pos, wl_val):
-    """Steps ``t0 .. t0 + m`` of the chunk from patch ``k`` on: updates ``state`` (F,), writes each
-    step's row to ``out`` (m, F) unless ``rows`` is ROWS_NONE, and, if ``emit``, the step's writes
-    (positions and values) to ``wl_*``. Follow keys come from the sources' write-list values (a
-    pair follower keeps shadow copies ``sh_a``/``sh_b`` of both sources). Returns (k, writes), or
-    (-1, step) at a position past the row (corrupt data)."""
+                   wl_off, wl_pos, wl_val, W, dcounts, kd, drows, dvals):
+    """Steps ``t0 .. t0 + m`` of the chunk from patch ``k`` and whole row ``kd`` on: updates ``state``
+    (F,), writes each step's row to ``out`` (m, F) unless ``rows`` is ROWS_NONE, and, if ``emit``, the
+    step's writes (positions and values) to ``wl_*``. Follow keys come from the sources' write-list
+    values (a pair follower keeps shadow copies ``sh_a``/``sh_b`` of both sources). Whole rows
+    (``dcounts`` per step; empty: none) are applied in position order with the patches, and write
+    only the elements they change. Returns (k, kd, writes), or (-1, step, 0) at a position or row
+    past the field (corrupt data)."""
     F = state.size
+    dense = dcounts.size > 0
     mask = table.size - 1
     w = 0
     ob = out.reshape(-1).view(np.uint8)
@@ -327,20 +353,10 @@ def sparse_decode(state, m, out, rows, stg, counts, k, dpos, vals, flags, t0, ns
             w = _replay(off_a, pos_a, val_a, i, pair, sh_a, sh_b, qmap, table, mask, state, emit, wl_pos, wl_val, w)
             if pair:
                 w = _replay(off_b, pos_b, val_b, i, pair, sh_a, sh_b, qmap, table, mask, state, emit, wl_pos, wl_val, w)
-        p = 0
-        for _ in range(counts[t]):
-            p += dpos[k]
-            if p >= F:
-                return -1, t
-            if add:
-                state[p] = state[p] + vals[k]
-            else:
-                state[p] = vals[k]
-            if emit:
-                wl_pos[w] = p
-                wl_val[w] = state[p]
-                w += 1
-            k += 1
+        k, kd, w = _own_writes(state, counts[t], k, dpos, vals, add, emit, wl_pos, wl_val, w,
+                               dcounts[t] if dense else 0, kd, drows, dvals, W)
+        if k < 0:
+            return -1, t, 0
         if rows == 1:
             for j in range(F):
                 out[i, j] = state[j]
@@ -371,7 +387,63 @@ def sparse_decode(state, m, out, rows, stg, counts, k, dpos, vals, flags, t0, ns
         _sfence()
     if emit:
         wl_off[m] = w
-    return k, w
+    return k, kd, w
+
+
+@njit(inline="always")
+def _own_writes(state, n, k, dpos, vals, add, emit, wl_pos, wl_val, w, nd, kd, drows, dvals, W):
+    """A step's own changes: ``n`` patches from ``k`` and ``nd`` whole rows from ``kd``, in position
+    order. Returns (k, kd, w), k -1 at a position or row past the field (corrupt data)."""
+    F = state.size
+    nxt = drows[kd] * W if nd > 0 else F
+    p = 0
+    for _ in range(n):
+        p += dpos[k]
+        while nd > 0 and p >= nxt and nxt < F:
+            w = _whole_row(state, nxt, W, dvals, kd, emit, wl_pos, wl_val, w)
+            kd, nd = kd + 1, nd - 1
+            nxt = drows[kd] * W if nd > 0 else F
+        if p >= F or (nd > 0 and nxt >= F):
+            return -1, kd, w
+        if add:
+            state[p] = state[p] + vals[k]
+        else:
+            state[p] = vals[k]
+        if emit:
+            wl_pos[w] = p
+            wl_val[w] = state[p]
+            w += 1
+        k += 1
+    while nd > 0:
+        if nxt >= F:
+            return -1, kd, w
+        w = _whole_row(state, nxt, W, dvals, kd, emit, wl_pos, wl_val, w)
+        kd, nd = kd + 1, nd - 1
+        nxt = drows[kd] * W if nd > 0 else F
+    return k, kd, w
+
+
+@njit(inline="always")
+def _whole_row(state, r0, W, dvals, kd, emit, wl_pos, wl_val, w):
+    """Row ``kd`` of ``dvals`` into ``state[r0 : r0 + W]``; emits the elements it changes (branch-free:
+    every element goes to the next write-list slot, which only a change keeps). Slices, so that the
+    loops vectorise."""
+    row = state[r0 : r0 + W]
+    new = dvals[kd * W : kd * W + W]
+    if not emit:
+        for c in range(W):
+            row[c] = new[c]
+        return w
+    pos = wl_pos[w : w + W]
+    val = wl_val[w : w + W]
+    n = 0
+    for c in range(W):
+        v = new[c]
+        pos[n] = r0 + c
+        val[n] = v
+        n += row[c] != v
+        row[c] = v
+    return w + n
 
 
 @njit(cache=True, nogil=True)

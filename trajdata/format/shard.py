@@ -85,6 +85,19 @@ class EpisodeWriter:
         self._fill += 1
         self.steps += 1
 
+    def extend(self, arrays: dict[str, np.ndarray]) -> None:
+        """Append every step of ``arrays`` (each field's (n, ...) array), as ``append`` would one by one."""
+        n, i = len(arrays["action"]), 0
+        while i < n:
+            if self._fill == self.shard.chunk_steps:
+                self._flush(last=False)
+            m = min(n - i, self.shard.chunk_steps - self._fill)
+            for name, buf in self.buffers.items():
+                buf[self._fill : self._fill + m] = arrays[name][i : i + m]
+            self._fill += m
+            self.steps += m
+            i += m
+
     def set_outcome(self, reward: float, done: bool) -> None:
         """Set reward/done of the most recent step (known only after the env stepped)."""
         self.buffers["reward"][self._fill - 1] = reward

@@ -114,13 +114,19 @@ def encode(x: np.ndarray, follow: dict, sources: list[tuple[np.ndarray, tuple]],
     flags, counts = np.zeros(T, np.uint8), np.zeros(T, np.uint16)
     dpos, vals = np.empty(T * F, np.uint16), np.empty(T * F, x2.dtype)
     wl_off, wl_pos = np.empty(T + 1, np.int64), np.empty(cap, np.uint16)
-    n, w = kernels.sparse_encode(x2, len(srcs), a[0], a[1], b[0], b[1], a[2], b[2], len(srcs) == 2,
-                                  qmap, table.astype(x2.dtype), follow.get("values") == "delta",
-                                  flags, counts, dpos, vals,
-                                  wl_off, wl_pos)
+    H, W = geometry(x.shape[1:])
+    dense = int(follow.get("dense", 0)) if follow.get("values") != "delta" and H < 256 else 0
+    dcounts = np.zeros(T if dense else 0, np.uint8)
+    drows, dvals = np.empty(T * H if dense else 0, np.uint8), np.empty(T * F if dense else 0, x2.dtype)
+    n, w, nd = kernels.sparse_encode(x2, len(srcs), a[0], a[1], b[0], b[1], a[2], b[2], len(srcs) == 2,
+                                     qmap, table.astype(x2.dtype), follow.get("values") == "delta",
+                                     flags, counts, dpos, vals,
+                                     wl_off, wl_pos, W, dense, dcounts, drows, dvals)
     parts = {"": vals[:n].copy(), "pos": dpos[:n].copy(), "count": counts}
     if srcs:
         parts["flag"] = flags
+    if dense:
+        parts.update(rows=dcounts, row=drows[:nd].copy(), rowval=dvals[: nd * W].copy())
     return parts, (wl_off, wl_pos[:w])
 
 
@@ -154,9 +160,18 @@ class Field:
         if n != len(self.vals) or n != len(self.dpos) or (self.sources and len(self.flags) != self.steps):
             raise DataError(f"{where}: field {name!r}: {n} changes counted, {len(self.vals)} values, {len(self.dpos)} "
                             f"positions, {len(self.flags)} flags for {self.steps} steps (corrupt data)")
+        self.W = geometry(self.shape)[1]
+        self.dcounts = parts.get("rows", _NO_FLAGS)
+        self.drows = parts.get("row", _NO_FLAGS)
+        dvals = parts.get("rowval", _NO_FLAGS)
+        self.dvals = dvals if dvals.dtype == self.dtype else dvals.astype(self.dtype)
+        nd = int(self.dcounts.sum(dtype=np.int64))
+        if (len(self.dcounts) not in (0, self.steps) or nd != len(self.drows) or nd * self.W != len(self.dvals)):
+            raise DataError(f"{where}: field {name!r}: {nd} whole rows counted, {len(self.drows)} row numbers, "
+                            f"{len(self.dvals)} row values for {self.steps} steps (corrupt data)")
         self.emit = False
         self.stage = np.zeros(128, np.uint8)
-        self.t = self.k = 0
+        self.t = self.k = self.kd = 0
 
     def decode(self, m: int, out: np.ndarray | None = None, src_wls: list = (), stream: bool = False):
         """The next ``m`` steps: rows into ``out`` (m, F), C-contiguous, written with non-temporal
@@ -173,6 +188,8 @@ class Field:
         b = src_wls[1] if self.pair else _NO_WL
         if self.emit:
             cap = int(self.counts[self.t : self.t + m].sum(dtype=np.int64)) + sum(len(wl[1]) for wl in src_wls)
+            if len(self.dcounts):
+                cap += int(self.dcounts[self.t : self.t + m].sum(dtype=np.int64)) * self.W
             wl = (np.empty(m + 1, np.int64), np.empty(cap, np.uint16), np.empty(cap, self.dtype))
         else:
             wl = _NO_WL[:1] + (_NO_POS, np.zeros(0, self.dtype))
@@ -184,13 +201,14 @@ class Field:
             rows = kernels.ROWS_COPY
         if out is None:
             out = np.zeros((0, self.F), self.dtype)
-        k, w = kernels.sparse_decode(
+        k, kd, w = kernels.sparse_decode(
             self.state, m, out, rows, self.stage, self.counts, self.k, self.dpos, self.vals, self.flags, self.t,
             len(self.sources), self.pair, a[0], a[1], a[2], b[0], b[1], b[2], self.shadows[0], self.shadows[1],
-            self.qmap, self.table, self.add, self.emit, *wl)
+            self.qmap, self.table, self.add, self.emit, *wl, self.W, self.dcounts, self.kd, self.drows, self.dvals)
         if k < 0:
-            raise DataError(f"{self.where}: field {self.name!r}: step {w}: change position past the row's {self.F} (corrupt data)")
-        self.k = k
+            raise DataError(f"{self.where}: field {self.name!r}: step {kd}: change position past the row's {self.F} "
+                            "(corrupt data)")
+        self.k, self.kd = k, kd
         self.t += m
         return (wl[0], wl[1][:w], wl[2][:w]) if self.emit else None
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from trajdata.config import at_least, choose, coerce_fields, option
 from trajdata.errors import DataError
-from trajdata.format.codec import DEFAULT_PROFILE, PROFILES
+from trajdata.format.codec import DEFAULT_PROFILE, PROFILE_HELP, PROFILES
 from trajdata.format.dataset import Dataset, build_index, create_or_check, shard_name
 from trajdata.format.schema import NLD
 from trajdata.format.shard import DEFAULT_CHUNK_STEPS, ShardWriter
@@ -35,9 +35,7 @@ class NldImportConfig:
     out: str = option(help="trajdata dataset directory (created, or resumed).", metavar="DIRECTORY")
     episodes_per_shard: int = option(16, "Games per shard.")
     chunk_steps: int = option(DEFAULT_CHUNK_STEPS, "Steps per stored chunk.")
-    codec: str = option(DEFAULT_PROFILE, "Storage profile: stream (smallest; the loader decodes it straight into "
-                                         "batches), compact or fast (older profiles; kept for comparison).",
-                        choices=sorted(PROFILES))
+    codec: str = option(DEFAULT_PROFILE, PROFILE_HELP, choices=sorted(PROFILES))
     max_games: int | None = option(None, "Import only the first N games (by gameid; N >= 1; default: all).")
 
     def __post_init__(self):

@@ -24,6 +24,7 @@ def export_ttyrecs(ds: Dataset, savedir: Path) -> int:
     """Replay every episode of ``ds`` with NLE's ttyrec recorder on, one directory per episode under
     ``savedir``; every frame is checked against the stored one. Returns the frames checked."""
     checked = 0
+    expert = ds.info.get("expert") or {}
     for row in ds.index_rows():
         seeds = json.loads(row["seeds"])
         gamedir = Path(savedir) / row["id"]
@@ -34,6 +35,8 @@ def export_ttyrecs(ds: Dataset, savedir: Path) -> int:
         (gamedir / f"nle.{os.getpid()}.record").touch()
         env = make_nethack_env(row["character"], fix_moon_phase=True, save_ttyrec_every=1, savedir=str(gamedir))
         obs, _ = seed_and_reset(env, seeds["core"], seeds["disp"], seeds["lgen"])
+        if expert.get("no_progress_timeout") is not None:  # AutoAscend's games: as they were played
+            env.unwrapped.no_progress_timeout = int(expert["no_progress_timeout"])
         for chunk in ds.episode(row["id"], fields=["tty_chars", "action"]):
             for t in range(chunk.steps):
                 if not np.array_equal(obs["tty_chars"], chunk.fields["tty_chars"][t]):

@@ -10,7 +10,9 @@ A pipeline of small stages, each one job:
     batches          plan -> numpy (B, T, ...) batches, streaming chunks through EpisodeReaders
     to_torch / pin   numpy -> tensors (optionally pinned)
 
-Plans are computed from the index alone, so resuming (``load_state_dict``) skips delivered batches
+``root`` may also be a pack (``trajdata pack``): its episodes are re-simulated in the readers
+(``loaders.pack``), giving the batches the unpacked dataset would. Plans are computed from the
+index alone, so resuming (``load_state_dict``) skips delivered batches
 without decoding them. Each batch carries ``mask`` (False on padding), ``reset`` (True on an
 episode's first step), ``episode`` (position in ``episode_ids``), ``step`` (step within the
 episode) plus the selected schema fields; ``slot`` / ``batch_index`` say who made it (for resume).
@@ -39,6 +41,7 @@ from trajdata.errors import ConfigError, DataError
 from trajdata.format import codec, kernels
 from trajdata.format.dataset import Dataset
 from trajdata.format.shard import chunk_header, tar_members
+from trajdata.loaders.chunks import DenseChunk
 
 MODES = ("lanes", "windows")
 ON_CORRUPT = ("raise", "skip")
@@ -305,18 +308,6 @@ class ChunkSource:
         self._files.clear()
 
 
-class DenseChunk:
-    """A chunk decoded whole: reads copy row ranges out of it."""
-
-    def __init__(self, dense: dict[str, np.ndarray]):
-        self.dense = dense
-
-    def read(self, out: dict, row: int, col: int, i: int, m: int, skip=()) -> None:
-        for name, arr in out.items():
-            if name in self.dense and name not in skip:
-                arr[row, col : col + m] = self.dense[name][i : i + m]
-
-
 class ChunkCursor(DenseChunk):
     """A chunk read once in step order: ``sparse``-stage fields decode straight into the caller's
     batch rows (their state machines hold one row each); other fields are decoded whole."""
@@ -512,13 +503,20 @@ def _to_torch(batch: dict, pin: bool) -> dict:
     return out
 
 
+def open_dataset(root):
+    """The dataset at ``root``, or the pack (``trajdata pack``), whose episodes the readers re-simulate."""
+    from trajdata.packs.store import Pack, is_pack
+
+    return Pack(root) if is_pack(root) else Dataset(root)
+
+
 class TrajectoryStream(IterableDataset):
     """``IterableDataset`` of dict batches shaped (B, T, ...); use with ``DataLoader(batch_size=None)``
     or ``make_dataloader``. Whole episodes go to each (rank, worker) slot; resumable."""
 
     def __init__(self, cfg: LoaderConfig):
         self.cfg = cfg
-        self.ds = Dataset(cfg.root)
+        self.ds = open_dataset(cfg.root)
         self.schema = self.ds.schema
         cfg.check_schema(self.schema)
         self.fields = list(cfg.fields) if cfg.fields is not None else list(self.schema.names)
@@ -576,7 +574,13 @@ class TrajectoryStream(IterableDataset):
         if cfg.tune_malloc:
             keep_freed_memory()
         if getattr(self, "_src", None) is None:  # kept across epochs: its chunk tables cost a header read per chunk
-            self._src = ChunkSource(Path(cfg.root), self.schema, self.fields, cfg.cache_chunks if cfg.mode == "windows" else 0)
+            cache = cfg.cache_chunks if cfg.mode == "windows" else 0
+            if isinstance(self.ds, Dataset):
+                self._src = ChunkSource(Path(cfg.root), self.schema, self.fields, cache)
+            else:
+                from trajdata.loaders.pack import PackSource
+
+                self._src = PackSource(self.ds, self.schema, self.fields, cache)
         src = self._src
         readers: dict[int, EpisodeReader] = {}  # lanes: row -> reader of its current episode
         if getattr(self, "_pool", None) is None:

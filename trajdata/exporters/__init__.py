@@ -1,0 +1,1 @@
+"""Exporters: trajdata datasets into other tools' formats (``minari``)."""
