@@ -14,11 +14,9 @@ def _sweep_options(f):
 
 @click.command("sweep")
 @click.argument("spec_path", metavar="SPEC.toml", type=click.Path(dir_okay=False))
-@click.option("--dry-run", is_flag=True, help="Print the plan and its cost; run nothing.")
-@click.option("--flops-per-s", default=None, type=float,
-              help="--dry-run: training FLOP/s to turn the plan's compute into hours (e.g. 3e14 for an H100 at 30%).")
+@click.option("--dry-run", is_flag=True, help="Check the spec and print the plan and its cost; run nothing.")
 @_sweep_options
-def sweep_cmd(spec_path, dry_run, flops_per_s, **flags):
+def sweep_cmd(spec_path, dry_run, **flags):
     """Plan and run a scaling sweep: collect, train bc per size, eval every snapshot, fit, report.
 
     SPEC.toml names the data (or how to collect it), the model family and sizes, the FLOP budgets,
@@ -26,15 +24,18 @@ def sweep_cmd(spec_path, dry_run, flops_per_s, **flags):
     Writes OUT/runs/<run>/, OUT/runs.csv, OUT/fit.json and OUT/report.html. Finished runs, snapshots and
     evaluations are not redone.
     """
-    from trajdata.sweep.plan import describe, load_spec, make_plan
-    from trajdata.sweep.run import SweepOptions, run_sweep
+    from trajdata.sweep.plan import load_spec
+    from trajdata.sweep.run import SweepOptions, dry_run as plan_only, run_sweep
 
-    spec = load_spec(spec_path)
-    if dry_run:
-        click.echo(describe(make_plan(spec), flops_per_s))
-        return
     opts = SweepOptions(**flags)
+    spec = load_spec(spec_path)
     opts.out = opts.out or f"sweeps/{spec.name}"
+    if dry_run:
+        text, warning = plan_only(spec, opts)
+        click.echo(text)
+        if warning:
+            click.echo(f"trajdata: warning: {warning}; the sweep will not start until it does", err=True)
+        return
     r = run_sweep(spec, opts)
     if r.get("printed"):
         return
