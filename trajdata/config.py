@@ -221,7 +221,7 @@ def check_keys(cls, data: Mapping, where: str, table: str | None = None) -> None
     bad = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
     if bad:
         in_table = f" in [{table}]" if table else ""
-        raise ConfigError(f"{where}: unknown key {bad[0]!r}{in_table} (not a {cls.__name__} field)", field="config")
+        raise ConfigError(f"{where}: unknown key {bad[0]!r}{in_table} (not a field of {cls.__name__})", field="config")
 
 
 def from_mapping(cls, data: Mapping, where: str, **overrides):

@@ -93,6 +93,14 @@ def load_spec(path: str | Path) -> Spec:
     bad = sorted(set(data) - set(TABLES))
     if bad:
         raise ConfigError(f"sweep spec {p}: unknown table [{bad[0]}] (tables: {', '.join(TABLES)})")
+    tables = [(t, data.get(t)) for t in TABLES] + [("data.collect", (data.get("data") or {}).get("collect"))]
+    for t, v in tables:
+        if v is not None and not isinstance(v, dict):
+            raise ConfigError(f"sweep spec {p}: [{t}] must be a table (got {v!r})")
+    for t, k in (("data", "dataset"), ("report", "reference"), ("sweep", "name")):
+        v = (data.get(t) or {}).get(k)
+        if v is not None and not (isinstance(v, str) and v):
+            raise ConfigError(f"sweep spec {p}: [{t}] {k} must be a non-empty text (got {v!r})")
     sw = dict(data.get("sweep", {}))
     known = {"name", "family", "sizes", "budgets", "samples_per_param"}
     bad = sorted(set(sw) - known)
@@ -132,7 +140,9 @@ def load_spec(path: str | Path) -> Spec:
                     train=dict(data.get("train", {})), eval=dict(data.get("eval", {})), fit=dict(data.get("fit", {})),
                     report=ref, path=str(p))
     except ConfigError as e:
-        raise ConfigError(f"sweep spec {p}: [sweep] {e}") from None
+        table = {"train": "train", "dataset": "data"}.get(e.field, "sweep")
+        msg = str(e).removeprefix("train ") if table == "train" else str(e)
+        raise ConfigError(f"sweep spec {p}: [{table}] {msg}") from None
     check_tables(spec)
     return spec
 

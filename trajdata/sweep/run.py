@@ -20,7 +20,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from trajdata.config import at_least, choose, coerce_fields, lock_dir, option, require
-from trajdata.errors import DataError
+from trajdata.errors import ConfigError, DataError
 from trajdata.sweep.plan import (Plan, PlannedRun, Spec, check_plan, collect_config, data_problem, dataset_path,
                                  describe, make_plan, run_config)
 from trajdata.train import checkpoint as ckpt_io
@@ -199,12 +199,31 @@ def gather(plan: Plan, out: Path) -> Path:
     return path
 
 
+def check_data(plan: Plan, dataset: Path) -> None:
+    """What each run would find wrong with the data (when it exists already): a family or fields the
+    models cannot train on, no training or validation episodes at the spec's val_fraction."""
+    if not (dataset / "dataset.json").is_file():
+        return
+    from trajdata.format.dataset import Dataset
+    from trajdata.train.bc import check_dataset, run_length
+
+    ds = Dataset(dataset)
+    try:
+        for r in plan.active:
+            check_dataset(ds, plan.spec.family, r.model)
+            run_length(bc_config(plan.spec, r, dataset, Path("-")), ds, r.shape)
+    except ConfigError as e:
+        raise ConfigError(f"sweep spec {plan.spec.path}: {e}".replace(" (use --family auto)", "")) from None
+
+
 def dry_run(spec: Spec, opts: SweepOptions) -> tuple[str, str | None]:
     """(the plan and its cost, a warning) after every check the real sweep makes before it starts;
     the warning says what this machine lacks for it (the data may be where the sweep will run)."""
     plan = make_plan(spec)
     check_plan(plan, fit=not opts.skip_report)
-    return describe(plan, opts.flops_per_s), data_problem(spec, dataset_path(spec, Path(opts.out)))
+    dataset = dataset_path(spec, Path(opts.out))
+    check_data(plan, dataset)
+    return describe(plan, opts.flops_per_s), data_problem(spec, dataset)
 
 
 def run_sweep(spec: Spec, opts: SweepOptions) -> dict:
@@ -216,6 +235,8 @@ def run_sweep(spec: Spec, opts: SweepOptions) -> dict:
     problem = None if cluster else data_problem(spec, dataset_path(spec, out))
     if problem:
         raise DataError(problem)
+    if not cluster:
+        check_data(make_plan(spec), dataset_path(spec, out))
     with lock_dir(out, "sweep", "swept into"):
         return _run_sweep(spec, opts, out)
 

@@ -128,8 +128,8 @@ class BCConfig:
         choose(self.precision, PRECISIONS, "precision")
         if self.preset is not None:
             choose(self.preset, PRESETS, "preset")
-        require(sum(x is not None for x in (self.preset, self.params, self.width)) <= 1, "preset",
-                "conflicts with --params/--width: give one way to size the model")
+        sized = [k for k in ("preset", "params", "width") if getattr(self, k) is not None]
+        require(len(sized) <= 1, sized[-1], f"conflicts with --{sized[0]}: give one way to size the model")
         at_least(self, 1, "seq_len", "batch_size", "grad_accum", "log_every", "checkpoint_every")
         at_least(self, 1, "width", "layers", "samples", "samples_per_step", "decay_steps", optional=True)
         at_least(self, 0, "heads", "warmup_steps", "num_workers", "val_batches", "seed")
