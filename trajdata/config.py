@@ -51,20 +51,20 @@ def choose(value, choices: Iterable, field: str) -> None:
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
            flag: str | None = None, choices: Iterable | None = None, count: bool = False, metavar: str | None = None,
-           required: bool = False, cli: bool = True) -> Any:
+           required: bool = False, cli: bool = True, finite: bool = True) -> Any:
     """A config field and its flag: ``help``; ``flag`` when the flag's name is not the field's
     (``--flag``, or ``--flag/--no-flag`` for a bool); ``choices`` shown in the help (``__post_init__``
     checks them); ``count`` accepts 10M / 250k / 1e6; ``required`` on the command line;
-    ``cli=False`` keeps the field off the command line."""
+    ``cli=False`` keeps the field off the command line; ``finite=False`` lets a number be inf or nan."""
     meta = dict(help=help, flag=flag, choices=tuple(choices) if choices is not None else None, count=count,
-                metavar=metavar, required=required, cli=cli)
+                metavar=metavar, required=required, cli=cli, finite=finite)
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"trajdata": meta})
 
 
 def option_meta(fld: dataclasses.Field) -> dict:
     """What ``option`` declared for ``fld`` (defaults for a plain field)."""
     return fld.metadata.get("trajdata") or dict(help="", flag=None, choices=None, count=False, metavar=None,
-                                                 required=False, cli=True)
+                                                 required=False, cli=True, finite=True)
 
 
 def copy_option(cls, name: str, **changes) -> Any:
@@ -78,6 +78,10 @@ def copy_option(cls, name: str, **changes) -> Any:
 _SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
 _WHAT = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "text",
          "floats": "a comma-separated list of numbers", "count": "a count (like 10M, 250k, 1e6)"}
+
+
+class NotFinite(ValueError):
+    """A number that is inf or nan where the field needs a finite one."""
 
 
 def field_kind(fld: dataclasses.Field) -> tuple[tuple[str, ...], bool]:
@@ -94,7 +98,7 @@ def field_kind(fld: dataclasses.Field) -> tuple[tuple[str, ...], bool]:
     return kinds, optional
 
 
-def _coerce_one(kind: str, value, name: str):
+def _coerce_one(kind: str, value, name: str, finite: bool = True):
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -112,7 +116,7 @@ def _coerce_one(kind: str, value, name: str):
             return os.fspath(value)
         raise ValueError
     if kind == "count":
-        return parse_count(value, name)
+        return parse_count(value, name, signed=True)
     if kind == "int":
         if isinstance(value, numbers.Integral):
             return value if type(value) is int else int(value)
@@ -123,15 +127,19 @@ def _coerce_one(kind: str, value, name: str):
         raise ValueError
     if kind == "float":
         if isinstance(value, numbers.Real):
-            return value if type(value) is float else float(value)
-        if isinstance(value, str):
-            return float(value.strip())
-        raise ValueError
+            out = value if type(value) is float else float(value)
+        elif isinstance(value, str):
+            out = float(value.strip())
+        else:
+            raise ValueError
+        if finite and not math.isfinite(out):
+            raise NotFinite(out)
+        return out
     if kind == "floats":
         items = [x for x in value.split(",") if x.strip()] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
             raise ValueError
-        return tuple(_coerce_one("float", x, name) for x in items)
+        return tuple(_coerce_one("float", x, name, finite) for x in items)
     raise ValueError
 
 
@@ -142,11 +150,15 @@ def coerce(cls, name: str, value):
     kinds, optional = field_kind(fld)
     if not kinds or (value is None and (optional or fld.default is None)):
         return value
-    if len(kinds) > 1 and any(type(value) is _SCALARS.get(k) for k in kinds):
+    finite = option_meta(fld).get("finite", True)
+    if len(kinds) > 1 and any(type(value) is _SCALARS.get(k) for k in kinds) and not (
+            finite and isinstance(value, float) and not math.isfinite(value)):
         return value
     for kind in kinds:
         try:
-            return _coerce_one(kind, value, name)
+            return _coerce_one(kind, value, name, finite)
+        except NotFinite as e:
+            raise ConfigError(f"{name} must be a finite number (got {e.args[0]})", field=name) from None
         except (ValueError, TypeError):
             continue
     raise ConfigError(f"{name} must be {' or '.join(_WHAT[k] for k in kinds)} (got {value!r})", field=name)
@@ -161,13 +173,15 @@ def coerce_fields(cfg) -> None:
             object.__setattr__(cfg, fld.name, new)
 
 
-_COUNT = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]*)?|\.[0-9]+)(e[+-]?[0-9]+)?\s*([kmbgt]?)\s*$", re.IGNORECASE)
+_COUNT = re.compile(r"^\s*(-?)\s*([0-9][0-9_]*(?:\.[0-9]*)?|\.[0-9]+)(e[+-]?[0-9]+)?\s*([kmbgt]?)\s*$", re.IGNORECASE)
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
 
-def parse_count(text: str | int | float, field: str = "count", whole: bool = True, positive: bool = False) -> int:
+def parse_count(text: str | int | float, field: str = "count", whole: bool = True, positive: bool = False,
+                signed: bool = False) -> int:
     """``"10M"``, ``"250k"``, ``"1.5e6"``, ``"1_000"``, ``2e9`` -> int; ``whole``: a fraction is an
-    error (else rounded); ``positive``: 0 is an error."""
+    error (else rounded); ``positive``: 0 is an error; ``signed``: a negative count is returned (for
+    the caller's range check, which names the bound) instead of refused here."""
     if isinstance(text, bool) or not isinstance(text, (str, numbers.Real)):
         raise ConfigError(f"{field} {text!r} is not a count (like 10M, 250k, 1.5e6)", field=field)
     if isinstance(text, numbers.Integral):
@@ -178,10 +192,10 @@ def parse_count(text: str | int | float, field: str = "count", whole: bool = Tru
         m = _COUNT.match(text)
         if m is None:
             raise ConfigError(f"{field} {text!r} is not a count (like 10M, 250k, 1.5e6)", field=field)
-        value = float(m.group(1).replace("_", "") + (m.group(2) or "")) * _SUFFIX[m.group(3).lower()]
+        value = float(m.group(1) + m.group(2).replace("_", "") + (m.group(3) or "")) * _SUFFIX[m.group(4).lower()]
     if not math.isfinite(value):
         raise ConfigError(f"{field} {text!r} is not a count (like 10M, 250k, 1.5e6)", field=field)
-    if value < 0 or (positive and value == 0):
+    if (value < 0 and not signed) or (positive and value == 0):
         raise ConfigError(f"{field} must be {'positive' if positive else 'at least 0'} (got {text!r})", field=field)
     if whole and value != int(value):
         raise ConfigError(f"{field} {text!r} is not a whole count", field=field)
@@ -207,7 +221,7 @@ def check_keys(cls, data: Mapping, where: str, table: str | None = None) -> None
     bad = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
     if bad:
         in_table = f" in [{table}]" if table else ""
-        raise ConfigError(f"{where}: unknown key {bad[0]!r}{in_table} (not a {cls.__name__} field)", field="config")
+        raise ConfigError(f"{where}: unknown key {bad[0]!r}{in_table} (not a field of {cls.__name__})", field="config")
 
 
 def from_mapping(cls, data: Mapping, where: str, **overrides):
@@ -227,6 +241,25 @@ def default(cls, name: str) -> Any:
                 return f.default_factory()
             raise KeyError(f"{cls.__name__}.{name} has no default")
     raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?|mps)$")
+
+
+def check_device(device: str, field: str = "device") -> None:
+    """One line for a torch device this machine does not have (``cuda`` without a usable GPU, a GPU
+    index past the last): checked before any work starts."""
+    import torch
+
+    require(bool(DEVICE.match(device)), field, f"{device!r}: use cpu, cuda, cuda:N or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{field} {device!r} was asked for, but this machine has no usable CUDA GPU "
+                          f"(use --{field} cpu)", field=field)
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"{field} {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)", field=field)
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{field} 'mps' was asked for, but this machine has no MPS device (use --{field} cpu)",
+                          field=field)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -251,14 +284,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def open_run_dir(out: str | os.PathLike, config: dict, resume_free: Iterable[str] = (), what: str = "run") -> bool:
+def open_run_dir(out: str | os.PathLike, config: dict, resume_free: Iterable[str] = (), what: str = "run",
+                 started: bool = True) -> bool:
     """Create run directory ``out`` for ``config`` (a JSON-able dict), or check that the run already
     there has the same config but for the ``resume_free`` fields (then its config.json is updated to
-    the new values of those). Returns whether an existing run is being resumed."""
+    the new values of those). ``started=False`` (the run there left nothing but its config: it failed
+    before its first step) lets a corrected config replace the old one. Returns whether an existing
+    run is being resumed."""
     out = Path(out)
     path = out / CONFIG_JSON
     free = set(resume_free)
-    resumed = path.is_file()
+    resumed = path.is_file() and started
     if resumed:
         try:
             old = json.loads(path.read_text())
@@ -274,3 +310,50 @@ def open_run_dir(out: str | os.PathLike, config: dict, resume_free: Iterable[str
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return resumed
+
+
+class DirLock:
+    """An exclusive ``flock`` on ``DIR/<name>`` naming its holder (pid and host) in the file. The
+    kernel drops it when the holder dies, so a killed command never blocks a rerun. Use as a context
+    manager or ``close()`` it."""
+
+    def __init__(self, out: str | os.PathLike, name: str, what: str, doing: str):
+        import fcntl
+        import socket
+
+        out = Path(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.file = open(out / name, "a+")
+        except OSError as e:
+            raise write_error(e, out / name) from None
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().split()
+            self.file.close()
+            who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
+            raise DataError(f"{out} is being {doing} by another {what} ({who}); "
+                            f"wait for it to finish or use another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()} {socket.gethostname()}\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> DirLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def lock_dir(out: str | os.PathLike, what: str, doing: str = "written", name: str | None = None) -> DirLock:
+    """Hold directory ``out`` for one ``what`` command (``"train bc"``, ``"eval"``, ``"sweep"``,
+    ``"collect"``) at a time: a second one into the same directory is one line naming the first's
+    pid (``<out> is being <doing> by another <what> (pid 123 on host)``). The lock file is
+    ``out/<name>`` [``<first word of what>.lock``]."""
+    return DirLock(out, name or f"{what.split()[0]}.lock", what, doing)

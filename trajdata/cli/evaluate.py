@@ -14,7 +14,8 @@ def eval_cmd(target, no_progress, **flags):
     """Roll out BC snapshots (or an expert) on a fixed, seeded list of episodes: mean ± SE into runs.csv.
 
     Writes one JSON per policy (RUN/eval/<snapshot>.json: mean, SE, median, quartiles and every
-    episode's seed, return, steps, end); rerunning plays only seeds not yet played.
+    episode's seed, return, steps, end); rerunning plays only seeds not yet played. One eval per
+    output directory at a time; its workers die with it.
     """
     from trajdata.evaluate import evaluate
 

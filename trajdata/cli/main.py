@@ -175,10 +175,11 @@ class _Cli(LazyGroup):
 
 def _interrupted(e: BaseException):
     """Ctrl-C or SIGTERM: one line and 130 / 143 (the cleanup ran in the ``finally`` blocks on the way out)."""
+    detail = f" ({e})" if isinstance(e, KeyboardInterrupt) and str(e) else ""
     if isinstance(e, Terminated):
-        click.echo("trajdata: terminated", err=True)
+        click.echo(f"trajdata: terminated{detail}", err=True)
         sys.exit(143)
-    click.echo("trajdata: interrupted", err=True)
+    click.echo(f"trajdata: interrupted{detail}", err=True)
     sys.exit(130)
 
 

@@ -1,8 +1,6 @@
 """`trajdata sweep`: the whole scaling pipeline from one spec."""
 from __future__ import annotations
 
-import math
-
 import click
 
 from trajdata.cli.options import dataclass_options
@@ -12,16 +10,13 @@ def _sweep_options(f):
     from trajdata.sweep.run import SweepOptions
 
     return dataclass_options(SweepOptions)(f)
-from trajdata.errors import ConfigError
 
 
 @click.command("sweep")
 @click.argument("spec_path", metavar="SPEC.toml", type=click.Path(dir_okay=False))
-@click.option("--dry-run", is_flag=True, help="Print the plan and its cost; run nothing.")
-@click.option("--flops-per-s", default=None, type=float,
-              help="--dry-run: training FLOP/s to turn the plan's compute into hours (e.g. 3e14 for an H100 at 30%).")
+@click.option("--dry-run", is_flag=True, help="Check the spec and print the plan and its cost; run nothing.")
 @_sweep_options
-def sweep_cmd(spec_path, dry_run, flops_per_s, **flags):
+def sweep_cmd(spec_path, dry_run, **flags):
     """Plan and run a scaling sweep: collect, train bc per size, eval every snapshot, fit, report.
 
     SPEC.toml names the data (or how to collect it), the model family and sizes, the FLOP budgets,
@@ -29,18 +24,18 @@ def sweep_cmd(spec_path, dry_run, flops_per_s, **flags):
     Writes OUT/runs/<run>/, OUT/runs.csv, OUT/fit.json and OUT/report.html. Finished runs, snapshots and
     evaluations are not redone.
     """
-    from trajdata.sweep.plan import describe, load_spec, make_plan
-    from trajdata.sweep.run import SweepOptions, run_sweep
+    from trajdata.sweep.plan import load_spec
+    from trajdata.sweep.run import SweepOptions, dry_run as plan_only, run_sweep
 
-    if flops_per_s is not None and not (math.isfinite(flops_per_s) and flops_per_s > 0):
-        raise ConfigError(f"--flops-per-s must be a positive finite number of FLOP/s, not {flops_per_s:g}",
-                          field="flops_per_s")
-    spec = load_spec(spec_path)
-    if dry_run:
-        click.echo(describe(make_plan(spec), flops_per_s))
-        return
     opts = SweepOptions(**flags)
+    spec = load_spec(spec_path)
     opts.out = opts.out or f"sweeps/{spec.name}"
+    if dry_run:
+        text, warning = plan_only(spec, opts)
+        click.echo(text)
+        if warning:
+            click.echo(f"trajdata: warning: {warning}; the sweep will not start until it does", err=True)
+        return
     r = run_sweep(spec, opts)
     if r.get("printed"):
         return

@@ -48,8 +48,10 @@ def train_bc(dataset, out, config_file, **flags):
 
     Writes RUN/config.json, metrics.jsonl, checkpoint.pt (rolling, for resume), snapshots/budget-C.pt
     and runs.csv (run, params, samples, flops, validation loss ± SE: the columns `trajdata scaling
-    fit` reads). Rerunning the same command resumes exactly; a different config in the same --out
-    is refused. Several GPUs: torchrun --nproc-per-node K -m trajdata.cli train bc ...
+    fit` reads). Rerunning the same command resumes exactly (also after Ctrl-C or SIGTERM, which stop
+    at the end of the current step); a different config or dataset in the same --out is refused, and
+    so is a second train bc into it while one runs. Several GPUs: torchrun --nproc-per-node K -m
+    trajdata.cli train bc ...
     """
     from trajdata.train.bc import BCConfig, train
 

@@ -24,7 +24,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import sys
 import tarfile
 import threading
@@ -38,12 +37,13 @@ from typing import Callable
 
 from trajdata.collectors.config import BACKENDS, CollectConfig, ExpertSpec
 from trajdata.collectors.worker import WORKER_DIED, episode_seed, package_versions, run_shard
-from trajdata.errors import DataError, ExpertError
+from trajdata.config import lock_dir
+from trajdata.errors import ExpertError
 from trajdata.format.dataset import (DATASET_JSON, FORMAT_NAME, INDEX_FILE, SHARD_DIR, build_index, create_or_check,
                                      shard_name)
 
 __all__ = ["BACKENDS", "CollectConfig", "ExpertSpec", "WORKER_DIED", "collect", "episode_seed", "failure_message",
-           "lock_out", "pending_shards", "run_shards"]
+           "lock_out", "pending_shards", "run_shards", "die_with_parent", "kill_pools", "no_sigint_in_children"]
 
 
 def _shard_worker(cfg, shard: int, q, work: Callable = run_shard) -> list[dict]:
@@ -57,7 +57,7 @@ _parent: dict = {}
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
     """Initializer of every process the local backend starts (workers, the progress-queue manager):
     the kernel kills it when ``parent`` dies (Linux ``PR_SET_PDEATHSIG``), and a thread polling the
     parent pid exits it where that is not available."""
@@ -74,6 +74,9 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="trajdata-parent-watch").start()
 
 
+_die_with_parent = die_with_parent
+
+
 def _watch_parent(parent: int) -> None:
     while True:
         time.sleep(0.5)
@@ -88,7 +91,7 @@ def _check_parent() -> None:
 
 
 @contextlib.contextmanager
-def _no_sigint_in_children():
+def no_sigint_in_children():
     """Start processes with SIGINT blocked (the mask is inherited): Ctrl-C reaches only this process,
     which stops the workers itself, instead of every starting worker printing a KeyboardInterrupt
     traceback. A Ctrl-C or SIGTERM meanwhile is held (a process half started would be orphaned) and
@@ -113,7 +116,8 @@ def _no_sigint_in_children():
             signal.raise_signal(held[0])
 
 
-def _kill_pools(pools: list[ProcessPoolExecutor]) -> None:
+def kill_pools(pools: list[ProcessPoolExecutor]) -> None:
+    """Kill every process of ``pools`` at once (an interrupt must not wait for their work) and reap them."""
     procs = [p for pool in pools for p in list((getattr(pool, "_processes", None) or {}).values())]
     for p in procs:
         with contextlib.suppress(Exception):
@@ -128,32 +132,12 @@ def _kill_pools(pools: list[ProcessPoolExecutor]) -> None:
 LOCK_FILE = "collect.lock"
 
 
-def _lock_out(out: Path, what: str = "collect"):
-    """Hold an exclusive lock on ``out/collect.lock`` (released by the kernel when this process dies,
-    so a killed collect never blocks a rerun); a second collect (or ``what``: unpack, pack) into
-    ``out`` is refused naming the holder."""
-    import fcntl
-
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_FILE
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().split()
-        f.close()
-        who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
-        raise DataError(f"{out} is being written by another {what} ({who}); "
-                        f"wait for it to finish or use another --out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()} {socket.gethostname()}\n")
-    f.flush()
-    return f
+def lock_out(out: Path, what: str = "collect"):
+    """Hold ``out/collect.lock`` (``config.lock_dir``): a second collect (or ``what``: pack, unpack)
+    into ``out`` is refused naming the holder; a killed one never blocks a rerun."""
+    return lock_dir(out, what, "collected into" if what == "collect" else "written", LOCK_FILE)
 
 
-lock_out = _lock_out
 
 
 def _remove_stale_tmp(out: Path) -> None:
@@ -267,19 +251,19 @@ def _run_pools(cfg: CollectConfig, ctx, todo: list[int], on_steps, on_shard, wor
         on_steps(n)
 
     def new_pool() -> ProcessPoolExecutor:
-        pools.append(ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_die_with_parent,
+        pools.append(ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=die_with_parent,
                                          initargs=(os.getpid(),)))
         return pools[-1]
 
     def submit(pool, s):
-        with _no_sigint_in_children():  # the worker process starts at its first submit
+        with no_sigint_in_children():  # the worker process starts at its first submit
             return pool.submit(_shard_worker, cfg, s, q, work)
 
     from multiprocessing.managers import SyncManager
 
     manager = SyncManager(ctx=ctx)
-    with _no_sigint_in_children():
-        manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+    with no_sigint_in_children():
+        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
     try:
         with manager:
             q = manager.Queue()
@@ -315,7 +299,7 @@ def _run_pools(cfg: CollectConfig, ctx, todo: list[int], on_steps, on_shard, wor
                         on_shard(s, rows)
                 _drain(q, steps)
             except BaseException:  # Ctrl-C, SIGTERM, a worker's error: stop the other workers now
-                _kill_pools(pools)
+                kill_pools(pools)
                 for _, s in running.values():
                     tmp_of(s).unlink(missing_ok=True)
                 for pool in pools:
@@ -362,7 +346,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
         "packages": package_versions(),
     }
     expert.close()
-    lock = _lock_out(Path(cfg.out))
+    lock = lock_out(Path(cfg.out))
     try:
         return _collect_locked(cfg, info, progress)
     finally:

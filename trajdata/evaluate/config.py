@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from trajdata.config import at_least, choose, coerce_fields, option, require
+from trajdata.config import DEVICE, at_least, choose, coerce_fields, option, require
 
 BACKENDS = ("local", "ray")
 EXPERTS = ("scripted", "autoascend", "random")  # and "ppo:MODEL"
@@ -49,13 +49,15 @@ class EvalConfig:
     context: int | None = option(None, "Transformer context in steps [the checkpoint's training --seq-len].")
     backend: str = option("local", "local processes or ray.", choices=BACKENDS)
     ray_address: str | None = option(None, "Ray cluster address (--backend ray).")
-    device: str = option("cpu", "Torch device of the policy.")
+    device: str = option("cpu", "Torch device of the policy: cpu, cuda, cuda:N or mps.")
     threads: int = option(1, "Torch threads per worker.")
     update_runs: bool = option(True, "Write return, return_se, episodes into RUN/runs.csv.")
 
     def __post_init__(self):
         coerce_fields(self)
         at_least(self, 1, "episodes", "workers", "envs", "threads", "record_chunk_steps")
+        at_least(self, 0, "seed")
+        require(bool(DEVICE.match(self.device)), "device", f"{self.device!r}: use cpu, cuda, cuda:N or mps")
         at_least(self, 1, "max_steps", "unit_episodes", "context", optional=True)
         require(self.temperature > 0, "temperature", f"must be positive (got {self.temperature})")
         require(not (self.all and self.budget is not None), "budget", "and --all exclude each other")

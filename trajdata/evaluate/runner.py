@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from trajdata.collectors.config import ExpertSpec
-from trajdata.collectors.runner import THREAD_ENV, threads_env
-from trajdata.config import atomic_write_text
+from trajdata.collectors.runner import THREAD_ENV, die_with_parent, kill_pools, no_sigint_in_children, threads_env
+from trajdata.config import atomic_write_text, check_device, lock_dir
 from trajdata.errors import ConfigError, DataError, missing_extra
 from trajdata.evaluate.config import DEFAULT_MAX_STEPS, EvalConfig
 from trajdata.evaluate.rollout import PolicySpec, UnitSpec
@@ -177,6 +177,13 @@ def plan(target, cfg: EvalConfig) -> list[Job]:
     """The policies ``target`` and ``cfg`` name, each with its env, output file and identity."""
     if target is None and cfg.expert is None:
         raise ConfigError("give a run directory or checkpoint (RUN_OR_CKPT), or an --expert", field="expert")
+    if cfg.record is not None and Path(cfg.record).exists() and not Path(cfg.record).is_dir():
+        raise ConfigError(f"record {cfg.record} is a file; --record names a dataset directory to write", field="record")
+    if target is not None or cfg.device != "cpu":
+        try:
+            check_device(cfg.device)
+        except ModuleNotFoundError as e:
+            raise missing_extra(e, "`trajdata eval`", ("train",)) from None
     ckpts = []
     if target is not None:
         try:
@@ -387,8 +394,11 @@ def _run_units(units: list[UnitSpec], cfg: EvalConfig, on_result, on_unit) -> No
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from multiprocessing import get_context
 
-    with threads_env(cfg.threads), ProcessPoolExecutor(min(cfg.workers, len(units)), mp_context=get_context("spawn")) as pool:
-        running = {pool.submit(run_unit, u) for u in units}
+    # workers die with this process (PR_SET_PDEATHSIG), even on kill -9, and take no Ctrl-C of their own
+    with threads_env(cfg.threads), ProcessPoolExecutor(min(cfg.workers, len(units)), mp_context=get_context("spawn"),
+                                                       initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+        with no_sigint_in_children():
+            running = {pool.submit(run_unit, u) for u in units}
         try:
             while running:
                 done, running = wait(running, return_when=FIRST_COMPLETED)
@@ -400,6 +410,7 @@ def _run_units(units: list[UnitSpec], cfg: EvalConfig, on_result, on_unit) -> No
         except BaseException:
             for f in running:
                 f.cancel()
+            kill_pools([pool])
             raise
 
 
@@ -495,6 +506,17 @@ def evaluate(target, cfg: EvalConfig, progress: bool = True) -> list[dict]:
     """Evaluate what ``target`` (a run directory or checkpoint file; None with an expert) and ``cfg``
     name; returns one eval document per policy (its ``summary`` has mean, se, median, quartiles)."""
     jobs = plan(target, cfg)
+    from contextlib import ExitStack
+
+    with ExitStack() as locks:
+        for out in sorted({str(j.out) for j in jobs}):
+            locks.enter_context(lock_dir(out, "eval", "evaluated into"))
+        if cfg.record:
+            locks.enter_context(lock_dir(cfg.record, "eval --record", "recorded into", "collect.lock"))
+        return _evaluate_jobs(jobs, cfg, progress)
+
+
+def _evaluate_jobs(jobs: list[Job], cfg: EvalConfig, progress: bool) -> list[dict]:
     if cfg.record and len(jobs) > 1:
         base = cfg.record
         out = []

@@ -20,12 +20,19 @@ NUMERIC = ("score", "turns", "depth", "max_depth", "steps")
 _ARTICLE = re.compile(r"^(a|an|the)\s+", re.I)
 
 
+FOOD = "fainted from lack of food"  # AutoAscend's summary counts these deaths with starvation, as food deaths
+
+
 def death_cause(death: str | None) -> str:
-    """A death string ("killed by a hill orc, while frozen by a potion") as a category ("killed by hill orc")."""
+    """A death string as a category. A "while ..." clause is the category ("killed by a rothe, while
+    fainted from lack of food" -> "fainted from lack of food"; "..., while frozen by a potion" ->
+    "killed while frozen by potion"), else the killer ("killed by a hill orc" -> "killed by hill orc")."""
     d = (death or "").strip().lower()
     if not d:
         return "unknown"
-    d = d.split(", while ")[0]
+    d, _, during = d.partition(", while ")
+    if during:
+        return FOOD if during.startswith(FOOD) else "killed while " + re.sub(r"\b(a|an|the) ", "", during)
     if d.startswith("killed by "):
         return "killed by " + _ARTICLE.sub("", d[len("killed by "):])
     if "starv" in d:
@@ -35,6 +42,18 @@ def death_cause(death: str | None) -> str:
         if d.startswith(word):
             return word
     return " ".join(d.split()[:3])
+
+
+def killer(death: str | None) -> str | None:
+    """The monster of a "killed by ..." death, whatever it was doing ("killed by a rothe, while ..." -> "rothe")."""
+    d = (death or "").strip().lower().partition(", while ")[0]
+    return _ARTICLE.sub("", d[len("killed by "):]) if d.startswith("killed by ") else None
+
+
+def is_food_death(death: str | None) -> bool:
+    """Starved, or killed while fainted from lack of food (AutoAscend's "food" group)."""
+    d = (death or "").lower()
+    return "starv" in d or f"while {FOOD}" in d
 
 
 def _dist(vals) -> dict | None:
@@ -59,7 +78,10 @@ def dataset_stats(root) -> dict:
     out["distributions"] = {key: _dist(r.get(key) for r in rows) for key in NUMERIC}
     out["missing"] = [key for key, d in out["distributions"].items() if d is None]
     out["death_source"] = "death" if any(r.get("death") for r in ended) else "end_reason"
-    out["death_causes"] = dict(Counter(death_cause(r.get("death") or r.get("end_reason")) for r in ended).most_common())
+    deaths = [r.get("death") or r.get("end_reason") for r in ended]
+    out["death_causes"] = dict(Counter(map(death_cause, deaths)).most_common())
+    out["killers"] = dict(Counter(k for k in map(killer, deaths) if k).most_common())
+    out["food_deaths"] = sum(map(is_food_death, deaths))
     out["characters"] = dict(Counter(str(r.get("character", ""))[:3] for r in rows).most_common())
     out["nld_aa"] = NLD_AA
     return out
@@ -83,10 +105,16 @@ def format_stats(s: dict) -> str:
                      "no cause breakdown)")
     elif s["death_causes"]:
         src = "" if s.get("death_source", "death") == "death" else " (end_reason; the index has no death column)"
-        lines.append(f"  end of complete games{src}:")
+        lines.append(f"  end of complete games{src} (a \"while ...\" clause is a cause of its own):")
         n = sum(s["death_causes"].values())
         for cause, c in list(s["death_causes"].items())[:15]:
             lines.append(f"    {c:>6}  {100 * c / n:5.1f}%  {cause}")
+        if s.get("killers"):
+            lines.append("  killed by (whatever the hero was doing): "
+                         + ", ".join(f"{k} {v}" for k, v in list(s["killers"].items())[:10]))
+        if s.get("food_deaths") is not None:
+            lines.append(f"  food deaths (starved, or killed while {FOOD}; AutoAscend's \"food\" group): "
+                         f"{s['food_deaths']} of {n}")
     if s["characters"]:
         lines.append("  roles: " + ", ".join(f"{k} {v}" for k, v in s["characters"].items()))
     ref = s["nld_aa"]

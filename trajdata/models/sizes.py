@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from trajdata import config
+from trajdata.errors import ConfigError
 from trajdata.models.atari import AtariConfig
 from trajdata.models.nethack import NetHackConfig
 
@@ -12,6 +13,10 @@ NETHACK_GRID = ((64, 1), (128, 1), (192, 2), (256, 2), (320, 3), (384, 4), (512,
 PAPER_SIZE = (384, 4)
 # the paper's Atari SimpleCNN widths (~1k .. 5M parameters)
 ATARI_WIDTHS = (1, 3, 5, 8, 13, 23, 34, 50, 81, 117, 167, 266)
+# where the size pickers stop: far past any model that fits a machine (the NetHack grid ends near
+# 6.9e12 effective parameters at (40960, 256); the CNN near 1.2e9 at width 4096)
+MAX_LAYERS = 256
+MAX_ATARI_WIDTH = 4096
 
 def parse_count(text: str | int | float, field: str = "params") -> int:
     """``"10M"``, ``"250k"``, ``"1.5e6"``, ``2e9`` -> a positive int (fractions rounded)."""
@@ -41,10 +46,19 @@ def size_for_params(target: str | int | float, base: NetHackConfig | None = None
         n1, n2 = one_two[h]
         return n1 + (L - 1) * (n2 - n1)
 
+    def widths(L: int) -> list[int]:
+        return [h for h in range(multiple, int(band[1] * aspect * L) + 1, multiple) if h >= band[0] * aspect * L]
+
+    top = max((L for L in range(MAX_LAYERS, 0, -1) if widths(L)), default=None)
+    if top is None or n_target > n_params(widths(top)[-1], top):
+        most = f"{n_params(widths(top)[-1], top):.3g} effective parameters at (h, L) = ({widths(top)[-1]}, {top})" \
+            if top else "no size"
+        raise ConfigError(f"params {target} is too large for the NetHack agent (its sizes end at {most})",
+                                 field="params")
     best, best_key, L = (multiple, 1), (float("inf"), 0.0), 0
-    while True:
+    while L < top:
         L += 1
-        hs = [h for h in range(multiple, int(band[1] * aspect * L) + 1, multiple) if h >= band[0] * aspect * L]
+        hs = widths(L)
         if not hs:
             continue
         lo, hi = 0, len(hs) - 1
@@ -57,6 +71,7 @@ def size_for_params(target: str | int | float, base: NetHackConfig | None = None
                 best, best_key = (h, L), key
         if n_params(hs[0], L) - n_target > best_key[0]:  # deeper only gets further away
             return best
+    return best
 
 
 def atari_width_for_params(target: str | int | float, n_actions: int = 18, frame_stack: int = 4) -> int:
@@ -64,6 +79,10 @@ def atari_width_for_params(target: str | int | float, n_actions: int = 18, frame
     from trajdata.models.flops import effective_params
 
     n_target = parse_count(target)
+    most = effective_params(AtariConfig(MAX_ATARI_WIDTH, n_actions, frame_stack))
+    if n_target > most:
+        raise ConfigError(f"params {target} is too large for the Atari CNN (its widths end at {most:.3g} "
+                                 f"parameters at width {MAX_ATARI_WIDTH})", field="params")
     w, prev = 1, None
     while (n := effective_params(AtariConfig(w, n_actions, frame_stack))) < n_target:
         prev, w = (w, n), w + 1

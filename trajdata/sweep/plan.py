@@ -14,7 +14,7 @@ Spec layout (every table optional except [sweep]; see specs/*.toml):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from trajdata.config import check_keys, choose, read_toml, require
@@ -25,6 +25,8 @@ from trajdata.train.shape import RunShape, run_shape
 
 FAMILIES = ("nethack", "atari")
 TABLES = ("sweep", "data", "train", "eval", "fit", "report")
+FIT_MIN_SNAPSHOTS = 8  # `scaling fit` refuses fewer runs
+EVAL_SET_BY_SWEEP = ("all", "budget", "out", "update_runs", "record")  # [eval] may not set these
 
 
 @dataclass
@@ -49,29 +51,56 @@ class Spec:
         require(all(isinstance(b, (int, float)) and math.isfinite(b) and b > 0 for b in self.budgets), "budgets",
                 "must be positive finite FLOP counts")
         self.budgets = sorted(float(b) for b in self.budgets)
+        _no_repeats(self.budgets, "budgets", lambda b: f"{b:g}")
         if self.family == "nethack":
-            require(all(isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(x, int) and x > 0 for x in s)
-                        for s in self.sizes), "sizes", "of a NetHack sweep are [width, layers] pairs of positive integers")
+            require(isinstance(self.sizes, list) and all(
+                isinstance(s, (list, tuple)) and len(s) == 2 and all(_positive_int(x) for x in s) for s in self.sizes),
+                "sizes", "of a NetHack sweep are [width, layers] pairs of positive integers")
             self.sizes = [tuple(s) for s in self.sizes]
         else:
-            require(all(isinstance(s, int) and s > 0 for s in self.sizes), "sizes",
+            require(isinstance(self.sizes, list) and all(_positive_int(s) for s in self.sizes), "sizes",
                     "of an Atari sweep are CNN widths (positive integers)")
+        _no_repeats(self.sizes, "sizes", lambda s: str(list(s)) if isinstance(s, tuple) else str(s))
         if self.samples_per_param is not None:
-            lo, hi = self.samples_per_param
-            require(0 <= lo < hi, "samples_per_param", f"must be [lo, hi] with 0 <= lo < hi (got {list(self.samples_per_param)})")
+            spp = self.samples_per_param
+            require(isinstance(spp, (list, tuple)) and len(spp) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in spp),
+                "samples_per_param", f"must be [lo, hi], two numbers (got {spp!r})")
+            lo, hi = spp
+            require(0 <= lo < hi, "samples_per_param", f"must be [lo, hi] with 0 <= lo < hi (got {list(spp)})")
             self.samples_per_param = (float(lo), float(hi))
         require(bool(self.dataset) or bool(self.collect), "dataset", "is required ([data] dataset = PATH)")
         for k in ("dataset", "out", "width", "layers", "params", "preset", "budgets", "samples", "family", "run_id"):
             require(k not in self.train, "train", f"may not set {k!r}: the sweep sets it per run")
 
 
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _no_repeats(items, field: str, show) -> None:
+    seen = set()
+    for x in items:
+        require(x not in seen, field, f"lists {show(x)} twice (each would be trained again)")
+        seen.add(x)
+
+
 def load_spec(path: str | Path) -> Spec:
-    """Read a sweep spec; unknown tables or keys are one-line errors naming them."""
+    """Read a sweep spec and check every table as the real sweep will use it (``check_tables``):
+    unknown tables or keys, wrong types and values out of range are one-line errors naming them."""
     p = Path(path)
     data = read_toml(p, "sweep spec")
     bad = sorted(set(data) - set(TABLES))
     if bad:
         raise ConfigError(f"sweep spec {p}: unknown table [{bad[0]}] (tables: {', '.join(TABLES)})")
+    tables = [(t, data.get(t)) for t in TABLES] + [("data.collect", (data.get("data") or {}).get("collect"))]
+    for t, v in tables:
+        if v is not None and not isinstance(v, dict):
+            raise ConfigError(f"sweep spec {p}: [{t}] must be a table (got {v!r})")
+    for t, k in (("data", "dataset"), ("report", "reference"), ("sweep", "name")):
+        v = (data.get(t) or {}).get(k)
+        if v is not None and not (isinstance(v, str) and v):
+            raise ConfigError(f"sweep spec {p}: [{t}] {k} must be a non-empty text (got {v!r})")
     sw = dict(data.get("sweep", {}))
     known = {"name", "family", "sizes", "budgets", "samples_per_param"}
     bad = sorted(set(sw) - known)
@@ -90,16 +119,83 @@ def load_spec(path: str | Path) -> Spec:
 
     check_keys(BCConfig, data.get("train", {}), f"sweep spec {p}", "train")
     check_keys(FitConfig, data.get("fit", {}), f"sweep spec {p}", "fit")
+    from trajdata.evaluate.config import EvalConfig
+
+    check_keys(EvalConfig, data.get("eval", {}), f"sweep spec {p}", "eval")
+    ev_bad = sorted(set(data.get("eval", {})) & set(EVAL_SET_BY_SWEEP))
+    if ev_bad:
+        raise ConfigError(f"sweep spec {p}: [eval] may not set {ev_bad[0]!r}: the sweep sets it")
+    bad = sorted(set(data.get("report", {})) - {"reference"})
+    if bad:
+        raise ConfigError(f"sweep spec {p}: unknown key {bad[0]!r} in [report] (reference)")
     dataset = d.get("dataset", "")
     if dataset and not Path(dataset).is_absolute():
         dataset = str((p.parent / dataset).resolve())
     ref = dict(data.get("report", {}))
     if ref.get("reference") and not Path(ref["reference"]).is_absolute():
         ref["reference"] = str((p.parent / ref["reference"]).resolve())
-    return Spec(name=sw.get("name", p.stem), family=sw["family"], sizes=sw["sizes"], budgets=sw["budgets"],
-                samples_per_param=tuple(sw["samples_per_param"]) if "samples_per_param" in sw else None,
-                dataset=dataset, collect=collect, train=dict(data.get("train", {})), eval=dict(data.get("eval", {})),
-                fit=dict(data.get("fit", {})), report=ref, path=str(p))
+    try:
+        spec = Spec(name=str(sw.get("name", p.stem)), family=sw["family"], sizes=sw["sizes"], budgets=sw["budgets"],
+                    samples_per_param=sw.get("samples_per_param"), dataset=dataset, collect=collect,
+                    train=dict(data.get("train", {})), eval=dict(data.get("eval", {})), fit=dict(data.get("fit", {})),
+                    report=ref, path=str(p))
+    except ConfigError as e:
+        table = {"train": "train", "dataset": "data"}.get(e.field, "sweep")
+        msg = str(e).removeprefix("train ") if table == "train" else str(e)
+        raise ConfigError(f"sweep spec {p}: [{table}] {msg}") from None
+    check_tables(spec)
+    return spec
+
+
+def _in_table(spec: Spec, table: str, make) -> object:
+    """``make()``, its ConfigError prefixed with the spec and table (``sweep spec S: [eval] episodes ...``)."""
+    try:
+        return make()
+    except ConfigError as e:
+        raise ConfigError(f"sweep spec {spec.path}: [{table}] {e}") from None
+
+
+def check_tables(spec: Spec) -> None:
+    """Build every config the sweep will build from the spec's tables (each size's BCConfig, the
+    CollectConfig, the EvalConfigs, the FitConfig), so a type or range error is one line now, not
+    after the data is collected or every run trained."""
+    from trajdata.evaluate.config import EvalConfig
+    from trajdata.scaling.fits import FitConfig
+
+    for size in spec.sizes:
+        _in_table(spec, "train", lambda: run_config(spec, size, budgets=tuple(spec.budgets)))
+    if spec.collect:
+        _in_table(spec, "data.collect", lambda: collect_config(spec, Path("-")))
+    rest = dict(spec.eval)
+    expert = rest.pop("expert", None)
+    episodes = rest.get("episodes", 0)
+    if not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 0:
+        raise ConfigError(f"sweep spec {spec.path}: [eval] episodes must be an integer, at least 0 (0: no rollouts; "
+                          f"got {episodes!r})")
+    if episodes:
+        _in_table(spec, "eval", lambda: EvalConfig(all=True, **rest))
+        if expert is not None:
+            _in_table(spec, "eval", lambda: EvalConfig(expert=expert, out="-", update_runs=False, **rest))
+    _in_table(spec, "fit", lambda: FitConfig(**spec.fit))
+
+
+def collect_config(spec: Spec, path: Path):
+    """The ``CollectConfig`` of the spec's [data.collect] table, writing to ``path``."""
+    from trajdata.collectors.config import EXPERTS, CollectConfig, ExpertSpec
+
+    c = dict(spec.collect)
+    expert = c.pop("expert", "scripted")
+    if expert not in EXPERTS:
+        raise ConfigError(f"expert {expert!r}: choose one of {', '.join(EXPERTS)}")
+    kwargs = {k: c.pop(k) for k in EXPERTS[expert][1] if k in c}
+    if expert != "ppo":
+        kwargs.setdefault("character", "@")
+        kwargs.setdefault("fix_moon_phase", True)
+    bad = sorted(set(c) - {f.name for f in fields(CollectConfig)} | ({"out"} & set(c)))
+    if bad:
+        raise ConfigError(f"unknown key {bad[0]!r} (not a collect setting, nor an option of expert {expert!r})"
+                          if bad[0] != "out" else "may not set 'out': the sweep collects into OUT/data")
+    return CollectConfig(out=str(path), expert=ExpertSpec.named(expert, **kwargs), **c)
 
 
 def dataset_path(spec: Spec, out: Path) -> Path:
@@ -211,11 +307,30 @@ def make_plan(spec: Spec, n_actions: int | None = None, world_size: int = 1) -> 
     return Plan(spec, runs, runs[0].shape.samples_per_step)
 
 
+def data_problem(spec: Spec, dataset: Path) -> str | None:
+    """Why the sweep could not start on ``dataset`` (None: it can): no dataset there and no
+    [data.collect] to make it."""
+    if spec.collect or (dataset / "dataset.json").is_file():
+        return None
+    return f"dataset {dataset} does not exist (and the spec has no [data.collect] to make it)"
+
+
+def check_plan(plan: Plan, fit: bool = True) -> None:
+    """What the real sweep would refuse once it got there: a plan that trains nothing, or too few
+    snapshots for the scaling fit (``fit``: the sweep fits and reports)."""
+    if not plan.active:
+        raise ConfigError(f"sweep spec {plan.spec.path}: every cell of the plan is skipped; nothing to train")
+    if fit and plan.snapshots < FIT_MIN_SNAPSHOTS:
+        raise ConfigError(f"sweep spec {plan.spec.path}: the plan has {plan.snapshots} snapshots, and the scaling fit "
+                          f"needs at least {FIT_MIN_SNAPSHOTS}: add sizes or budgets (or --skip-report: no fit)")
+
+
 def describe(plan: Plan, flops_per_s: float | None = None) -> str:
     """The plan as a table: runs, their snapshots and samples, skipped cells and why, total compute."""
     lines = [f"sweep {plan.spec.name}: {len(plan.active)} runs, {plan.snapshots} snapshots, "
              f"{plan.samples:,} training samples, {plan.compute:.3g} FLOPs"
-             + (f", {plan.eval_episodes:,} eval episodes" if plan.eval_episodes else "")]
+             + (f", {plan.eval_episodes:,} eval episodes" if plan.eval_episodes else
+                ", no rollouts ([eval] episodes = 0: the report fits the loss only)")]
     if flops_per_s:
         secs = plan.compute / flops_per_s
         lines[0] += f" (~{secs / 3600:.3g} h at {flops_per_s:.3g} FLOP/s of training)"

@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from trajdata.config import at_least, choose, coerce_fields, option, require
+from trajdata.config import at_least, choose, coerce_fields, lock_dir, option, require
 from trajdata.errors import ConfigError, DataError
-from trajdata.sweep.plan import Plan, PlannedRun, Spec, dataset_path, describe, make_plan, run_config
+from trajdata.sweep.plan import (Plan, PlannedRun, Spec, check_plan, collect_config, data_problem, dataset_path,
+                                 describe, make_plan, run_config)
 from trajdata.train import checkpoint as ckpt_io
 
 BACKENDS = ("local", "ray", "print")
@@ -41,6 +42,8 @@ class SweepOptions:
     progress: bool = option(True, "Show progress bars.")
     skip_eval: bool = option(False, "Fit loss only; no rollouts.")
     skip_report: bool = option(False, "Gather runs.csv only; no fit or report.")
+    flops_per_s: float | None = option(None, "--dry-run: training FLOP/s to turn the plan's compute into hours (e.g. "
+                                             "3e14 for an H100 at 30%).")
 
     def __post_init__(self):
         coerce_fields(self)
@@ -48,24 +51,17 @@ class SweepOptions:
         at_least(self, 1, "parallel", "nproc_per_node")
         at_least(self, 1, "threads", optional=True)
         require(self.ray_address is None or self.backend == "ray", "ray_address", "needs backend 'ray'")
+        require(self.flops_per_s is None or self.flops_per_s > 0, "flops_per_s",
+                f"must be a positive finite number of FLOP/s, not {self.flops_per_s:g}")
 
 
 def ensure_data(spec: Spec, out: Path, progress: bool) -> Path:
     """The spec's dataset, collected (or its collection resumed) when the spec says how."""
     path = dataset_path(spec, out)
     if spec.collect:
-        from trajdata.collectors.config import EXPERTS, CollectConfig, ExpertSpec
         from trajdata.collectors.runner import collect
 
-        c = dict(spec.collect)
-        expert = c.pop("expert", "scripted")
-        if expert not in EXPERTS:
-            raise ConfigError(f"[data.collect] expert {expert!r}: choose one of {', '.join(EXPERTS)}")
-        kwargs = {k: c.pop(k) for k in EXPERTS[expert][1] if k in c}
-        if expert != "ppo":
-            kwargs.setdefault("character", "@")
-            kwargs.setdefault("fix_moon_phase", True)
-        collect(CollectConfig(out=str(path), expert=ExpertSpec.named(expert, **kwargs), **c), progress=progress)
+        collect(collect_config(spec, path), progress=progress)
     elif not (path / "dataset.json").is_file():
         raise DataError(f"dataset {path} does not exist (and the spec has no [data.collect] to make it)")
     return path
@@ -204,11 +200,50 @@ def gather(plan: Plan, out: Path) -> Path:
     return path
 
 
+def check_data(plan: Plan, dataset: Path) -> None:
+    """What each run would find wrong with the data (when it exists already): a family or fields the
+    models cannot train on, no training or validation episodes at the spec's val_fraction."""
+    if not (dataset / "dataset.json").is_file():
+        return
+    from trajdata.format.dataset import Dataset
+    from trajdata.train.bc import check_dataset, run_length
+
+    ds = Dataset(dataset)
+    try:
+        for r in plan.active:
+            check_dataset(ds, plan.spec.family, r.model)
+            run_length(bc_config(plan.spec, r, dataset, Path("-")), ds, r.shape)
+    except ConfigError as e:
+        raise ConfigError(f"sweep spec {plan.spec.path}: {e}".replace(" (use --family auto)", "")) from None
+
+
+def dry_run(spec: Spec, opts: SweepOptions) -> tuple[str, str | None]:
+    """(the plan and its cost, a warning) after every check the real sweep makes before it starts;
+    the warning says what this machine lacks for it (the data may be where the sweep will run)."""
+    plan = make_plan(spec)
+    check_plan(plan, fit=not opts.skip_report)
+    dataset = dataset_path(spec, Path(opts.out))
+    check_data(plan, dataset)
+    return describe(plan, opts.flops_per_s), data_problem(spec, dataset)
+
+
 def run_sweep(spec: Spec, opts: SweepOptions) -> dict:
-    """The whole pipeline for ``spec``; returns a summary (plan, wall time, where the report is)."""
-    t0 = time.time()
+    """The whole pipeline for ``spec`` (one sweep per OUT at a time); returns a summary (plan, wall
+    time, where the report is)."""
     out = Path(opts.out or f"sweeps/{spec.name}")
-    out.mkdir(parents=True, exist_ok=True)
+    cluster = opts.backend == "print"  # the runs' commands are printed, to run elsewhere: no data or fit here
+    check_plan(make_plan(spec), fit=not (opts.skip_report or cluster))
+    problem = None if cluster else data_problem(spec, dataset_path(spec, out))
+    if problem:
+        raise DataError(problem)
+    if not cluster:
+        check_data(make_plan(spec), dataset_path(spec, out))
+    with lock_dir(out, "sweep", "swept into"):
+        return _run_sweep(spec, opts, out)
+
+
+def _run_sweep(spec: Spec, opts: SweepOptions, out: Path) -> dict:
+    t0 = time.time()
     (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1, default=str) + "\n")
     dataset = ensure_data(spec, out, opts.progress) if opts.backend != "print" else dataset_path(spec, out)
     n_actions = None

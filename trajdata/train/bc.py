@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trajdata.config import (at_least, choose, coerce_fields, copy_option, from_mapping, open_run_dir, option,
-                             read_toml, require)
-from trajdata.errors import ConfigError, DataError
+from trajdata.config import (CONFIG_JSON, at_least, check_device, choose, coerce_fields, copy_option, from_mapping,
+                             lock_dir, open_run_dir, option, parse_count, read_toml, require)
+from trajdata.errors import ConfigError, DataError, Terminated, TrajdataError
 from trajdata.format.dataset import Dataset
 from trajdata.loaders.stream import LoaderConfig, make_dataloader, select_episodes
 from trajdata.models import flops as counting
@@ -128,15 +128,22 @@ class BCConfig:
         choose(self.precision, PRECISIONS, "precision")
         if self.preset is not None:
             choose(self.preset, PRESETS, "preset")
-        require(sum(x is not None for x in (self.preset, self.params, self.width)) <= 1, "preset",
-                "conflicts with --params/--width: give one way to size the model")
+        sized = [k for k in ("preset", "params", "width") if getattr(self, k) is not None]
+        if len(sized) > 1:
+            require(False, sized[-1], f"conflicts with --{sized[0]}: give one way to size the model")
         at_least(self, 1, "seq_len", "batch_size", "grad_accum", "log_every", "checkpoint_every")
         at_least(self, 1, "width", "layers", "samples", "samples_per_step", "decay_steps", optional=True)
         at_least(self, 0, "heads", "warmup_steps", "num_workers", "val_batches", "seed")
         require(self.lr > 0, "lr", f"must be positive (got {self.lr})")
         require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1] (got {self.min_lr_ratio})")
         require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1) (got {self.val_fraction})")
-        require(self.weight_decay >= 0 and self.grad_clip >= 0, "grad_clip", "and weight_decay must be >= 0")
+        require(self.weight_decay >= 0, "weight_decay", f"must be at least 0 (got {self.weight_decay})")
+        require(self.grad_clip >= 0, "grad_clip", f"must be at least 0 (0: off; got {self.grad_clip})")
+        for name in ("beta1", "beta2"):
+            require(0.0 <= getattr(self, name) < 1.0, name, f"must be in [0, 1) (got {getattr(self, name)})")
+        require(self.eps >= 0, "eps", f"must be at least 0 (got {self.eps})")
+        if self.params is not None:
+            parse_count(self.params, "params", whole=False, positive=True)
         require(0.0 <= self.ema < 1.0, "ema", f"must be in [0, 1) (got {self.ema})")
         require(all(math.isfinite(b) and b > 0 for b in self.budgets), "budgets",
                 f"must be positive finite FLOP counts (got {', '.join(map(str, self.budgets))})")
@@ -160,15 +167,20 @@ def model_config(cfg: BCConfig, family: str, ds: Dataset) -> NetHackConfig | Ata
     return shapes.model_config(cfg, family, atari_actions(ds.info) if family == "atari" else None)
 
 
-def check_dataset(ds: Dataset, family: str, mcfg) -> None:
-    """One line for a dataset that cannot feed this model."""
-    have = set(ds.schema.names)
+def check_family(ds: Dataset, family: str) -> None:
+    """One line for a model family the dataset cannot feed (before anything reads the data as that family)."""
     if family == "nethack" and ds.schema.name == "atari":
         raise ConfigError(f"{ds.root} is an Atari dataset: the NetHack model cannot train on it (use --family auto)",
                           field="family")
-    if family == "atari" and not {"frame", "lives"} <= have:
-        raise ConfigError(f"{ds.root} (schema {ds.schema.name!r}) has no Atari frames for the Atari model",
-                          field="family")
+    if family == "atari" and not {"frame", "lives"} <= set(ds.schema.names):
+        raise ConfigError(f"family atari: {ds.root} is a {ds.schema.name} dataset with no Atari frames "
+                          f"(use --family auto)", field="family")
+
+
+def check_dataset(ds: Dataset, family: str, mcfg) -> None:
+    """One line for a dataset that cannot feed this model."""
+    have = set(ds.schema.names)
+    check_family(ds, family)
     lacking = [f for f in mcfg.input_fields if f not in have]
     if lacking:
         hint = {"inv_glyphs": " (--no-use-inventory trains without it)", "glyphs": " (drop --use-glyphs)"}.get(lacking[0], "")
@@ -176,9 +188,8 @@ def check_dataset(ds: Dataset, family: str, mcfg) -> None:
 
 
 def pick_device(cfg: BCConfig, local_rank: int) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for, but this machine has no usable CUDA GPU (use --device cpu)",
-                          field="device")
+    if cfg.device != "auto":
+        check_device(cfg.device)
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -331,6 +342,7 @@ class Run:
     last_step: int  # the cosine schedule's end when every slot holds a step
     dir: Path
     writer: bool  # rank 0 writes the run directory
+    lock: object = None  # rank 0's hold on the run directory (``config.lock_dir``)
 
     @property
     def record(self) -> dict:
@@ -357,11 +369,13 @@ class TrainState:
 
 
 def start_run(cfg: BCConfig) -> Run:
-    """Devices and ranks, the dataset, the run's shape and length; opens (or resumes) the run directory."""
+    """Devices and ranks, the dataset, the run's shape and length; checks that the model fits the
+    device; locks and opens (or resumes) the run directory (rank 0)."""
     rank, world, local_rank = init_distributed()
     device = pick_device(cfg, local_rank)
     ds = Dataset(cfg.dataset)
     family = dataset_family(ds) if cfg.family == "auto" else cfg.family
+    check_family(ds, family)
     shape = run_shape(cfg, family, atari_actions(ds.info) if family == "atari" else None, world)
     check_dataset(ds, family, shape.model)
     step_slots, per_sample = shape.samples_per_step, shape.flops_per_sample
@@ -370,16 +384,87 @@ def start_run(cfg: BCConfig) -> Run:
                 f"{b:g} is less than one optimizer step ({step_slots:,} samples = {step_slots * per_sample:.3g} FLOPs "
                 f"at {per_sample:,} FLOPs/sample)")
     target = run_length(cfg, ds, shape)
+    check_memory(shape, cfg, device)
     run = Run(cfg, rank, world, local_rank, device, ds, shape, target, shape.steps_for(target), Path(cfg.out),
               writer=rank == 0)
     if run.writer:
-        open_run_dir(run.dir, dict(asdict(cfg), model=asdict(shape.model), family=family,
-                                   effective_params=shape.params, flops_per_sample=per_sample, world_size=world,
-                                   grad_accum_effective=shape.grad_accum),
-                     resume_free=RESUME_FREE, what="BC run")
+        run.lock = lock_dir(run.dir, "train bc", "trained into")
+        try:
+            open_bc_dir(run, family)
+        except BaseException:
+            run.lock.close()
+            raise
     if world > 1:
         torch.distributed.barrier()
     return run
+
+
+def dataset_identity(ds: Dataset) -> str:
+    """What a run's data is, whatever path names it: a hash of dataset.json's description of the
+    collection and of the index's episodes (id, shard, steps)."""
+    import hashlib
+
+    info = {k: ds.info.get(k) for k in ("format", "schema_version", "schema", "env", "expert", "collection")}
+    h = hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode())
+    for r in sorted(ds.index_rows(), key=lambda r: r["id"]):
+        h.update(f"{r['id']}\t{r.get('shard')}\t{r['steps']}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def run_started(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` left anything but its config (a checkpoint, a snapshot, a runs.csv row)."""
+    return ((run_dir / ckpt_io.LATEST).is_file() or bool(ckpt_io.snapshots(run_dir))
+            or bool(ckpt_io.read_runs(run_dir / ckpt_io.RUNS_CSV)))
+
+
+def open_bc_dir(run: Run, family: str) -> None:
+    """config.json of the run: a new run's, or a started run's checked against this config and this
+    dataset (by identity, not by the path as typed); a run that never took a step is replaced."""
+    cfg, shape = run.cfg, run.shape
+    ident, root = dataset_identity(run.ds), str(Path(cfg.dataset).resolve())
+    started = run_started(run.dir)
+    old = _read_json(run.dir / CONFIG_JSON) if started else None
+    free = RESUME_FREE + ("dataset", "dataset_root")
+    if old is not None and old.get("dataset_id") is None:
+        free += ("dataset_id",)  # a run from before datasets had an identity
+    elif old is not None and old["dataset_id"] != ident:
+        same = old.get("dataset_root") == root
+        raise ConfigError(f"{run.dir} holds a BC run on " + (
+            f"{root} as it was before it changed (dataset id {old['dataset_id']}, now {ident})" if same else
+            f"another dataset ({old.get('dataset_root')}, id {old['dataset_id']}), not {root} (id {ident})")
+            + "; use another --out to start a new BC run", field="dataset")
+    open_run_dir(run.dir, dict(asdict(cfg), dataset_root=root, dataset_id=ident, model=asdict(shape.model),
+                               family=family, effective_params=shape.params, flops_per_sample=shape.flops_per_sample,
+                               world_size=run.world, grad_accum_effective=shape.grad_accum),
+                 resume_free=free, what="BC run", started=started)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        old = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        raise DataError(f"{path} is not valid JSON") from None
+    return old if isinstance(old, dict) else None
+
+
+def check_memory(shape: RunShape, cfg: BCConfig, device: torch.device) -> None:
+    """One line for a model whose weights, gradients and AdamW state (and EMA copy) alone exceed the
+    device's memory (counted on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in ckpt_io.build_model(shape.family, asdict(shape.model)).parameters())
+    need = n * 4 * (5 if cfg.ema else 4)
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, f"GPU {device}"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    if need > have:
+        size = (f"width {shape.model.width}" if shape.family == "atari"
+                else f"(h, L) = ({shape.model.width}, {shape.model.layers})")
+        raise ConfigError(f"model too large for {where}: {size} has {n:,} parameters (N = {shape.params:,} effective), "
+                          f"whose weights, gradients and AdamW state need {need / 2**30:,.1f} GiB of its "
+                          f"{have / 2**30:,.1f} GiB; choose a smaller --width/--layers/--params")
 
 
 def run_length(cfg: BCConfig, ds: Dataset, shape: RunShape) -> int:
@@ -459,13 +544,19 @@ class Stepper:
         self.fwd = torch.compile(self.core) if cfg.compile else self.core
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        # the first optimizer step (1-based) whose loss was not finite, kept on the device (read only
+        # before anything is written: no sync per step)
+        self.first_bad = torch.full((), _NONE_BAD, dtype=torch.long, device=device)
 
-    def real_steps(self, micro: list[dict]) -> int:
-        """Unpadded steps in the micro-batches, over all ranks."""
+    def real_steps(self, micro: list[dict], stop: bool = False) -> tuple[int, bool]:
+        """Unpadded steps in the micro-batches over all ranks, and whether any rank was asked to stop
+        (one all-reduce: every rank stops at the same step boundary)."""
         steps = torch.stack([b["mask"].sum() for b in micro]).sum()
         if self.run.world > 1:
-            torch.distributed.all_reduce(steps)
-        return int(steps)
+            both = torch.stack([steps.long(), torch.tensor(int(stop), device=steps.device)])
+            torch.distributed.all_reduce(both)
+            return int(both[0]), bool(both[1])
+        return int(steps), stop
 
     def set_lr(self, lr: float) -> None:
         for g in self.state.opt.param_groups:
@@ -475,6 +566,7 @@ class Stepper:
         """One optimizer step on ``n_steps`` real steps; adds (CE sum, correct, steps) to ``tally``."""
         state, cfg, world = self.state, self.run.cfg, self.run.world
         state.opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), dtype=torch.float64, device=self.run.device)
         for i, b in enumerate(micro):
             with nullcontext() if (world == 1 or i == len(micro) - 1) else self.core.no_sync():
                 with self.autocast:
@@ -484,7 +576,10 @@ class Stepper:
                     loss = ce.sum() * (world / n_steps)
                 loss.backward()
             state.carried = state.carried.detach() if state.carried is not None else None
+            total += ce.detach().sum().double()
             tally += torch.stack([ce.detach().sum().double(), ok.sum().double(), b["mask"].sum().double()])
+        self.first_bad = torch.where(torch.isfinite(total) | (self.first_bad < _NONE_BAD), self.first_bad,
+                                     state.step + 1)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
         state.opt.step()
@@ -493,6 +588,24 @@ class Stepper:
         state.step += 1
         state.samples += n_steps
 
+    def check_finite(self, last_good: int) -> None:
+        """One line naming the first step whose loss was nan or inf (a sync; called before writing)."""
+        bad = int(self.first_bad)
+        if bad == _NONE_BAD:
+            return
+        latest = self.run.dir / ckpt_io.LATEST
+        kept = (f"{latest} keeps step {last_good}, its last finite state (rerun to resume from it, or lower --lr "
+                "in a new --out)") if latest.is_file() else "no checkpoint was written: rerun with a lower --lr"
+        raise TrainingDiverged(f"the training loss became non-finite (nan or inf) at step {bad} (--lr "
+                               f"{self.run.cfg.lr:g}); the run stopped there and {kept}")
+
+
+_NONE_BAD = 2**62
+
+
+class TrainingDiverged(TrajdataError):
+    """The training loss went nan or inf; nothing after the last finite step was written."""
+
 
 class Batches:
     """The training loader's batches, epoch after epoch, moved to the device; times the wait for
@@ -500,7 +613,7 @@ class Batches:
 
     def __init__(self, run: Run, loader):
         self.run, self.loader = run, loader
-        self.it = iter(loader)
+        self.it = iter(self.loader)
         self.wait = 0.0
         self.trace: dict[int, int] = {}
 
@@ -509,12 +622,16 @@ class Batches:
 
     def next(self) -> dict:
         t0 = time.perf_counter()
-        try:
-            batch = next(self.it)
-        except StopIteration:  # an epoch ended: the next one has its own shuffle
-            self.flush_trace(self.loader.dataset.epoch - 1)
-            self.it = iter(self.loader)
-            batch = next(self.it)
+        # Starting an epoch's iterator (lazily, at its first batch) draws the loader workers' base seed
+        # from the global RNG; the loader's order has its own seed, so the draw is undone: the RNG a
+        # rolling checkpoint saves is then the one an uninterrupted run has at that step.
+        with torch.random.fork_rng(devices=[]):
+            try:
+                batch = next(self.it)
+            except StopIteration:  # an epoch ended: the next one has its own shuffle
+                self.flush_trace(self.loader.dataset.epoch - 1)
+                self.it = iter(self.loader)
+                batch = next(self.it)
         self.wait += time.perf_counter() - t0
         if self.run.cfg.trace_episodes:
             for e, n in zip(*np.unique(batch["episode"][batch["mask"]].numpy(), return_counts=True)):
@@ -539,7 +656,7 @@ class MetricsLog:
     def __init__(self, run: Run, state: TrainState):
         self.run = run
         self.path = run.dir / ckpt_io.METRICS
-        if run.writer and state.resumed:  # rows logged after the checkpoint are logged again
+        if run.writer and self.path.is_file():  # rows logged after the checkpoint (if any) are logged again
             self.path.write_text("".join(ln + "\n" for ln in _read_metrics(self.path, state.step)))
         self.tb = _tensorboard(run.dir, run.cfg.tensorboard) if run.writer else None
         self.peak = peak_flops(run.device)
@@ -555,11 +672,15 @@ class MetricsLog:
         """Leave ``seconds`` (a snapshot's validation) out of samples/s and data-wait."""
         self.t_last += seconds
 
+    def due(self, state: TrainState) -> bool:
+        """Whether this step writes a row."""
+        return state.step % self.run.cfg.log_every == 0 or state.samples >= self.run.target
+
     def after_step(self, state: TrainState, n_steps: int, lr: float, batches: Batches) -> None:
         run = self.run
         self.busy_samples += n_steps
         self.bar.update(min(state.samples, run.target) - self.bar.n)
-        if state.step % run.cfg.log_every == 0 or state.samples >= run.target:
+        if self.due(state):
             self.write(self.row(state, lr, batches.wait))
             self.restart_clock()
             batches.wait = 0.0
@@ -625,16 +746,21 @@ def snapshot(run: Run, state: TrainState, budget: float, autocast) -> dict:
     return val
 
 
+def step_boundary(state: TrainState) -> tuple:
+    """What a rolling checkpoint needs besides weights and optimizer, as it is between two steps: the
+    loader position, the carried model state and the RNG states."""
+    return state.loader.state_dict(), state.carried, rng_state()
+
+
 def save_latest(run: Run, state: TrainState, boundary: tuple) -> None:
-    """The rolling checkpoint, at the last step boundary (``boundary``: the loader state and carried
-    model state there)."""
+    """The rolling checkpoint, at the last step boundary (``boundary``: ``step_boundary`` there)."""
     if not run.writer:
         return
-    loader_state, carried = boundary
+    loader_state, carried, rng = boundary
     ckpt_io.save(run.dir / ckpt_io.LATEST, dict(
         ckpt_io.model_record(state.model), dataset=run.record, train=asdict(run.cfg), step=state.step,
         samples=state.samples, flops=run.shape.flops(state.samples), params=run.shape.params, budget=None,
-        optimizer=state.opt.state_dict(), loader=loader_state, rng=rng_state(),
+        optimizer=state.opt.state_dict(), loader=loader_state, rng=rng,
         ema=state.averaged.state_dict() if state.averaged is not None else None,
         carried=state_to(carried, "cpu") if carried is not None else None))
 
@@ -650,9 +776,18 @@ def _tensorboard(run: Path, enabled: bool):
 
 
 def _read_metrics(path: Path, up_to_step: int) -> list[str]:
+    """The rows of metrics.jsonl up to ``up_to_step`` (a torn last line of a killed run is dropped)."""
     if not path.is_file():
         return []
-    return [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= up_to_step]
+    keep = []
+    for ln in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= up_to_step:
+            keep.append(ln)
+    return keep
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
@@ -660,42 +795,63 @@ def _read_metrics(path: Path, up_to_step: int) -> list[str]:
 def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
     """Train (or resume) the run in ``cfg.out``; returns its summary (steps, samples, snapshots).
 
-    ``stop_after``: stop (with a rolling checkpoint) after that many optimizer steps of this call,
-    as an interruption would."""
+    Ctrl-C or SIGTERM stops it at the next step boundary (a second one at once) with a rolling
+    checkpoint of that boundary, then raises KeyboardInterrupt (``Terminated``): rerunning resumes
+    exactly. ``stop_after``: stop the same way after that many optimizer steps of this call."""
     run = start_run(cfg)
+    try:
+        with StopSignals() as stop:
+            return train_loop(run, stop, stop_after)
+    finally:
+        if run.lock is not None:
+            run.lock.close()
+
+
+def train_loop(run: Run, stop: StopSignals, stop_after: int | None) -> dict:
+    """The loop of named steps, from the state ``build_state`` restores."""
+    cfg = run.cfg
     state = build_state(run)
     pending = pending_budgets(run, state)
     stepper = Stepper(run, state)
     log = MetricsLog(run, state)
     state.model.train()
     batches = Batches(run, state.loader)
-    boundary = (state.loader.state_dict(), state.carried)  # what the rolling checkpoint resumes from
-    calls, exhausted = 0, False
+    boundary = step_boundary(state)  # what the rolling checkpoint resumes from
+    calls, exhausted, saved = 0, False, state.step
     try:
-        while state.samples < run.target:
+        while state.samples < run.target and not (stop.signal and run.world == 1):
             lr = lr_at(cfg, state.step, run.last_step)
             stepper.set_lr(lr)
-            micro = batches.take(run.shape.grad_accum)
-            n_steps = stepper.real_steps(micro)
+            micro = stop.taking(batches, run.shape.grad_accum)
+            if micro is None:  # a signal ended the loader's workers while the step waited for them
+                break
+            n_steps, stopping = stepper.real_steps(micro, bool(stop.signal))
+            if stopping:
+                break
             if n_steps == 0:  # only padding (even_batches' extras): nothing to learn
                 exhausted = True
                 break
             stepper.step(micro, n_steps, log.tally)
             calls += 1
-            boundary = (state.loader.state_dict(), state.carried)
+            if log.due(state) or (pending and state.samples >= pending[0][1]) or state.step % cfg.checkpoint_every == 0:
+                stepper.check_finite(saved)
             log.after_step(state, n_steps, lr, batches)
             take_snapshots(run, state, pending, stepper, log)
+            boundary = step_boundary(state)
             if state.step % cfg.checkpoint_every == 0:
                 save_latest(run, state, boundary)
+                saved = state.step
             if stop_after is not None and calls >= stop_after:
                 break
-    except KeyboardInterrupt:
-        save_latest(run, state, boundary)
-        log.bar.close()
-        raise
+        stepper.check_finite(saved)
+    except torch.OutOfMemoryError:
+        raise DataError(f"out of {run.device} memory at step {state.step + 1}: lower --batch-size or --seq-len "
+                        f"(the run keeps step {saved})") from None
+    finally:
+        log.close()
     save_latest(run, state, boundary)
+    stop.raise_if_stopped(f"{run.dir / ckpt_io.LATEST} holds step {state.step}: rerun the same command to resume")
     batches.flush_trace(state.loader.dataset.epoch)
-    log.close()
     if run.world > 1:
         torch.distributed.barrier()
     return dict(run=str(run.dir), run_id=cfg.run_id, step=state.step, samples=state.samples,
@@ -703,3 +859,52 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
                 finished=state.samples >= run.target or exhausted,
                 snapshots=[str(p) for _, p in ckpt_io.snapshots(run.dir)], model=asdict(run.shape.model),
                 family=run.shape.family)
+
+
+class StopSignals:
+    """Ctrl-C and SIGTERM while training: the first asks the loop to stop at the next step boundary
+    (an interrupt in the middle of a step would save a state no uninterrupted run passes through:
+    BatchNorm statistics of a forward pass whose step never happened); a second stops at once.
+    Installed only in the main thread."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self.old: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self.on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+    def on_signal(self, signum, frame) -> None:
+        import signal
+
+        if self.signal is not None:
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        self.signal = signum
+
+    def taking(self, batches: Batches, n: int) -> list[dict] | None:
+        """``batches.take(n)``, or None when a signal came meanwhile and the loader failed with it
+        (its workers got the terminal's Ctrl-C too)."""
+        try:
+            return batches.take(n)
+        except Exception:
+            if self.signal is None:
+                raise
+            return None
+
+    def raise_if_stopped(self, message: str) -> None:
+        import signal
+
+        if self.signal is not None:
+            raise Terminated(message) if self.signal == signal.SIGTERM else KeyboardInterrupt(message)

@@ -165,14 +165,21 @@ def episode_losses_cell(per_episode) -> str:
 
 
 def read_runs(path: str | os.PathLike) -> list[dict]:
-    """Rows of a runs.csv as dicts of strings ([] when it does not exist)."""
+    """Rows of a runs.csv as dicts of strings ([] when it does not exist); a file that is not such a
+    table is one line naming it."""
     import csv
 
     path = Path(path)
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path} is not a runs table ({type(e).__name__}: {str(e)[:80]})") from None
+    if rows and not {"run", "budget"} <= set(rows[0]):
+        raise DataError(f"{path} is not a runs table (no run and budget columns)")
+    return rows
 
 
 def write_runs(path: str | os.PathLike, rows: list[dict]) -> None:
@@ -205,7 +212,17 @@ def snapshot_row(record: dict, path: str | os.PathLike, run: str | os.PathLike) 
 
 
 def upsert_run(path: str | os.PathLike, row: dict, key=("run", "budget")) -> None:
-    """Add ``row`` to runs.csv, replacing (merging into) the row with the same ``key`` values."""
+    """Add ``row`` to runs.csv, replacing (merging into) the row with the same ``key`` values (under a
+    lock: `train bc` and `eval` may update one run's table at once)."""
+    import fcntl
+
+    path = Path(path)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        _upsert(path, row, key)
+
+
+def _upsert(path: Path, row: dict, key) -> None:
     rows = read_runs(path)
     ident = tuple(str(row[k]) for k in key)
     for r in rows:
