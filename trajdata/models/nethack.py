@@ -141,9 +141,9 @@ class WeightedBatchNorm(torch.autograd.Function):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         w = counts.to(xf.dtype)
         n = w.sum() * (x.shape[2] * x.shape[3])
-        mean = (w @ xf.sum((2, 3))) / n
+        mean = (xf.sum((2, 3)) * w[:, None]).sum(0) / n
         centred = xf - mean[:, None, None]
-        var = (w @ centred.square().sum((2, 3))) / n
+        var = (centred.square().sum((2, 3)) * w[:, None]).sum(0) / n
         rstd = torch.rsqrt(var + eps)
         y = torch.addcmul(bias[:, None, None], centred, (rstd * weight)[:, None, None])
         ctx.save_for_backward(centred, rstd, weight, w, n)
@@ -347,7 +347,8 @@ class NetHackEncoder(nn.Module):
         distinct, inverse, counts = torch.unique(cells.flatten(1), dim=0, return_inverse=True, return_counts=True)
         if len(distinct) == len(cells):
             return encoder(self.embed(cells))
-        return encoder(self.embed(distinct.view(-1, *cells.shape[1:])), counts)[inverse]
+        # index_select: its backward (index_add_) is deterministic, where [inverse]'s is not on 2+ threads
+        return encoder(self.embed(distinct.view(-1, *cells.shape[1:])), counts).index_select(0, inverse)
 
     def forward(self, obs: dict[str, Tensor], prev_action: Tensor) -> Tensor:
         chars, colors = obs["tty_chars"], obs["tty_colors"]

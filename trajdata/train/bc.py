@@ -267,7 +267,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device, bf16: bool = False) -> float | None:
+    """Peak FLOP/s for MFU: a GPU's datasheet bf16 figure, or this CPU's measured matmul rate
+    (``models.flops.cpu_peak_flops``, in the run's compute dtype)."""
+    if device.type == "cpu":
+        return counting.cpu_peak_flops(dtype=torch.bfloat16 if bf16 else torch.float32)
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -419,8 +423,8 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
     if writer and resumed:  # rows logged after the checkpoint are logged again
         metrics_path.write_text("".join(ln + "\n" for ln in _read_metrics(metrics_path, step)))
     tb = _tensorboard(run, cfg.tensorboard) if writer else None
-    peak = peak_flops(device)
-    total_per_sample = counting.measured_flops_per_sample(model, T) if peak else None
+    peak = peak_flops(device, bf16)
+    total_per_sample = counting.total_flops_per_sample(mcfg, T)  # encoders included (6N leaves them out)
 
     def save_latest(loader_state, carried_state) -> None:
         if writer:
@@ -518,7 +522,8 @@ def train(cfg: BCConfig, stop_after: int | None = None) -> dict:
                 now = time.perf_counter()
                 dt = max(now - t_last, 1e-9)
                 ce_sum, n_ok, n_log = tally.tolist()
-                row = dict(step=step, samples=samples, flops=samples * per_sample, loss=ce_sum / max(n_log, 1),
+                row = dict(step=step, samples=samples, flops=samples * per_sample, flops_total=samples * total_per_sample,
+                           loss=ce_sum / max(n_log, 1),
                            accuracy=n_ok / max(n_log, 1), lr=lr, samples_per_s=busy_samples / dt,
                            data_wait=min(1.0, wait / dt))
                 if peak:
