@@ -18,10 +18,13 @@ import click
 @click.option("--threads", default=None, type=int, help="torch threads per training run [cores / --parallel].")
 @click.option("--flops-per-s", default=None, type=float,
               help="--dry-run: training FLOP/s to turn the plan's compute into hours (e.g. 3e14 for an H100 at 30%).")
+@click.option("--samples-per-s", default=None, type=float,
+              help="--dry-run: training samples/s (all runs together) to turn the plan's samples into minutes "
+                   "(CPU: the encoders set a sample's cost, whatever the size).")
 @click.option("--skip-eval", is_flag=True, help="Fit loss only; no rollouts.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def sweep_cmd(spec_path, out, dry_run, parallel, backend, ray_address, nproc_per_node, threads, flops_per_s,
-              skip_eval, no_progress):
+              samples_per_s, skip_eval, no_progress):
     """Plan and run a scaling sweep: collect, train bc per size, eval every snapshot, fit, report.
 
     SPEC.toml names the data (or how to collect it), the model family and sizes, the FLOP budgets,
@@ -34,7 +37,7 @@ def sweep_cmd(spec_path, out, dry_run, parallel, backend, ray_address, nproc_per
 
     spec = load_spec(spec_path)
     if dry_run:
-        click.echo(describe(make_plan(spec), flops_per_s))
+        click.echo(describe(make_plan(spec), flops_per_s, samples_per_s))
         return
     if ray_address and backend != "ray":
         raise click.UsageError("--ray-address needs --backend ray")
