@@ -113,15 +113,15 @@ def total_flops_per_sample(cfg: NetHackConfig | AtariConfig, seq_len: int) -> in
     return sum(fw + bw for fw, bw in nethack_part_flops(cfg, seq_len).values())
 
 
-def cpu_peak_flops(threads: int | None = None, dtype: torch.dtype = torch.float32, size: int = 1024, reps: int = 5) -> float:
-    """Achievable peak FLOP/s of this CPU: the best of ``reps`` ``size``^3 matmuls in ``dtype`` on
-    ``threads`` threads [torch's current]. A measured ceiling for MFU, below the datasheet figure
-    (cores x clock x FMA width x 2); on a loaded machine, lower still."""
+def cpu_peak_flops(threads: int | None = None, dtype: torch.dtype = torch.float32, size: int = 512, reps: int = 30) -> float:
+    """Peak FLOP/s of this CPU for MFU: the best of ``reps`` ``size``^3 matmuls in ``dtype`` on one
+    thread, times ``threads`` [torch's current thread count]. Measured, not a datasheet figure
+    (cores x clock x FMA width x 2); the best of many short trials finds an uncontended moment on a
+    shared machine, and one thread's rate times the threads leaves out how well threads scale."""
     import time
 
     old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
         g = torch.Generator().manual_seed(0)
         a = torch.randn(size, size, generator=g).to(dtype)
@@ -134,7 +134,7 @@ def cpu_peak_flops(threads: int | None = None, dtype: torch.dtype = torch.float3
             best = min(best, time.perf_counter() - t)
     finally:
         torch.set_num_threads(old)
-    return 2 * size**3 / best
+    return 2 * size**3 / best * (threads or old)
 
 
 def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
