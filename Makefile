@@ -3,6 +3,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+SPEC ?= specs/cpu.toml
+SWEEP_ARGS ?=
 
 .PHONY: install test test-fast demo bench scaling-report clean
 
@@ -37,7 +39,7 @@ bench: install
 	  echo "== $$f"; $(BIN)/python $$f --out bench-results/$$n.json; done
 
 scaling-report: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash bin/scaling_report.sh
+	PATH="$(CURDIR)/$(BIN):$$PATH" SPEC="$(SPEC)" bash bin/scaling_report.sh $(SWEEP_ARGS)
 
 clean:
 	rm -rf demo-data demo-run bench-results scaling-report

@@ -15,7 +15,7 @@ import torch
 from trajdata.errors import ConfigError, DataError
 from trajdata.format.dataset import Dataset
 from trajdata.loaders.stream import LoaderConfig, select_episodes
-from trajdata.models.flops import effective_params, flops_per_sample
+from trajdata.models.flops import effective_params, flops_per_sample, total_flops_per_sample
 from trajdata.models.nethack import NetHackConfig
 from trajdata.train import checkpoint as ckpt_io
 from trajdata.train.bc import BCConfig, train
@@ -44,6 +44,11 @@ def test_nethack_loss_far_below_uniform_with_budget_snapshots(scripted_data, tmp
     first, last = rows[0]["loss"], rows[-1]["loss"]
     print(f"\nNetHack (64,1): train loss {first:.3f} -> {last:.3f} over {r['samples']:,} samples; uniform {uniform:.3f}")
     assert first > 0.7 * uniform and last < 0.5 * uniform  # the first row averages steps 1-5
+    total = total_flops_per_sample(NetHackConfig(width=64, layers=1), 64)
+    for row in rows:  # every FLOP beside 6N, and MFU against both (CPU: its measured matmul peak)
+        assert row["flops"] == row["samples"] * per_sample and row["flops_total"] == row["samples"] * total
+        assert 0 < row["mfu_6n"] < row["mfu_total"] < 1
+        assert row["mfu_total"] / row["mfu_6n"] == pytest.approx(total / per_sample)
     assert r["samples"] >= 10_000 and r["finished"]
     table = ckpt_io.read_runs(tmp_path / "run" / "runs.csv")
     assert [float(t["budget"]) for t in table] == pytest.approx(sorted(budgets))

@@ -11,7 +11,8 @@ from trajdata.models import (ATARI_WIDTHS, NETHACK_GRID, AtariConfig, AtariModel
                              effective_params, measured_flops_per_sample, nethack_grid, parse_count,
                              size_for_params, training_flops)
 from trajdata.models import atari, nethack
-from trajdata.models.flops import atari_forward_flops, count_params, flops_per_sample
+from trajdata.models.flops import (atari_forward_flops, count_params, flops_per_sample, nethack_part_flops,
+                                   total_flops_per_sample)
 from trajdata.models.nethack import episode_positions
 from trajdata.models.sizes import atari_width_for_params
 
@@ -389,6 +390,98 @@ def test_measured_flops_count_encoders_and_attention():
     assert f16 > 6 * effective_params(m.cfg) * 10  # the fixed encoders dominate at this size
     h, L = m.cfg.width, m.cfg.layers
     assert f32 - f16 == 14 * (32 - 16) * h * L  # attention: 4T^2h forward + 10T^2h backward per layer
+
+
+def test_part_flops_are_what_the_flop_counter_sees():
+    m = tiny()
+    T = 16
+    parts = nethack_part_flops(m.cfg, T)
+    assert set(parts) == {"map", "crop", "bottom", "message", "inventory", "mixer", "core", "head"}
+    h, L = m.cfg.width, m.cfg.layers
+    # the counter's CPU attention backward recomputes the scores: 2Th per layer more than 2x forward
+    assert measured_flops_per_sample(m, seq_len=T) - total_flops_per_sample(m.cfg, T) == 2 * T * h * L
+    assert parts["map"][0] > 25e6 and parts["mixer"] == (2 * (1729 * h + h * h), 4 * (1729 * h + h * h))
+    assert total_flops_per_sample(m.cfg, T) > 50 * 6 * effective_params(m.cfg)  # the fixed encoders dominate
+
+
+# ---- the fast encoder path computes the reference function -----------------------------------------
+
+def _with_repeats(model, B=2, T=12, seed=3):
+    """A batch whose maps repeat (as consecutive game steps' do), with the cursor moving on some."""
+    b = batch(model, T, B=B, seed=seed, resets=(0, 7))
+    for t in (1, 2, 5, 9, 10):
+        for k in ("tty_chars", "tty_colors"):
+            b[k][:, t] = b[k][:, t - 1]
+    b["tty_cursor"][:, 2] = b["tty_cursor"][:, 1]
+    b["tty_chars"][1, 5] = b["tty_chars"][0, 4]  # the same map in another lane
+    b["tty_colors"][1, 5] = b["tty_colors"][0, 4]
+    return b
+
+
+def test_embedding_table_gives_the_two_lookups_bitwise():
+    m = tiny()
+    enc = m.encoder
+    cells = torch.randint(0, 256 * 128, (3, 5, 7), dtype=torch.int32)
+    ref = (enc.char_emb(cells.long() // 128) + enc.color_emb(cells.long() % 128)).permute(0, 3, 1, 2)
+    assert torch.equal(enc.embed(cells), ref)
+    grad = torch.randn_like(ref)
+    enc.embed(cells).backward(grad)
+    fast = enc.char_emb.weight.grad.clone(), enc.color_emb.weight.grad.clone()
+    enc.zero_grad()
+    ref.backward(grad)
+    assert all(torch.allclose(a, b.grad, atol=1e-5) for a, b in zip(fast, (enc.char_emb.weight, enc.color_emb.weight)))
+
+
+def test_counted_batch_norm_is_the_full_batch_norm():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 6, dtype=torch.float64)
+    which = torch.tensor([0, 1, 1, 3, 0, 0, 2])
+    full = x[which].requires_grad_()
+    distinct, inverse, counts = torch.unique(which, return_inverse=True, return_counts=True)
+    xd = x[distinct].requires_grad_()
+    ref, bn = torch.nn.BatchNorm2d(3).double(), nethack.CountedBatchNorm2d(3).double()
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 2)
+        ref.bias.uniform_(-1, 1)
+    bn.load_state_dict(ref.state_dict())
+    grad = torch.randn(7, 3, 5, 6, dtype=torch.float64)
+    for _ in range(2):  # twice: the running averages move on
+        y_ref, y = ref(full), bn(xd, counts)[inverse]
+        assert torch.allclose(y, y_ref, atol=1e-12)
+    (y_ref * grad).sum().backward()
+    (y * grad).sum().backward()
+    assert torch.allclose(xd.grad, torch.zeros_like(xd).index_add_(0, inverse, full.grad), atol=1e-12)
+    for a, b in ((bn.weight.grad, ref.weight.grad), (bn.bias.grad, ref.bias.grad)):
+        assert torch.allclose(a, b, atol=1e-12)
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(bn.state_dict()[k].double(), v.double(), atol=1e-12), k
+    bn.eval()
+    ref.eval()
+    assert torch.allclose(bn(x, counts), ref(x), atol=1e-12)  # eval: running statistics, counts unused
+
+
+@pytest.mark.parametrize("core", ["transformer", "lstm"])
+def test_fast_encoder_computes_the_reference_function(core):
+    """Shared look-up table, each distinct map and crop encoded once with count-weighted batch norm:
+    the same logits, gradients and BatchNorm statistics as the reference path (float64)."""
+    m = tiny(core=core).double().train()
+    ref = tiny(core=core).double().train()
+    ref.load_state_dict(m.state_dict())
+    ref.encoder.fast = False
+    b = _with_repeats(m)
+    (y, _), (y_ref, _) = m(b), ref(b)
+    assert torch.allclose(y, y_ref, atol=1e-9)
+    grad = torch.randn_like(y)
+    (y * grad).sum().backward()
+    (y_ref * grad).sum().backward()
+    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-9), name
+    for (name, a), c in zip(m.named_buffers(), ref.buffers()):
+        assert torch.allclose(a.double(), c.double(), atol=1e-12), name
+    m.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert torch.allclose(m(b)[0], ref(b)[0], atol=1e-9)
 
 
 # ---- learning ------------------------------------------------------------------------------------

@@ -124,6 +124,15 @@ def test_shipped_specs_plan(tmp_path):
     assert len(cpu.active) >= 4 and len(load_spec(ROOT / "specs/cpu.toml").budgets) >= 3
     kept_per_budget = {b: sum(b in r.budgets for r in cpu.runs) for b in cpu.spec.budgets}
     assert min(kept_per_budget.values()) >= 3  # every budget can have a parabola
+    # the proposal of issue #22: a decade in >= 5 budgets, 4+ sizes at each; its time at a samples/s
+    decade = make_plan(load_spec(ROOT / "specs/cpu-proposed.toml"))
+    budgets = decade.spec.budgets
+    assert len(budgets) >= 5 and budgets[-1] / budgets[0] >= 10
+    assert min(sum(b in r.budgets for r in decade.runs) for b in budgets) >= 4
+    r = subprocess.run([*TRAJDATA, "sweep", str(ROOT / "specs/cpu-proposed.toml"), "--dry-run", "--samples-per-s", "2000"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"~{decade.samples / 2000 / 60:.3g} min of training at 2000 samples/s" in r.stdout.splitlines()[0]
 
 
 def test_print_backend_commands_parse_back(scripted_data, tmp_path):

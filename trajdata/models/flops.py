@@ -70,6 +70,90 @@ def training_flops(cfg: NetHackConfig | AtariConfig, samples: int) -> int:
     return flops_per_sample(cfg) * int(samples)
 
 
+def nethack_part_flops(cfg: NetHackConfig, seq_len: int) -> dict[str, tuple[int, int]]:
+    """(forward, backward) FLOPs per sample of each part of the NetHack agent, from its layer shapes:
+    2 * multiply-adds of every conv, linear and attention matmul (attention as full T x T, as
+    ``measured_flops_per_sample`` counts it); backward is twice forward (input and weight
+    gradients), but for a layer whose input needs no gradient (the bottom-line encoder's first conv
+    reads the screen), which costs once. Look-ups, norms and activations count nothing."""
+    def conv(side: tuple[int, int], c_in: int, c_out: int, k: int = 3) -> int:
+        return 2 * side[0] * side[1] * c_out * c_in * k * k
+
+    def lin(a: int, b: int) -> int:
+        return 2 * a * b
+
+    parts: dict[str, tuple[int, int]] = {}
+    side, f = (nethack.MAP_ROWS.stop - nethack.MAP_ROWS.start, nethack.COLS), 0
+    for c_in, c_out in ((nethack.CHAR_DIM, 16), (16, 32)):
+        f += conv(side, c_in, c_out)
+        side = ((side[0] - 3) // 2 + 1, (side[1] - 3) // 2 + 1)
+        f += 4 * conv(side, c_out, c_out)
+    f += lin(32 * side[0] * side[1], nethack.MAP_DIM) + lin(nethack.MAP_DIM, nethack.MAP_DIM)
+    parts["map"] = (f, 2 * f)
+    chans = (nethack.CHAR_DIM, 16, 16, 16, 16, 8)
+    f = sum(conv((nethack.CROP, nethack.CROP), a, b) for a, b in zip(chans, chans[1:]))
+    parts["crop"] = (f, 2 * f)
+    w1 = (2 * nethack.COLS - 8) // 4 + 1  # Conv1d(2, 32, 8, stride 4), then Conv1d(32, 64, 4)
+    first = conv((1, w1), 2, 32, k=1) * 8
+    f = conv((1, w1 - 3), 32, 64, k=1) * 4 + lin(64 * (w1 - 3), nethack.BOTTOM_DIM) + lin(nethack.BOTTOM_DIM, nethack.BOTTOM_DIM)
+    parts["bottom"] = (first + f, first + 2 * f)
+    if cfg.use_message:
+        f = lin(nethack.MSG_DIM, nethack.MSG_DIM)
+        parts["message"] = (f, 2 * f)
+    if cfg.use_inventory:
+        f = lin(nethack.INV_SLOTS * nethack.INV_EMB, nethack.INV_DIM) + lin(nethack.INV_DIM, nethack.INV_DIM)
+        parts["inventory"] = (f, 2 * f)
+    if cfg.use_glyphs:
+        f = conv((11, 40), nethack.GLYPH_EMB, 16) + conv((6, 20), 16, 8) + lin(8 * 6 * 20, cfg.glyph_dim)
+        parts["glyphs"] = (f, 2 * f)
+    h = cfg.width
+    f = lin(cfg.d_in, h) + lin(h, h)
+    parts["mixer"] = (f, 2 * f)
+    if cfg.core == "transformer":
+        f = cfg.layers * (lin(h, 3 * h) + lin(h, h) + 3 * lin(h, 4 * h) + 2 * lin(seq_len, h))
+    elif cfg.core == "lstm":
+        f = cfg.layers * 2 * lin(h, 4 * h)
+    else:  # Mamba2: its projections (expand 2, d_state 128, headdim 64, one group), the scan uncounted
+        d_inner = 2 * h
+        f = cfg.layers * (lin(h, 2 * d_inner + 2 * 128 + d_inner // 64) + lin(d_inner, h))
+    parts["core"] = (f, 2 * f)
+    f = lin(h, cfg.n_actions)
+    parts["head"] = (f, 2 * f)
+    return parts
+
+
+def total_flops_per_sample(cfg: NetHackConfig | AtariConfig, seq_len: int) -> int:
+    """Training FLOPs per sample of everything the model computes (NetHack: encoders included, from
+    ``nethack_part_flops``; Atari: 3 x forward, which is all of it)."""
+    if isinstance(cfg, AtariConfig):
+        return flops_per_sample(cfg)
+    return sum(fw + bw for fw, bw in nethack_part_flops(cfg, seq_len).values())
+
+
+def cpu_peak_flops(threads: int | None = None, dtype: torch.dtype = torch.float32, size: int = 512, reps: int = 30) -> float:
+    """Peak FLOP/s of this CPU for MFU: the best of ``reps`` ``size``^3 matmuls in ``dtype`` on one
+    thread, times ``threads`` [torch's current thread count]. Measured, not a datasheet figure
+    (cores x clock x FMA width x 2); the best of many short trials finds an uncontended moment on a
+    shared machine, and one thread's rate times the threads leaves out how well threads scale."""
+    import time
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(size, size, generator=g).to(dtype)
+        b = torch.randn(size, size, generator=g).to(dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(old)
+    return 2 * size**3 / best * (threads or old)
+
+
 def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 

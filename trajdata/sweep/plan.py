@@ -325,8 +325,10 @@ def check_plan(plan: Plan, fit: bool = True) -> None:
                           f"needs at least {FIT_MIN_SNAPSHOTS}: add sizes or budgets (or --skip-report: no fit)")
 
 
-def describe(plan: Plan, flops_per_s: float | None = None) -> str:
-    """The plan as a table: runs, their snapshots and samples, skipped cells and why, total compute."""
+def describe(plan: Plan, flops_per_s: float | None = None, samples_per_s: float | None = None) -> str:
+    """The plan as a table: runs, their snapshots and samples, skipped cells and why, total compute;
+    with ``flops_per_s`` or ``samples_per_s`` (where the fixed encoders set the cost of a sample,
+    as on CPU) its training time."""
     lines = [f"sweep {plan.spec.name}: {len(plan.active)} runs, {plan.snapshots} snapshots, "
              f"{plan.samples:,} training samples, {plan.compute:.3g} FLOPs"
              + (f", {plan.eval_episodes:,} eval episodes" if plan.eval_episodes else
@@ -334,6 +336,8 @@ def describe(plan: Plan, flops_per_s: float | None = None) -> str:
     if flops_per_s:
         secs = plan.compute / flops_per_s
         lines[0] += f" (~{secs / 3600:.3g} h at {flops_per_s:.3g} FLOP/s of training)"
+    if samples_per_s:
+        lines[0] += f" (~{plan.samples / samples_per_s / 60:.3g} min of training at {samples_per_s:.4g} samples/s)"
     lines.append(f"{'run':20s} {'params':>12s} {'FLOPs/sample':>13s} {'samples':>14s} {'compute':>10s}  budgets")
     for r in plan.runs:
         kept = ",".join(f"{b:.3g}" for b in r.budgets) or "-"

@@ -44,6 +44,9 @@ class SweepOptions:
     skip_report: bool = option(False, "Gather runs.csv only; no fit or report.")
     flops_per_s: float | None = option(None, "--dry-run: training FLOP/s to turn the plan's compute into hours (e.g. "
                                              "3e14 for an H100 at 30%).")
+    samples_per_s: float | None = option(None, "--dry-run: training samples/s (all runs together) to turn the plan's "
+                                               "samples into minutes (CPU: the encoders set a sample's cost, whatever "
+                                               "the size).")
 
     def __post_init__(self):
         coerce_fields(self)
@@ -51,8 +54,10 @@ class SweepOptions:
         at_least(self, 1, "parallel", "nproc_per_node")
         at_least(self, 1, "threads", optional=True)
         require(self.ray_address is None or self.backend == "ray", "ray_address", "needs backend 'ray'")
-        require(self.flops_per_s is None or self.flops_per_s > 0, "flops_per_s",
-                f"must be a positive finite number of FLOP/s, not {self.flops_per_s:g}")
+        for name, unit in (("flops_per_s", "FLOP/s"), ("samples_per_s", "samples/s")):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                require(False, name, f"must be a positive finite number of {unit}, not {v:g}")
 
 
 def ensure_data(spec: Spec, out: Path, progress: bool) -> Path:
@@ -224,7 +229,7 @@ def dry_run(spec: Spec, opts: SweepOptions) -> tuple[str, str | None]:
     check_plan(plan, fit=not opts.skip_report)
     dataset = dataset_path(spec, Path(opts.out))
     check_data(plan, dataset)
-    return describe(plan, opts.flops_per_s), data_problem(spec, dataset)
+    return describe(plan, opts.flops_per_s, opts.samples_per_s), data_problem(spec, dataset)
 
 
 def run_sweep(spec: Spec, opts: SweepOptions) -> dict:

@@ -249,7 +249,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device, bf16: bool = False) -> float | None:
+    """Peak FLOP/s for MFU: a GPU's datasheet bf16 figure, or this CPU's measured matmul rate
+    (``models.flops.cpu_peak_flops``, in the run's compute dtype)."""
+    if device.type == "cpu":
+        return counting.cpu_peak_flops(dtype=torch.bfloat16 if bf16 else torch.float32)
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -659,8 +663,9 @@ class MetricsLog:
         if run.writer and self.path.is_file():  # rows logged after the checkpoint (if any) are logged again
             self.path.write_text("".join(ln + "\n" for ln in _read_metrics(self.path, state.step)))
         self.tb = _tensorboard(run.dir, run.cfg.tensorboard) if run.writer else None
-        self.peak = peak_flops(run.device)
-        self.total_per_sample = counting.measured_flops_per_sample(state.model, run.cfg.seq_len) if self.peak else None
+        cfg = run.cfg
+        self.peak = peak_flops(run.device, cfg.precision == "bf16" or (cfg.precision == "auto" and run.device.type == "cuda"))
+        self.total_per_sample = counting.total_flops_per_sample(run.shape.model, cfg.seq_len)  # encoders included
         self.bar = _progress_bar(run, state.samples)
         self.tally = torch.zeros(3, dtype=torch.float64, device=run.device)  # CE sum, correct, steps: read at log time only
         self.restart_clock()
@@ -690,6 +695,7 @@ class MetricsLog:
         dt = max(time.perf_counter() - self.t_last, 1e-9)
         ce_sum, n_ok, n_log = self.tally.tolist()
         row = dict(step=state.step, samples=state.samples, flops=self.run.shape.flops(state.samples),
+                   flops_total=state.samples * self.total_per_sample,
                    loss=ce_sum / max(n_log, 1), accuracy=n_ok / max(n_log, 1), lr=lr,
                    samples_per_s=self.busy_samples / dt, data_wait=min(1.0, wait / dt))
         if self.peak:
