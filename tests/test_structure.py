@@ -20,7 +20,7 @@ RANKS = {
     "models": 5,
     "train": 6,
     "evaluate": 7,
-    "scaling": 8, "sweep": 8,
+    "scaling": 8, "sweep": 8, "rl": 8,
     "cli": 9,
 }
 CORE_BLOCKED = ("gymnasium", "nle", "torch", "scipy", "pandas", "matplotlib", "ale_py", "stable_baselines3", "ray",
