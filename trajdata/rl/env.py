@@ -94,28 +94,26 @@ class SeededGames(gym.Env):
         self.env.close()
 
 
-def _torchrl_env(env_id: str, character: str, fields: tuple[str, ...], seed: int, stream: tuple[int, ...],
-                 states: dict[str, tuple[int, ...]]):
+def _torchrl_env(env_id: str, character: str, fields: tuple[str, ...], seed: int, stream: tuple[int, ...]):
     import torch
-    from torchrl.data import Unbounded
-    from torchrl.envs import Compose, GymWrapper, InitTracker, TensorDictPrimer, TransformedEnv
+    from torchrl.envs import GymWrapper
 
     torch.set_num_threads(1)
-    base = GymWrapper(SeededGames(env_id, character, fields, seed, stream), categorical_action_encoding=True)
-    primers = TensorDictPrimer(**{k: Unbounded(shape) for k, shape in states.items()})
-    return TransformedEnv(base, Compose(InitTracker(), primers))
+    return GymWrapper(SeededGames(env_id, character, fields, seed, stream), categorical_action_encoding=True)
 
 
 def make_actor_envs(env_id: str, character: str, fields: tuple[str, ...], seed: int, stream: tuple[int, ...],
                     envs: int, states: dict[str, tuple[int, ...]]):
     """``envs`` games of ``env_id`` stepped together (a TorchRL ``SerialEnv``); env i plays the
     stream ``stream + (i,)``. ``states`` names the recurrent state entries (name -> shape) the
-    policy reads and writes, zero at every reset."""
-    from torchrl.envs import SerialEnv
+    policy reads and writes, zero at every reset; ``is_init`` marks each game's first step."""
+    from torchrl.data import Unbounded
+    from torchrl.envs import Compose, InitTracker, SerialEnv, TensorDictPrimer, TransformedEnv
 
-    makers = [partial(_torchrl_env, env_id, character, tuple(fields), seed, tuple(stream) + (i,), dict(states))
+    makers = [partial(_torchrl_env, env_id, character, tuple(fields), seed, tuple(stream) + (i,))
               for i in range(envs)]
-    return SerialEnv(envs, makers)
+    primers = TensorDictPrimer(**{k: Unbounded((envs, *shape)) for k, shape in states.items()}, expand_specs=False)
+    return TransformedEnv(SerialEnv(envs, makers), Compose(InitTracker(), primers))
 
 
 def env_actions(env_id: str) -> list[int]:

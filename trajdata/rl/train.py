@@ -21,6 +21,7 @@ learner's state but not along the same games as an uninterrupted run would.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -342,7 +343,9 @@ def _train(cfg: RLConfig, run: Path, stop_after: int | None) -> dict:
             flops_init=init_info["flops"] if init_info else "", flops_kickstart=flops_kickstart()))
         recent.clear()
 
-    step_module = ActorStep(agent, Teacher(teacher, index) if teacher else None)
+    # actors act on the CPU: with a GPU learner they get a CPU copy of the agent, refreshed after every update
+    actor_agent = agent if device.type == "cpu" else copy.deepcopy(agent).to("cpu")
+    step_module = ActorStep(actor_agent, Teacher(teacher, index) if teacher else None)
     policy = TensorDictModule(step_module, in_keys=step_module.in_keys(), out_keys=step_module.out_keys())
     collector = None
     bar = tqdm(total=target, initial=min(samples, target), unit="step", unit_scale=True, disable=not cfg.progress,
@@ -365,6 +368,10 @@ def _train(cfg: RLConfig, run: Path, stop_after: int | None) -> dict:
                     parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(agent.parameters(), cfg.grad_clip))
                 opt.step()
                 parts["kickstart_coef"] = kick_coef(step)
+                if actor_agent is not agent:
+                    with torch.no_grad():
+                        for mine, theirs in zip(actor_agent.parameters(), agent.parameters()):
+                            mine.copy_(theirs)
                 if remote:
                     collector.update_policy_weights_(policy)
                 step += 1
