@@ -287,6 +287,7 @@ def _train(cfg: RLConfig, run: Path, stop_after: int | None) -> dict:
                               momentum=cfg.rms_momentum)
     step = samples = episodes = 0
     wall = 0.0
+    recent: list[float] = []  # returns of the training games that ended since the last snapshot
     resumed = (run / ckpt_io.LATEST).is_file()
     if resumed:
         ck = ckpt_io.load(run / ckpt_io.LATEST, map_location=device)
@@ -295,6 +296,7 @@ def _train(cfg: RLConfig, run: Path, stop_after: int | None) -> dict:
             opt.load_state_dict(ck["optimizer"])
             set_rng_state(ck["rng"])
             step, samples, episodes, wall = ck["step"], ck["samples"], ck["episodes"], ck["wall_seconds"]
+            recent = list(ck["recent"])
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise DataError(f"checkpoint {run / ckpt_io.LATEST} does not match this run ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120]})") from None
@@ -326,11 +328,10 @@ def _train(cfg: RLConfig, run: Path, stop_after: int | None) -> dict:
 
     def save_latest() -> None:
         ckpt_io.save(run / ckpt_io.LATEST, dict(agent.record(), **common(), budget=None, optimizer=opt.state_dict(),
-                                                rng=rng_state(), episodes=episodes, wall_seconds=wall))
+                                                rng=rng_state(), episodes=episodes, wall_seconds=wall,
+                                                recent=list(recent)))
 
-    recent: list[float] = []  # returns of the games that ended since the last snapshot
-
-    def snapshot(budget: float) -> None:
+    def snapshot(budget: float) -> float | None:
         path = ckpt_io.snapshot_path(run, budget)
         train_return = float(np.mean(recent)) if recent else None
         ckpt_io.save(path, dict(agent.record(), **common(), budget=budget, train_return=train_return))
@@ -342,6 +343,7 @@ def _train(cfg: RLConfig, run: Path, stop_after: int | None) -> dict:
             train_episodes=len(recent), init=init_info["path"] if init_info else "",
             flops_init=init_info["flops"] if init_info else "", flops_kickstart=flops_kickstart()))
         recent.clear()
+        return train_return
 
     # actors act on the CPU: with a GPU learner they get a CPU copy of the agent, refreshed after every update
     actor_agent = agent if device.type == "cpu" else copy.deepcopy(agent).to("cpu")
@@ -352,6 +354,7 @@ def _train(cfg: RLConfig, run: Path, stop_after: int | None) -> dict:
                desc=f"train rl {cfg.run_id}", dynamic_ncols=True)
     window = dict(t=time.perf_counter(), samples=0, parts=[], returns=[])
     calls = 0
+    mid_step = False  # between a learner update and its counters: no checkpoint can be taken there
     try:
         if samples < target:
             collector = make_collector(cfg, policy, mcfg, bc_cfg if teacher else None, generation=step)
@@ -362,6 +365,7 @@ def _train(cfg: RLConfig, run: Path, stop_after: int | None) -> dict:
             for td in collector:
                 b = learner_batch(td, agent.fields, cfg.envs, cfg.unroll, device)
                 loss, parts = impala_loss(agent, b, cfg, kick_coef(step))
+                mid_step = True
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
@@ -383,6 +387,7 @@ def _train(cfg: RLConfig, run: Path, stop_after: int | None) -> dict:
                 window["returns"].extend(ended)
                 window["parts"].append(parts)
                 window["samples"] += b["action"].numel()
+                mid_step = False
                 now = time.perf_counter()
                 wall += now - t_wall
                 t_wall = now
@@ -407,15 +412,16 @@ def _train(cfg: RLConfig, run: Path, stop_after: int | None) -> dict:
                     window = dict(t=time.perf_counter(), samples=0, parts=[], returns=[])
                 while pending and samples >= pending[0][1]:
                     budget, _ = pending.pop(0)
-                    snapshot(budget)
+                    ret = snapshot(budget)
                     bar.write(f"budget {budget:.3g}: {samples:,} env steps, N={n_params:,}"
-                              + (f", training return {np.mean(ended):.1f}" if ended else ""))
+                              + (f", training games' return {ret:.1f}" if ret is not None else ""))
                 if step % cfg.checkpoint_every == 0:
                     save_latest()
                 if samples >= target or (stop_after is not None and calls >= stop_after):
                     break
     except KeyboardInterrupt:
-        save_latest()
+        if not mid_step:  # else the previous rolling checkpoint stands
+            save_latest()
         raise
     finally:
         bar.close()
