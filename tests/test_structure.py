@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1] / "trajdata"
 
 # Stages in pipeline order: a module may import its own stage and earlier ones, never a later one.
 STAGES = ("__init__", "errors", "config", "format", "envs", "collectors", "importers", "loaders", "models", "train",
-          "evaluate", "scaling", "sweep", "cli")
+          "evaluate", "rl", "scaling", "sweep", "cli")
 RANKS = {s: i for i, s in enumerate(STAGES)}
 MAX_FUNCTION_LINES = 80
 CORE_BLOCKED = ("gymnasium", "nle", "torch", "scipy", "pandas", "matplotlib", "ale_py", "stable_baselines3", "ray",

@@ -128,13 +128,14 @@ def _kill_pools(pools: list[ProcessPoolExecutor]) -> None:
 LOCK_FILE = "collect.lock"
 
 
-def _lock_out(out: Path):
+def _lock_out(out: Path, lock_file: str = LOCK_FILE, busy: str = "being collected into by another collect"):
     """Hold an exclusive lock on ``out/collect.lock`` (released by the kernel when this process dies,
-    so a killed collect never blocks a rerun); a second collect into ``out`` is refused naming the holder."""
+    so a killed collect never blocks a rerun); a second collect into ``out`` is refused naming the
+    holder. Other commands lock their --out with their own ``lock_file`` and ``busy`` message."""
     import fcntl
 
     out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_FILE
+    path = out / lock_file
     f = open(path, "a+")
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -143,7 +144,7 @@ def _lock_out(out: Path):
         holder = f.read().split()
         f.close()
         who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
-        raise DataError(f"{out} is being collected into by another collect ({who}); "
+        raise DataError(f"{out} is {busy} ({who}); "
                         f"wait for it to finish or use another --out") from None
     f.seek(0)
     f.truncate()
