@@ -183,9 +183,9 @@ def test_bad_input_is_one_line(bc_lstm, scripted_data, tmp_path):
     train(RLConfig(out=str(run), steps=32, **TINY))
     with pytest.raises(TrajdataError, match="holds a RL run with lr=0.0002, not 0.001"):
         train(RLConfig(out=str(run), steps=64, **dict(TINY, lr=1e-3)))
-    from trajdata.collectors.runner import _lock_out
+    from trajdata.collectors.runner import lock_out
 
-    lock = _lock_out(run, "train.lock", "being trained by another `trajdata train rl`")
+    lock = lock_out(run, "train.lock", "being trained by another `trajdata train rl`")
     try:
         p = cli("train", "rl", "--out", run, *base, "--steps", "64", "--seed", "3", "--log-every", "1",
                 "--checkpoint-every", "3")

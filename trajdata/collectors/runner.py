@@ -88,7 +88,7 @@ def _check_parent() -> None:
 
 
 @contextlib.contextmanager
-def _no_sigint_in_children():
+def no_sigint_in_children():
     """Start processes with SIGINT blocked (the mask is inherited): Ctrl-C reaches only this process,
     which stops the workers itself, instead of every starting worker printing a KeyboardInterrupt
     traceback. A Ctrl-C or SIGTERM meanwhile is held (a process half started would be orphaned) and
@@ -128,7 +128,7 @@ def _kill_pools(pools: list[ProcessPoolExecutor]) -> None:
 LOCK_FILE = "collect.lock"
 
 
-def _lock_out(out: Path, lock_file: str = LOCK_FILE, busy: str = "being collected into by another collect"):
+def lock_out(out: Path, lock_file: str = LOCK_FILE, busy: str = "being collected into by another collect"):
     """Hold an exclusive lock on ``out/collect.lock`` (released by the kernel when this process dies,
     so a killed collect never blocks a rerun); a second collect into ``out`` is refused naming the
     holder. Other commands lock their --out with their own ``lock_file`` and ``busy`` message."""
@@ -267,13 +267,13 @@ def _run_pools(cfg: CollectConfig, ctx, todo: list[int], on_steps, on_shard) -> 
         return pools[-1]
 
     def submit(pool, s):
-        with _no_sigint_in_children():  # the worker process starts at its first submit
+        with no_sigint_in_children():  # the worker process starts at its first submit
             return pool.submit(_shard_worker, cfg, s, q)
 
     from multiprocessing.managers import SyncManager
 
     manager = SyncManager(ctx=ctx)
-    with _no_sigint_in_children():
+    with no_sigint_in_children():
         manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
     try:
         with manager:
@@ -357,7 +357,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
         "packages": package_versions(),
     }
     expert.close()
-    lock = _lock_out(Path(cfg.out))
+    lock = lock_out(Path(cfg.out))
     try:
         return _collect_locked(cfg, info, progress)
     finally:

@@ -130,9 +130,9 @@ def make_collector(cfg: RLConfig, policy, mcfg, teacher_cfg, generation: int):
         return Collector(envs(0), policy, frames_per_batch=frames, total_frames=-1)
     from torchrl.collectors import MultiAsyncCollector
 
-    from trajdata.collectors.runner import _no_sigint_in_children
+    from trajdata.collectors.runner import no_sigint_in_children
 
-    with _no_sigint_in_children():
+    with no_sigint_in_children():
         return MultiAsyncCollector([envs(k) for k in range(cfg.actors)], policy=policy, frames_per_batch=frames,
                                    total_frames=-1)
 
@@ -217,10 +217,10 @@ def train(cfg: RLConfig, stop_after: int | None = None) -> dict:
     ``stop_after``: stop (with a rolling checkpoint) after that many learner steps of this call, as
     an interruption would."""
     _need()
-    from trajdata.collectors.runner import _lock_out
+    from trajdata.collectors.runner import lock_out
 
     run = Path(cfg.out)
-    lock = _lock_out(run, LOCK_FILE, "being trained by another `trajdata train rl`")
+    lock = lock_out(run, LOCK_FILE, "being trained by another `trajdata train rl`")
     try:
         return _train(cfg, run, stop_after)
     finally:
