@@ -57,7 +57,8 @@ def actors_only(cfg, seconds: float) -> dict:
 
     from trajdata.rl.agent import ActorStep, RLAgent
     from trajdata.rl.env import env_actions
-    from trajdata.rl.train import make_collector, model_config
+    from trajdata.rl.shape import model_config
+    from trajdata.rl.train import make_collector
 
     torch.set_num_threads(1)
     mcfg = model_config(cfg, len(env_actions(cfg.env)))
@@ -104,9 +105,9 @@ def model_costs(cfg) -> dict:
 
     from trajdata.models.flops import measured_flops_per_sample
     from trajdata.models.nethack import random_batch
-    from trajdata.rl.agent import RLAgent, effective_params
+    from trajdata.rl.agent import RLAgent
     from trajdata.rl.env import env_actions
-    from trajdata.rl.train import model_config
+    from trajdata.rl.shape import effective_params, model_config
 
     torch.set_num_threads(1)
     mcfg = model_config(cfg, len(env_actions(cfg.env)))

@@ -20,9 +20,10 @@ pytest.importorskip("nle", reason="needs nle (the nethack extra)")
 
 from trajdata.models import flops as counting  # noqa: E402
 from trajdata.models.nethack import NetHackConfig, random_batch  # noqa: E402
-from trajdata.rl.agent import RLAgent, action_index, bc_snapshot, effective_params, init_from_bc  # noqa: E402
-from trajdata.rl.config import RLConfig  # noqa: E402
+from trajdata.rl.agent import RLAgent, action_index, bc_snapshot, init_from_bc  # noqa: E402
+from trajdata.rl.config import ENV_ACTIONS, RLConfig  # noqa: E402
 from trajdata.rl.env import env_actions  # noqa: E402
+from trajdata.rl.shape import effective_params  # noqa: E402
 from trajdata.rl.train import train  # noqa: E402
 from trajdata.train import checkpoint as ckpt_io  # noqa: E402
 
@@ -67,6 +68,110 @@ def test_effective_params_are_mixer_core_and_heads():
     counted = counting.count_params(agent.policy.mixer, agent.policy.core, agent.policy.head, agent.baseline)
     assert effective_params(cfg) == counted == 29_032
     assert effective_params(cfg) == counting.effective_params(cfg) + 16 + 1
+
+
+def test_run_shape_counts_8nd_with_bcs_run_shape():
+    """RL's shape is train.shape's RunShape with the nethack-rl count: N with the value head, 8N per
+    env step, envs x unroll env steps per learner step, budgets at ceil(C / 8N)."""
+    from trajdata.rl.shape import run_shape
+
+    shape = run_shape(RLConfig(out="-", width=16, envs=2, unroll=16, budgets=BUDGETS))
+    assert shape.family == "nethack-rl" and shape.model.core == "lstm" and shape.model.n_actions == 23
+    assert shape.params == 29_032 and shape.flops_per_sample == 8 * 29_032 and shape.samples_per_step == 32
+    assert shape.budget_samples == [(b, -(-int(b) // (8 * 29_032))) for b in BUDGETS]
+    assert run_shape(RLConfig(out="-", params="100k")).params == pytest.approx(100_000, rel=0.05)
+    assert ENV_ACTIONS == {e: len(env_actions(e)) for e in ENV_ACTIONS}
+
+
+def _unroll_batch(agent, E=3, T=7, seed=0):
+    """A fixed unroll batch in ``learner_batch``'s layout: games ending (terminated or capped) inside it,
+    behaviour log-probabilities off the learner's (so V-trace's weights are clipped both ways)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = agent.cfg
+    b = {k: v for k, v in random_batch(cfg, E, T + 1, seed=seed).items() if k in agent.fields}
+    b["prev_action"] = torch.randint(0, cfg.n_actions, (E, T + 1), generator=g)
+    b["reset"] = torch.zeros(E, T + 1, dtype=torch.bool)
+    b["reset"][:, 0] = True
+    b["reset"][1, 4] = True
+    b["hidden"] = agent.initial_hidden(E)
+    b["action"] = torch.randint(0, cfg.n_actions, (E, T), generator=g)
+    b["logp"] = -torch.rand(E, T, generator=g) * 4
+    b["reward"] = torch.randint(0, 30, (E, T), generator=g).float()
+    b["done"] = torch.zeros(E, T, dtype=torch.bool)
+    b["terminated"] = torch.zeros(E, T, dtype=torch.bool)
+    b["done"][1, 3] = b["terminated"][1, 3] = True  # a death inside the unroll
+    b["done"][2, 5] = True  # a game capped inside the unroll
+    b["episode_return"] = torch.zeros(E, T)
+    return b
+
+
+def _torchbeast_loss(agent, b, cfg):
+    """The IMPALA loss as phase 1 wrote it by hand (torchbeast's three sums) around TorchRL's V-trace."""
+    from torchrl.objectives.value.functional import vtrace_advantage_estimate
+
+    E, T = b["action"].shape
+    logits, values, _ = agent.unroll({k: b[k] for k in agent.fields}, b["prev_action"], b["reset"], b["hidden"])
+    logp_all = torch.log_softmax(logits[:, :T].float(), -1)
+    logp = logp_all.gather(-1, b["action"].long()[..., None])[..., 0]
+    v = values[:, :T].float()
+    next_v = torch.cat([v[:, 1:], values[:, T:].float()], 1)
+    inside = b["done"] & ~b["terminated"]
+    inside[:, -1] = False
+    next_v = torch.where(inside, v, next_v)
+    reward = (b["reward"].float() * cfg.reward_scale).clamp(-cfg.reward_clip, cfg.reward_clip)
+    with torch.no_grad():
+        adv, vs = vtrace_advantage_estimate(cfg.gamma, logp.detach()[..., None], b["logp"][..., None],
+                                            v.detach()[..., None], next_v.detach()[..., None], reward[..., None],
+                                            b["done"][..., None], b["terminated"][..., None],
+                                            rho_thresh=cfg.rho_clip, c_thresh=cfg.c_clip, time_dim=-2)
+    pg = -(logp * adv[..., 0]).sum()
+    baseline = 0.5 * ((vs[..., 0] - v) ** 2).sum()
+    entropy = -(logp_all.exp() * logp_all).sum()
+    return pg + cfg.baseline_coef * baseline - cfg.entropy_coef * entropy
+
+
+def test_impala_loss_is_torchrls_a2c_loss_on_vtrace_targets():
+    """TorchRL's A2CLoss on V-trace advantages and targets is the three-term IMPALA loss: same value,
+    same gradient, on a fixed batch with deaths, caps and off-policy actions."""
+    from trajdata.rl.train import impala_loss
+
+    cfg = RLConfig(out="-", entropy_coef=0.05, baseline_coef=0.7, rho_clip=0.9, c_clip=1.1, gamma=0.99)
+    torch.manual_seed(0)
+    agent = RLAgent(NetHackConfig(width=16, layers=1, core="lstm", n_actions=23))
+    b = _unroll_batch(agent)
+    grads = []
+    for loss_fn in (lambda: impala_loss(agent, b, cfg, 0.0)[0], lambda: _torchbeast_loss(agent, b, cfg)):
+        agent.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in agent.parameters() if p.grad is not None]))
+    (mine, g_mine), (ref, g_ref) = grads
+    assert mine == pytest.approx(ref, rel=1e-6) and abs(ref) > 1e-3
+    assert len(g_mine) == len(g_ref) > 0
+    assert all((a - b).abs().max() <= 1e-5 * b.abs().max() for a, b in zip(g_mine, g_ref))  # float rounding only
+
+
+def test_torchrls_vtrace_module_weighs_the_wrong_action():
+    """Why the V-trace targets come from TorchRL's functional ``vtrace_advantage_estimate`` and not
+    its ``VTrace`` estimator (which A2CLoss would call): in torchrl 0.14.1 the estimator's learner
+    log-probability is of the policy's mode (or of a fresh sample), not of the action the actor took,
+    so its importance weights are not IMPALA's. If a torchrl release fixes this, this test fails:
+    then ``make_value_estimator(ValueEstimators.VTrace)`` can replace ``vtrace_targets``."""
+    from tensordict import TensorDict
+    from tensordict.nn import TensorDictModule
+    from torchrl.modules import ProbabilisticActor
+    from torchrl.objectives.value.advantages import _call_actor_net
+
+    actor = ProbabilisticActor(TensorDictModule(torch.nn.Identity(), in_keys=["logits"], out_keys=["logits"]),
+                               in_keys=["logits"], distribution_class=torch.distributions.Categorical)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 5, generator=g)
+    action = torch.randint(0, 5, (2, 6), generator=g)
+    td = TensorDict(dict(logits=logits, action=action), batch_size=[2, 6])
+    used = _call_actor_net(actor, td, None, "action_log_prob")
+    taken = torch.log_softmax(logits, -1).gather(-1, action[..., None])[..., 0]
+    mode = torch.log_softmax(logits, -1).max(-1).values
+    assert torch.allclose(used, mode) and not torch.allclose(used, taken)
 
 
 def test_budget_snapshots_at_8nd(rl_run):

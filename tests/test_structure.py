@@ -289,6 +289,7 @@ def _command(path: list[str]):
     (["import", "nld"], "trajdata.importers.nld:NldImportConfig", ()),
     (["train", "ppo"], "trajdata.train.ppo:PPOConfig", ()),
     (["train", "bc"], "trajdata.train.bc:BCConfig", ("dataset",)),
+    (["train", "rl"], "trajdata.rl.config:RLConfig", ()),
     (["eval"], "trajdata.evaluate.config:EvalConfig", ()),
     (["sweep"], "trajdata.sweep.run:SweepOptions", ()),
     (["scaling", "fit"], "trajdata.scaling.fits:FitConfig", ()),

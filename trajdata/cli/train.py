@@ -68,64 +68,17 @@ def train_bc(dataset, out, config_file, **flags):
 
 # ---- train rl: every RLConfig field is a flag ------------------------------------------------------
 
-RL_HELP = {
-    "run_id": "Name of this run in runs.csv [default: the --out directory's name].",
-    "env": "NLE task: NetHackScore-v0 (the paper's RL env: human monk, 23 actions) or NetHackChallenge-v0.",
-    "character": "NetHack character ('@' = random per game) [the env's default].",
-    "params": "Target effective parameters (100k, 1M): picks the LSTM width at --layers.",
-    "width": "LSTM core width h (and the mixer's) [64].",
-    "layers": "LSTM layers.",
-    "use_inventory": "Use the inventory encoder.",
-    "use_message": "Use the message encoder.",
-    "use_glyphs": "Also embed the dungeon glyphs.",
-    "init": "Start from this BC run's largest-budget snapshot (or a .pt file) of the LSTM-core family "
-            "(train bc --core lstm): its architecture and weights.",
-    "kickstart_coef": "Weight of the cross-entropy toward the --init BC policy at learner step 0 (0: off).",
-    "kickstart_decay": "Factor on the kickstart weight per learner step.",
-    "actors": "Actor processes (0: act in the learner's process, synchronously). With --ray-address: Ray actors.",
-    "envs": "Games each actor steps together (one batched forward); rows of a learner batch.",
-    "unroll": "Steps per row of a learner batch (T).",
-    "ray_address": "Run the actors on this Ray cluster (auto, host:port, or local for a Ray started here).",
-    "lr": "RMSprop learning rate.",
-    "rms_alpha": "RMSprop smoothing constant.",
-    "rms_eps": "RMSprop epsilon.",
-    "rms_momentum": "RMSprop momentum.",
-    "grad_clip": "Max global gradient norm (0: off).",
-    "gamma": "Discount.",
-    "baseline_coef": "Weight of the value (baseline) loss.",
-    "entropy_coef": "Weight of the entropy bonus.",
-    "reward_scale": "Rewards are multiplied by this for learning (returns are logged unscaled).",
-    "reward_clip": "Scaled rewards are clipped to +-this.",
-    "rho_clip": "V-trace clip of the importance weights (rho-bar).",
-    "c_clip": "V-trace clip of the trace coefficients (c-bar).",
-    "budgets": "FLOP budgets C = 8ND, comma-separated: a snapshot and a runs.csv row at each.",
-    "steps": "Stop after this many env steps D trained on [default: the largest budget's].",
-    "seed": "Seed of the model init, the action sampling and the games.",
-    "device": "The learner's device: auto (CUDA when present), cpu or cuda.",
-    "threads": "Torch threads of the learner (each actor uses one).",
-    "log_every": "Learner steps between metrics.jsonl rows.",
-    "checkpoint_every": "Learner steps between rolling checkpoints (RUN/checkpoint.pt).",
-    "progress": "Show a progress bar.",
-    "tensorboard": "Write TensorBoard events to RUN/tb when tensorboard is installed.",
-}
-
-
 def _rl_options(f):
-    from trajdata.cli.options import dataclass_options
-    from trajdata.rl.config import ENVS, RLConfig
+    from trajdata.rl.config import RLConfig
 
-    special = {"budgets": dict(type=_Budgets(), default=""), "steps": dict(type=_Count(), default=None),
-               "env": dict(type=click.Choice(list(ENVS)), default="NetHackScore-v0", show_default=True),
-               "init": dict(type=click.Path(), default=None)}
-    return dataclass_options(RLConfig, RL_HELP, skip=("out",), special=special)(f)
+    return dataclass_options(RLConfig)(f)
 
 
 @click.command("rl")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (rerun to resume).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file of RLConfig fields (top level or [rl]); flags given on the command line override it.")
 @_rl_options
-def train_rl(out, config_file, **flags):
+def train_rl(config_file, **flags):
     """Train the paper's NetHack agent (LSTM core) by IMPALA (TorchRL actors, V-trace, RMSprop), with a
     snapshot at every FLOP budget C = 8ND.
 
@@ -140,7 +93,7 @@ def train_rl(out, config_file, **flags):
     ctx = click.get_current_context()
     given = {k: v for k, v in flags.items()
              if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
-    cfg = RLConfig.from_toml(config_file, out=out, **given) if config_file else RLConfig(out=out, **flags)
+    cfg = RLConfig.from_toml(config_file, **given) if config_file else RLConfig(**flags)
     r = train(cfg)
     click.echo(f"{r['run']}: {r['step']:,} learner steps, {r['samples']:,} env steps, {r['flops']:.3g} FLOPs, "
                f"N={r['params']:,}, {r['episodes']:,} games, {len(r['snapshots'])} snapshot(s)")

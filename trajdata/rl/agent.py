@@ -3,7 +3,7 @@ fixed encoders, the scaled MLP mixer, LSTM core and policy head) plus a value (b
 
 N, the effective parameters, is counted as for BC (``models.flops.effective_params``: mixer + core +
 policy head) plus the value head; C = 8 N D (Appendix E: each learner forward and backward, 6N,
-has an actor forward, 2N, beside it).
+has an actor forward, 2N, beside it). ``trajdata.rl.shape`` counts them.
 
 BatchNorm layers (in the map and crop encoders) always use their running statistics, in actors and
 learner alike, so the behaviour and target policies are one function (V-trace corrects for their
@@ -11,33 +11,15 @@ staleness only); they stay at their initial values, or at the BC snapshot's with
 """
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trajdata.errors import DataError
-from trajdata.models import flops as counting
 from trajdata.models.nethack import BOTTOM_DIM, CROP_DIM, MAP_DIM, NetHackConfig, NetHackModel, NetHackState
 from trajdata.rl.env import model_fields
-
-
-def effective_params(cfg: NetHackConfig) -> int:
-    """N of an RL agent: the BC count (mixer + LSTM core + policy head) plus the value head."""
-    return counting.effective_params(cfg) + cfg.width + 1
-
-
-def width_for_params(target: int, base: NetHackConfig, multiple: int = 8) -> int:
-    """The LSTM width (a multiple of ``multiple``) at ``base.layers`` whose N is closest to ``target``."""
-    best, h = multiple, multiple
-    while True:
-        n = effective_params(replace(base, width=h))
-        if abs(n - target) < abs(effective_params(replace(base, width=best)) - target):
-            best = h
-        if n >= target:
-            return best
-        h += multiple
 
 
 class RLAgent(nn.Module):

@@ -1,20 +1,20 @@
-"""The settings of one RL run (``trajdata train rl``): one dataclass, validated in one place.
+"""The settings of one RL run (``trajdata train rl``): one dataclass, its fields the command's flags,
+validated in one place.
 
-Light on purpose (no torch, no env packages): the CLI reads its defaults from here.
+Light on purpose (no torch, no env packages): the CLI builds its flags from here.
 """
 from __future__ import annotations
 
 import math
 import os
-import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from trajdata.config import at_least, choose, require
-from trajdata.errors import ConfigError
+from trajdata.config import at_least, choose, coerce_fields, from_mapping, option, read_toml, require
 
 # env id -> its default character (NetHackScore-v0: NLE's human monk; the Challenge: random per game)
 ENVS = {"NetHackScore-v0": "mon-hum-neu-mal", "NetHackChallenge-v0": "@"}
+ENV_ACTIONS = {"NetHackScore-v0": 23, "NetHackChallenge-v0": 121}  # the size of each env's action set
 DEVICES = ("auto", "cpu", "cuda")
 # fields that may change when the same run is resumed (they change where and how fast, not what is learned)
 RESUME_FREE = ("steps", "budgets", "log_every", "checkpoint_every", "progress", "tensorboard", "actors",
@@ -31,53 +31,63 @@ class RLConfig:
     learner step with 8 N D >= C.
     """
 
-    out: str = ""
-    run_id: str = ""  # name in runs.csv (default: the run directory's name)
-    env: str = "NetHackScore-v0"
-    character: str | None = None  # None: the env's default (ENVS)
+    out: str = option("", "Run directory (rerun to resume).", required=True, metavar="DIRECTORY")
+    run_id: str = option("", "Name of this run in runs.csv [default: the --out directory's name].")
+    env: str = option("NetHackScore-v0", "NLE task: NetHackScore-v0 (the paper's RL env: human monk, 23 actions) "
+                                         "or NetHackChallenge-v0.", choices=ENVS)
+    character: str | None = option(None, "NetHack character ('@' = random per game) [the env's default].")
     # model size: params (--params 1M picks the width at --layers) or width
-    params: str | None = None
-    width: int | None = None
-    layers: int = 1
-    use_inventory: bool = True
-    use_message: bool = True
-    use_glyphs: bool = False
+    params: str | int | float | None = option(None, "Target effective parameters (100k, 1M): picks the LSTM width "
+                                                    "at --layers.", metavar="COUNT")
+    width: int | None = option(None, "LSTM core width h (and the mixer's) [64].")
+    layers: int = option(1, "LSTM layers.")
+    use_inventory: bool = option(True, "Use the inventory encoder.")
+    use_message: bool = option(True, "Use the message encoder.")
+    use_glyphs: bool = option(False, "Also embed the dungeon glyphs.")
     # start from a BC snapshot (the LSTM-core family), optionally kickstarted toward it
-    init: str | None = None
-    kickstart_coef: float = 0.0  # weight of the cross-entropy to the BC policy at learner step 0
-    kickstart_decay: float = 0.999  # its factor per learner step: coef * decay^step
+    init: str | None = option(None, "Start from this BC run's largest-budget snapshot (or a .pt file) of the "
+                                    "LSTM-core family (train bc --core lstm): its architecture and weights.",
+                              metavar="RUN_OR_CKPT")
+    kickstart_coef: float = option(0.0, "Weight of the cross-entropy toward the --init BC policy at learner step 0 "
+                                        "(0: off).")
+    kickstart_decay: float = option(0.999, "Factor on the kickstart weight per learner step.")
     # actors and batches
-    actors: int = 1  # actor processes (0: act in the learner's process, synchronously)
-    envs: int = 16  # envs per actor, stepped together with one batched forward; rows of a learner batch
-    unroll: int = 32  # steps per row of a learner batch (T)
-    ray_address: str | None = None  # run the actors on this Ray cluster ("auto", "local" or host:port)
+    actors: int = option(1, "Actor processes (0: act in the learner's process, synchronously). With "
+                            "--ray-address: Ray actors.")
+    envs: int = option(16, "Games each actor steps together (one batched forward); rows of a learner batch.")
+    unroll: int = option(32, "Steps per row of a learner batch (T).")
+    ray_address: str | None = option(None, "Run the actors on this Ray cluster (auto, host:port, or local for a Ray "
+                                           "started here).")
     # IMPALA and RMSprop (the NLE baseline's settings)
-    lr: float = 2e-4
-    rms_alpha: float = 0.99
-    rms_eps: float = 0.01
-    rms_momentum: float = 0.0
-    grad_clip: float = 40.0  # max global gradient norm (0: off)
-    gamma: float = 0.999
-    baseline_coef: float = 0.5
-    entropy_coef: float = 0.001
-    reward_scale: float = 0.1  # rewards are scaled, then clipped to +-reward_clip, for learning only
-    reward_clip: float = 10.0
-    rho_clip: float = 1.0  # V-trace importance-weight clips
-    c_clip: float = 1.0
+    lr: float = option(2e-4, "RMSprop learning rate.")
+    rms_alpha: float = option(0.99, "RMSprop smoothing constant.")
+    rms_eps: float = option(0.01, "RMSprop epsilon.")
+    rms_momentum: float = option(0.0, "RMSprop momentum.")
+    grad_clip: float = option(40.0, "Max global gradient norm (0: off).")
+    gamma: float = option(0.999, "Discount.")
+    baseline_coef: float = option(0.5, "Weight of the value (baseline) loss, 0.5·(V-trace target - value)² per step.")
+    entropy_coef: float = option(0.001, "Weight of the entropy bonus.")
+    reward_scale: float = option(0.1, "Rewards are multiplied by this for learning (returns are logged unscaled).")
+    reward_clip: float = option(10.0, "Scaled rewards are clipped to +-this.")
+    rho_clip: float = option(1.0, "V-trace clip of the importance weights (rho-bar).")
+    c_clip: float = option(1.0, "V-trace clip of the trace coefficients (c-bar).")
     # length: up to the largest budget; --steps caps it
-    budgets: tuple[float, ...] = ()
-    steps: int | None = None
+    budgets: tuple[float, ...] = option((), "FLOP budgets C = 8ND, comma-separated: a snapshot and a runs.csv row "
+                                            "at each.")
+    steps: int | None = option(None, "Stop after this many env steps D trained on [default: the largest budget's].",
+                               count=True)
     # machinery
-    seed: int = 0
-    device: str = "auto"  # the learner's
-    threads: int = 1  # torch threads of the learner (each actor uses one)
-    log_every: int = 10  # learner steps between metrics.jsonl rows
-    checkpoint_every: int = 100  # learner steps between rolling checkpoints
-    progress: bool = True
-    tensorboard: bool = True
+    seed: int = option(0, "Seed of the model init, the action sampling and the games.")
+    device: str = option("auto", "The learner's device: auto (CUDA when present), cpu or cuda.", choices=DEVICES)
+    threads: int = option(1, "Torch threads of the learner (each actor uses one).")
+    log_every: int = option(10, "Learner steps between metrics.jsonl rows.")
+    checkpoint_every: int = option(100, "Learner steps between rolling checkpoints (RUN/checkpoint.pt).")
+    progress: bool = option(True, "Show a progress bar.")
+    tensorboard: bool = option(True, "Write TensorBoard events to RUN/tb when tensorboard is installed.")
 
     def __post_init__(self):
-        self.budgets = tuple(sorted(float(b) for b in self.budgets))
+        coerce_fields(self)
+        self.budgets = tuple(sorted(self.budgets))
         require(bool(self.out), "out", "is required")
         choose(self.env, ENVS, "env")
         choose(self.device, DEVICES, "device")
@@ -109,15 +119,5 @@ class RLConfig:
     @classmethod
     def from_toml(cls, path: str | os.PathLike, **overrides) -> RLConfig:
         """Fields from a TOML file (a table ``[rl]`` or the top level), then ``overrides``."""
-        p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {p} does not exist", field="config") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {p} is not valid TOML ({e})", field="config") from None
-        data = data.get("rl", data)
-        bad = sorted(set(data) - {f.name for f in fields(cls)})
-        if bad:
-            raise ConfigError(f"config file {p}: unknown field {bad[0]!r}", field="config")
-        return cls(**{**data, **overrides})
+        data = read_toml(path)
+        return from_mapping(cls, data.get("rl", data), f"config file {path}", **overrides)
