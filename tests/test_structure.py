@@ -19,8 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "trajdata"
 
 # Stages in pipeline order: a module may import its own stage and earlier ones, never a later one.
-STAGES = ("__init__", "errors", "config", "format", "envs", "collectors", "importers", "packs", "loaders", "exporters", "models", "train",
-          "evaluate", "scaling", "sweep", "cli")
+STAGES = ("__init__", "errors", "config", "format", "envs", "collectors", "importers", "packs", "loaders", "exporters", "models",
+          "train", "evaluate", "rl", "scaling", "sweep", "cli")
 RANKS = {s: i for i, s in enumerate(STAGES)}
 MAX_FUNCTION_LINES = 80
 CORE_BLOCKED = ("gymnasium", "nle", "torch", "scipy", "pandas", "matplotlib", "ale_py", "stable_baselines3", "ray",
@@ -289,6 +289,7 @@ def _command(path: list[str]):
     (["import", "nld"], "trajdata.importers.nld:NldImportConfig", ()),
     (["train", "ppo"], "trajdata.train.ppo:PPOConfig", ()),
     (["train", "bc"], "trajdata.train.bc:BCConfig", ("dataset",)),
+    (["train", "rl"], "trajdata.rl.config:RLConfig", ()),
     (["eval"], "trajdata.evaluate.config:EvalConfig", ()),
     (["sweep"], "trajdata.sweep.run:SweepOptions", ()),
     (["scaling", "fit"], "trajdata.scaling.fits:FitConfig", ()),

@@ -41,6 +41,7 @@ EXTRAS = {
     "atari": ("ale_py", "stable_baselines3", "gymnasium", "cv2"),
     "train": ("torch", "tensorboard"),
     "ray": ("ray",),
+    "rl": ("torchrl", "tensordict"),
     "scaling": ("scipy", "pandas", "matplotlib", "threadpoolctl"),
     "minari": ("minari", "PIL"),
     "autoascend": ("scipy", "cv2", "nltk", "toolz", "matplotlib", "seaborn"),

@@ -60,11 +60,15 @@ COMMANDS: dict = {
     "stats": ("trajdata.cli.dataset:stats",
               "Score, turn, depth and death-cause distributions of a NetHack dataset (compare with NLD-AA).",
               ("scaling",)),
-    "train": ("Train experts (PPO) or behavioural-cloning models.", {
+    "train": ("Train experts (PPO), behavioural-cloning or RL models.", {
         "ppo": ("trajdata.cli.train:train_ppo",
                 "Train an SB3 PPO CnnPolicy expert on an Atari game (rl-zoo settings).", ("atari", "train")),
         "bc": ("trajdata.cli.train:train_bc",
                "Train a behavioural-cloning policy on DATASET, with a snapshot at every FLOP budget.", ("train",)),
+        "rl": ("trajdata.cli.train:train_rl",
+               "Train the paper's NetHack agent (LSTM core) by IMPALA (TorchRL actors, V-trace, RMSprop), with a "
+               "snapshot at every FLOP budget C = 8ND.",
+               ("rl", "train", "nethack")),
     }),
     "eval": ("trajdata.cli.evaluate:eval_cmd",
              "Roll out BC snapshots (or an expert) on a fixed, seeded list of episodes: mean ± SE into runs.csv.",

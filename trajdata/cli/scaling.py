@@ -89,7 +89,8 @@ def interval_line(fit: dict) -> str:
     bs = fit.get("bootstrap")
     if bs:
         return (f"intervals: {int(round(100 * fit['config']['ci_level']))}% bootstrap percentile, {bs['draws']} draws "
-                f"(validation noise: {bs['validation_noise']['loss']}; run and budget scatter from the residuals)")
+                f"(validation noise: {'; '.join(f'{t}: {v}' for t, v in bs['validation_noise'].items())}; "
+                "run and budget scatter from the residuals)")
     return "intervals: OLS t-interval (isoFLOP) and delta method (parametric); no bootstrap (--bootstrap 0)"
 
 
@@ -101,8 +102,9 @@ def fit_cmd(runs_path, out, **opts):
     """Fit isoFLOP profiles, parametric laws and return-vs-loss to RUNS (CSV or Parquet).
 
     RUNS has one row per evaluated checkpoint: FLOPs, params, samples, loss (+ its SE),
-    optionally mean return (+ SE, episodes). Writes OUT/fit.json (every coefficient with CIs)
-    and OUT/report.html (self-contained, plots embedded).
+    optionally mean return (+ SE, episodes); a table without a loss (RL runs, C = 8ND: give
+    --flops-per-param-sample 8) is fitted on the return alone. Writes OUT/fit.json (every
+    coefficient with CIs) and OUT/report.html (self-contained, plots embedded).
     """
     from trajdata.scaling.report import write_report
 
@@ -118,9 +120,14 @@ def fit_cmd(runs_path, out, **opts):
         b = result["binning"]
         click.echo(f"binned {b['budgets_before']} FLOP budgets into {b['budgets_after']} "
                    f"({b['bins_per_decade']:g} per decade)")
-    if "isoflop" in result["loss"]:
-        kept = result["loss"]["isoflop"]["budgets_kept"]
-        click.echo(f"loss budgets kept: {len(kept)} of {len(result['budgets'])} ({min(kept):.3g} .. {max(kept):.3g})")
+    t = "loss" if "loss" in result else "return"
+    if "isoflop" in result.get(t, {}):
+        kept = result[t]["isoflop"]["budgets_kept"]
+        click.echo(f"{t} budgets kept: {len(kept)} of {len(result['budgets'])} ({min(kept):.3g} .. {max(kept):.3g})")
+    k, ratio = result["config"]["flops_per_param_sample"], result["median_flops_per_param_sample"]
+    if not 0.8 <= ratio / k <= 1.25:
+        click.echo(f"note: the runs' median C/(N·D) is {ratio:.3g} but k = {k:g} (--flops-per-param-sample; "
+                   "RL runs count C = 8ND)")
     line = dropped_line(result)
     if line:
         click.echo(line)
@@ -166,7 +173,7 @@ def print_forecasts(rows: list[dict], sens: dict | None) -> None:
 @click.option("--dataset", default=None, type=click.Path(file_okay=False),
               help="Dataset for the printed `train bc` command of the compute-optimal model (needed by --run).")
 @click.option("--run-out", default=None, type=click.Path(file_okay=False), help="--out of that run [runs/forecast-...].")
-@click.option("--run", "start", is_flag=True, help="Start that `train bc` run now.")
+@click.option("--run", "start", is_flag=True, help="Start that run now (`train bc`; `train rl` for a fit of RL runs, which have no loss).")
 @click.option("--max-extrapolation", default=REFUSE_DECADES, show_default=True, type=float, metavar="DECADES",
               help=f"Refuse forecasts whose C lies more than this many decades outside the fitted FLOP budgets "
                    f"(beyond {WARN_DECADES:g} decade they warn).")
@@ -192,8 +199,8 @@ def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json
             fit = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{path} is not valid JSON: {e.msg} (line {e.lineno})")
-        if not isinstance(fit, dict) or "loss" not in fit:
-            raise DataError(f"{path} is not a trajdata scaling fit (no 'loss' section)")
+        if not isinstance(fit, dict) or not ("loss" in fit or "return" in fit):
+            raise DataError(f"{path} is not a trajdata scaling fit (no 'loss' or 'return' section)")
     else:
         runs, cfg = load_and_config(source, **opts)
         fit = fit_all(runs, cfg, progress=progress_bars())
@@ -203,7 +210,8 @@ def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json
     targets = ("loss", "return") if target == "both" else (target,)
     given = dict(dataset_size=dataset_size, compute=compute, params=params)
     rows = forecast(fit, methods or None, targets, max_extrapolation, **given)
-    if start and not dataset:
+    rl = "loss" not in fit  # a fit of returns alone is one of RL runs: its compute-optimal run is a `train rl`
+    if start and not dataset and not rl:
         raise ConfigError("--run needs --dataset (the data to train the forecast model on)")
     for r in rows:
         if "warning" in r:
@@ -219,11 +227,11 @@ def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json
         click.echo(json.dumps(rows if sens is None else {"forecasts": rows, "sensitivity": sens}, indent=1))
     else:
         print_forecasts(rows, sens)
-    from trajdata.scaling.forecast import pick, preferred, train_bc_args
+    from trajdata.scaling.forecast import pick, preferred, train_bc_args, train_rl_args
 
     want = "loss" if target in ("loss", "both") else "return"
     best = pick(rows, want, fit)
-    args = train_bc_args(best, dataset or "DATASET", run_out)
+    args = train_rl_args(best, run_out) if rl else train_bc_args(best, dataset or "DATASET", run_out)
     if not as_json:
         import shlex
 

@@ -21,6 +21,8 @@ def sweep_cmd(spec_path, dry_run, **flags):
 
     SPEC.toml names the data (or how to collect it), the model family and sizes, the FLOP budgets,
     the shared training settings and the eval episodes (see specs/cpu.toml, specs/paper-nethack.toml).
+    family = "nethack-rl" sweeps `train rl` instead (C = 8ND, fitted on the return), and its [compare]
+    adds a BC-initialised run at equal total compute (specs/cpu-rl.toml, specs/paper-rl.toml).
     Writes OUT/runs/<run>/, OUT/runs.csv, OUT/fit.json and OUT/report.html. Finished runs, snapshots and
     evaluations are not redone.
     """
@@ -41,5 +43,7 @@ def sweep_cmd(spec_path, dry_run, **flags):
         return
     click.echo(r["plan"])
     t = r["timings"]
+    if "fit_error" in r:
+        click.echo(f"no fit could run: {r['fit_error']}")
     click.echo(f"{opts.out}: {r['snapshots']} snapshots in {t['total_s']:.0f} s; runs table {r['runs_csv']}"
                + (f"; report {r['report']}" if "report" in r else ""))

@@ -66,3 +66,36 @@ def train_bc(dataset, out, config_file, **flags):
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"{r['run']}: {r['step']:,} steps, {r['samples']:,} samples, {r['flops']:.3g} FLOPs, "
                    f"N={r['params']:,}, {len(r['snapshots'])} snapshot(s)")
+
+
+# ---- train rl: every RLConfig field is a flag ------------------------------------------------------
+
+def _rl_options(f):
+    from trajdata.rl.config import RLConfig
+
+    return dataclass_options(RLConfig)(f)
+
+
+@click.command("rl")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML file of RLConfig fields (top level or [rl]); flags given on the command line override it.")
+@_rl_options
+def train_rl(config_file, **flags):
+    """Train the paper's NetHack agent (LSTM core) by IMPALA (TorchRL actors, V-trace, RMSprop), with a
+    snapshot at every FLOP budget C = 8ND.
+
+    Writes RUN/config.json, metrics.jsonl, checkpoint.pt (rolling, for resume), snapshots/budget-C.pt
+    (policies `trajdata eval` plays) and runs.csv (run, params, samples = env steps D, flops: the
+    columns `trajdata scaling fit` reads; eval adds the return). Rerunning the same command resumes
+    from the last checkpoint; a different config in the same --out is refused.
+    """
+    from trajdata.rl.config import RLConfig
+    from trajdata.rl.train import train
+
+    ctx = click.get_current_context()
+    given = {k: v for k, v in flags.items()
+             if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+    cfg = RLConfig.from_toml(config_file, **given) if config_file else RLConfig(**flags)
+    r = train(cfg)
+    click.echo(f"{r['run']}: {r['step']:,} learner steps, {r['samples']:,} env steps, {r['flops']:.3g} FLOPs, "
+               f"N={r['params']:,}, {r['episodes']:,} games, {len(r['snapshots'])} snapshot(s)")

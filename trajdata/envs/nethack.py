@@ -65,12 +65,22 @@ def check_character(character: str) -> str:
     return character
 
 
-def make_nethack_env(character: str = "@", fix_moon_phase: bool = True, **kwargs) -> gym.Env:
-    """NetHackChallenge-v0 without NLE's own ttyrec recording (trajdata records)."""
+# NetHackChallenge-v0's observations (nle 1.3.0; NLE adds program_state and internal itself)
+CHALLENGE_OBSERVATIONS = ("glyphs", "chars", "colors", "specials", "blstats", "message", "inv_glyphs", "inv_strs",
+                          "inv_letters", "inv_oclasses", "tty_chars", "tty_colors", "tty_cursor", "misc")
+
+
+def make_nethack_env(character: str = "@", fix_moon_phase: bool = True, env_id: str = "NetHackChallenge-v0",
+                     **kwargs) -> gym.Env:
+    """NetHackChallenge-v0 (or another NLE task, ``env_id``, with the Challenge's observations: the
+    nethack schema's fields, not NetHackScore's costly screen_descriptions) without NLE's own ttyrec
+    recording (trajdata records)."""
     import nle  # noqa: F401  (registers the envs)
 
     kwargs.setdefault("save_ttyrec_every", 0)
-    return gym.make("NetHackChallenge-v0", character=character, fix_moon_phase=fix_moon_phase, **kwargs)
+    if env_id != "NetHackChallenge-v0":
+        kwargs.setdefault("observation_keys", CHALLENGE_OBSERVATIONS)
+    return gym.make(env_id, character=character, fix_moon_phase=fix_moon_phase, **kwargs)
 
 
 ESC = 27
@@ -80,15 +90,15 @@ LEAVE_ESCAPES = 3
 class CharacterEnv(gym.Wrapper):
     """NetHackChallenge whose character can change between episodes (NLE fixes it at construction)."""
 
-    def __init__(self, character: str = "@", fix_moon_phase: bool = True):
-        self.character, self.fix_moon_phase = character, fix_moon_phase
+    def __init__(self, character: str = "@", fix_moon_phase: bool = True, env_id: str = "NetHackChallenge-v0"):
+        self.character, self.fix_moon_phase, self.env_id = character, fix_moon_phase, env_id
         self.in_game = False
-        super().__init__(make_nethack_env(character, fix_moon_phase))
+        super().__init__(make_nethack_env(character, fix_moon_phase, env_id))
 
     def set_character(self, character: str) -> None:
         if character != self.character:
             self.close()
-            self.env = make_nethack_env(character, fix_moon_phase=self.fix_moon_phase)
+            self.env = make_nethack_env(character, fix_moon_phase=self.fix_moon_phase, env_id=self.env_id)
             self.character = character
 
     def reset(self, **kwargs):
@@ -111,11 +121,19 @@ class CharacterEnv(gym.Wrapper):
 
         nle 1.3.0 aborts the whole process (SIGABRT, uncatchable) ending some games that a step cap
         left mid-prompt, e.g. at "You swap places with your saddled pony.--More--"; after a few ESCs
-        the same game ends cleanly. The episode is already over, so these steps are recorded nowhere."""
+        the same game ends cleanly. The episode is already over, so these steps are recorded nowhere.
+        Tasks whose action set lacks ESC (NetHackScore-v0) get it as a keypress straight to NetHack."""
         if not self.in_game:
             return
         self.in_game = False
-        esc = self.env.unwrapped.actions.index(ESC)
+        actions = self.env.unwrapped.actions
+        if ESC not in actions:
+            nethack = self.env.unwrapped.nethack
+            for _ in range(LEAVE_ESCAPES):
+                if nethack.step(ESC)[1]:
+                    break
+            return
+        esc = actions.index(ESC)
         for _ in range(LEAVE_ESCAPES):
             _, _, term, trunc, _ = self.env.step(esc)
             if term or trunc:

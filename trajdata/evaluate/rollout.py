@@ -25,6 +25,7 @@ from trajdata.collectors.base import EpisodeTruncated, Expert, RecordingEnv
 from trajdata.collectors.config import ExpertSpec
 from trajdata.collectors.nethack import NetHackExpert
 from trajdata.envs.atari import env_id
+from trajdata.envs.nethack import CharacterEnv
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,22 @@ class NetHackHost(NetHackExpert):
         if self.no_progress_timeout is not None:
             env.unwrapped.no_progress_timeout = self.no_progress_timeout
         return out
+
+
+class RLHost(NetHackHost):
+    """NetHack env plumbing for an RL snapshot: ``NetHackHost`` on the NLE task it was trained on."""
+
+    def __init__(self, env_id: str = "NetHackScore-v0", character: str = "mon-hum-neu-mal",
+                 fix_moon_phase: bool = True, no_progress_timeout: int | None = None):
+        super().__init__(character, fix_moon_phase, no_progress_timeout)
+        self.env_id = env_id
+
+    def make_env(self) -> CharacterEnv:
+        character = self.character if self.character != "@" else "val-hum-law-fem"
+        return CharacterEnv(character, self.fix_moon_phase, self.env_id)
+
+    def describe(self) -> dict:
+        return dict(super().describe(), env=self.env_id)
 
 
 class AtariHost(AtariGame):

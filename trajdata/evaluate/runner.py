@@ -32,6 +32,7 @@ FORMAT, VERSION = "trajdata-eval", 1
 EVAL_DIR = "eval"
 EVAL_SALT = 0x6576616C  # "eval": eval seeds are a stream of their own, apart from collection's
 NETHACK_ENV = "NetHackChallenge-v0"
+RL_ENVS = ("NetHackScore-v0",)  # other NLE tasks RL snapshots train on (trajdata.evaluate.rollout:RLHost plays them)
 
 
 def eval_seeds(seed: int, episodes: int) -> list[int]:
@@ -81,9 +82,10 @@ def _env_of_dataset(family: str, dataset: dict, where: str) -> dict:
     expert = dataset.get("expert") or {}
     if family == "nethack":
         env = dataset.get("env") or NETHACK_ENV
-        if env != NETHACK_ENV:
-            raise DataError(f"{where} was trained on {env} data; trajdata eval plays {NETHACK_ENV}")
-        out = {"family": "nethack", "env": NETHACK_ENV, "character": expert.get("character") or "@",
+        if env != NETHACK_ENV and env not in RL_ENVS:
+            raise DataError(f"{where} was trained on {env} data; trajdata eval plays "
+                            f"{', '.join((NETHACK_ENV, *RL_ENVS))}")
+        out = {"family": "nethack", "env": env, "character": expert.get("character") or "@",
                "fix_moon_phase": bool(expert.get("fix_moon_phase", True))}
         if expert.get("no_progress_timeout") is not None:
             out["no_progress_timeout"] = int(expert["no_progress_timeout"])
@@ -129,6 +131,8 @@ def _match_env(env: dict, cfg: EvalConfig, where: str) -> dict:
 def _host(env: dict) -> ExpertSpec:
     if env["family"] == "nethack":
         kw = {k: env[k] for k in ("character", "fix_moon_phase", "no_progress_timeout") if k in env}
+        if env["env"] != NETHACK_ENV:
+            return ExpertSpec("trajdata.evaluate.rollout:RLHost", dict(kw, env_id=env["env"]))
         return ExpertSpec("trajdata.evaluate.rollout:NetHackHost", kw)
     return ExpertSpec("trajdata.evaluate.rollout:AtariHost", {k: env[k] for k in ("game", "noop_max", "frame_skip")})
 
@@ -247,8 +251,8 @@ def _expert_job(cfg: EvalConfig, base: dict | None, out: Path | None) -> Job:
     elif name in ("scripted", "autoascend"):
         if base is None:
             base = _match_env(_env_of_flag(cfg.env or "nethack"), cfg, f"--expert {name}")
-        if base["family"] != "nethack":
-            raise ConfigError(f"expert {name!r} plays NetHack; the checkpoint's data came from {base['env']}",
+        if base["env"] != NETHACK_ENV:
+            raise ConfigError(f"expert {name!r} plays {NETHACK_ENV}; the checkpoint's data came from {base['env']}",
                               field="expert")
         _need("nethack", torch=True)
         from trajdata.envs.nethack import check_character

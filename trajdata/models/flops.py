@@ -44,20 +44,29 @@ def atari_forward_flops(cfg: AtariConfig) -> int:
     return convs + 2 * cfg.flat_dim * cfg.n_actions
 
 
+def rl_effective_params(cfg: NetHackConfig) -> int:
+    """N of an RL agent (Appendix E: the policy and value heads both scale): the BC count (mixer +
+    LSTM core + policy head) plus the value head."""
+    return effective_params(cfg) + cfg.width + 1
+
+
 @dataclass(frozen=True)
 class Family:
-    """How a model family counts training FLOPs: ``multiplier`` x ``unit(cfg)`` per sample."""
+    """How a model family counts training FLOPs: ``multiplier`` x ``unit(cfg)`` per sample, and its N."""
 
     name: str
     unit: Callable[[NetHackConfig | AtariConfig], int]  # what the multiplier multiplies, per sample
     multiplier: int
+    params: Callable[[NetHackConfig | AtariConfig], int] = effective_params  # N of the scaling laws
 
     def flops_per_sample(self, cfg: NetHackConfig | AtariConfig) -> int:
         return self.multiplier * self.unit(cfg)
 
 
-# BC, the paper's way: C = 6ND for NetHack (N effective parameters), 3 x forward FLOPs for Atari
-FAMILIES = {"nethack": Family("nethack", effective_params, 6), "atari": Family("atari", atari_forward_flops, 3)}
+# BC, the paper's way: C = 6ND for NetHack (N effective parameters), 3 x forward FLOPs for Atari; RL
+# (IMPALA, Appendix E): C = 8ND, each learner forward and backward (6N) has an actor forward (2N) beside it
+FAMILIES = {"nethack": Family("nethack", effective_params, 6), "atari": Family("atari", atari_forward_flops, 3),
+            "nethack-rl": Family("nethack-rl", rl_effective_params, 8, rl_effective_params)}
 
 
 def flops_per_sample(cfg: NetHackConfig | AtariConfig) -> int:

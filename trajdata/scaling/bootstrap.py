@@ -360,7 +360,7 @@ def bootstrap(runs: Runs, fit: dict, cfg: FitConfig, progress: bool = False) -> 
     """The bootstrap section of fit.json: per exponent {median, ci, n}, and each method's draws."""
     rng = np.random.default_rng(cfg.seed)
     k = cfg.flops_per_param_sample
-    targets = [("loss", runs, runs.loss, runs.loss_se, runs.loss_episodes, False)]
+    targets = [("loss", runs, runs.loss, runs.loss_se, runs.loss_episodes, False)] if "loss" in fit else []
     if "return" in fit:
         rr = runs.subset(np.isfinite(runs.ret))
         targets.append(("return", rr, rr.ret, rr.ret_se, None, True))

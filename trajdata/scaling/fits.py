@@ -639,12 +639,15 @@ def default_forecasts(fit: dict, compute: float) -> dict:
 
 
 def _fit_steps(runs: Runs, cfg: FitConfig, progress: bool, out: dict, bar) -> dict:
-    out["loss"] = fit_target(runs, runs.loss, cfg, se=runs.loss_se)
+    if runs.has_loss:
+        out["loss"] = fit_target(runs, runs.loss, cfg, se=runs.loss_se)
+        if not any(st["ran"] for st in out["loss"]["methods"].values()):
+            raise DataError("no loss fit could run: " + "; ".join(
+                f"{m}: {st['reason']}" for m, st in out["loss"]["methods"].items()))
+    else:
+        out["loss_skipped"] = "the runs table has returns only (RL runs are fitted on the return)"
     bar.update()
     bar.set_description("fit return")
-    if not any(st["ran"] for st in out["loss"]["methods"].values()):
-        raise DataError("no loss fit could run: " + "; ".join(
-            f"{m}: {st['reason']}" for m, st in out["loss"]["methods"].items()))
     if not cfg.fit_return:
         out["return_skipped"] = "return fits were turned off (--no-return)"
     elif runs.ret is None:
@@ -657,10 +660,17 @@ def _fit_steps(runs: Runs, cfg: FitConfig, progress: bool, out: dict, bar) -> di
         out["return"] = fit_target(rr, rr.ret, cfg, maximize=True, se=rr.ret_se)
         bar.update()
         bar.set_description("fit return vs loss")
-        try:
-            out["return_vs_loss"] = fit_return_vs_loss(rr, cfg)
-        except DataError:
-            pass
+        if runs.has_loss:
+            try:
+                out["return_vs_loss"] = fit_return_vs_loss(rr, cfg)
+            except DataError:
+                pass
+    if "loss" not in out:
+        if "return" not in out:
+            raise DataError(f"nothing to fit: the runs table has no loss, and {out['return_skipped']}")
+        if not any(st["ran"] for st in out["return"]["methods"].values()):
+            raise DataError("no return fit could run: " + "; ".join(
+                f"{m}: {st['reason']}" for m, st in out["return"]["methods"].items()))
     bar.update(bar.total - bar.n)
     if cfg.bootstrap > 0:
         out["bootstrap"], out["bootstrap_draws"] = bootstrap(runs, out, cfg, progress)

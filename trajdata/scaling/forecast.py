@@ -264,3 +264,11 @@ def train_bc_args(row: dict, dataset: str, out: str | None = None, **schedule) -
     for k, v in sched.items():
         args += ["--" + k.replace("_", "-"), str(v)]
     return args
+
+
+def train_rl_args(row: dict, out: str | None = None) -> list[str]:
+    """The `trajdata train rl` arguments of the compute-optimal agent of forecast ``row`` (a return
+    fit of RL runs): ``--params N --steps D``."""
+    n, d = int(round(row["params"])), int(round(row["samples"]))
+    out = out or f"runs/forecast-rl-N{n:.3g}-D{d:.3g}".replace("+", "")
+    return ["train", "rl", "--out", out, "--params", str(n), "--steps", str(d)]

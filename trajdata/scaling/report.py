@@ -290,9 +290,10 @@ def exponents_section(fit: dict, level: int) -> str:
         rows.append([key, _fmt(e), e.get("ci_method", "OLS / delta method"),
                      f"({an[0]:.3f}, {an[1]:.3f})" if an else ""])
     bs = fit.get("bootstrap")
+    noise = "; ".join(f"{t}: {v}" for t, v in (bs or {}).get("validation_noise", {}).items())
     how = (f"The headline intervals are {level}% bootstrap percentile intervals ({bs['draws']} draws), which the "
-           "coverage test calibrates: each draw redraws the validation noise (loss: "
-           f"{html.escape(bs['validation_noise']['loss'])}), the run scatter the SEs do not explain and the budget "
+           "coverage test calibrates: each draw redraws the validation noise ("
+           f"{html.escape(noise)}), the run scatter the SEs do not explain and the budget "
            "optima's scatter, then reruns the same fits. The OLS/delta-method intervals are shown beside them."
            if bs else "The intervals are OLS t-intervals (isoFLOP) and delta-method intervals (parametric): the fit "
            "ran without a bootstrap (--bootstrap 0).")
@@ -320,6 +321,8 @@ def render_body(fit: dict, figures: dict[str, str], title: str = "Scaling-law fi
         b = fit["binning"]
         notes.append(f"FLOP budgets were binned ({b['bins_per_decade']:g} bins per decade, each run snapped to "
                      f"its bin's geometric centre): {b['budgets_before']} budgets became {b['budgets_after']}.")
+    if "loss_skipped" in fit:
+        notes.append(f"Loss fits: not fitted ({fit['loss_skipped']}).")
     if "return_skipped" in fit:
         notes.append(f"Return fits: not fitted ({fit['return_skipped']}).")
     parts.extend(f"<p>{html.escape(n)}</p>" for n in notes)

@@ -24,12 +24,14 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
 # a runs table's per-episode validation losses, one cell per run: "EPISODE:LOSS:STEPS EPISODE:LOSS:STEPS ..."
 # (EPISODE an id shared by runs validated on the same episodes, LOSS the episode's mean per-step loss)
 TEXT_ROLES = ("loss_episodes",)
-REQUIRED = ("flops", "params", "samples", "loss")
+REQUIRED = ("flops", "params", "samples")
+TARGETS = ("loss", "return")  # a table needs one; RL runs have a return and no loss
 
 
 @dataclass
 class Runs:
-    """Runs as float arrays; `budgets` are the distinct FLOP budgets, ascending.
+    """Runs as float arrays; `budgets` are the distinct FLOP budgets, ascending. `loss` is NaN
+    throughout for a table of returns only (RL runs; `has_loss` False).
 
     `dropped` counts, per column, the rows of the source table left out for a NaN/inf there;
     `n_dropped` is how many rows that was in all."""
@@ -54,6 +56,10 @@ class Runs:
     @property
     def budgets(self) -> np.ndarray:
         return np.unique(self.flops)
+
+    @property
+    def has_loss(self) -> bool:
+        return bool(np.isfinite(self.loss).any())
 
     def subset(self, mask: np.ndarray) -> "Runs":
         pick = lambda a: None if a is None else a[mask]  # noqa: E731
@@ -107,6 +113,10 @@ def resolve_columns(df: pd.DataFrame, columns: dict[str, str] | None = None) -> 
         elif role in REQUIRED:
             raise DataError(f"runs table has no {role} column (looked for {', '.join(aliases)}; "
                             f"pick one with --col {role}=NAME)")
+    if not any(t in out for t in TARGETS):
+        raise DataError("runs table has neither a loss nor a return column (looked for "
+                        f"{', '.join(COLUMN_ALIASES['loss'] + COLUMN_ALIASES['return'])}; pick one with --col loss=NAME "
+                        "or --col return=NAME)")
     return out
 
 
@@ -159,16 +169,24 @@ def runs_from_frame(df: pd.DataFrame, columns: dict[str, str] | None = None, sou
         except (ValueError, TypeError):
             raise DataError(f"column {name!r} ({role}) in {source or 'runs table'} is not numeric")
         arrays[role] = a
+    # the target every row needs: the loss, or for a table without one (RL runs) the return
+    target = "loss" if "loss" in arrays and np.isfinite(arrays["loss"]).any() else "return"
+    if target == "return" and "return" not in arrays:
+        raise DataError(f"column {cols['loss']!r} (loss) in {source or 'runs table'} is empty and there is no return "
+                        "column to fit instead")
+    if target == "return":
+        arrays["loss"] = np.full(len(df), np.nan)
+    needed = REQUIRED + (target,)
     ok = np.ones(len(df), bool)
-    for role in REQUIRED:
+    for role in needed:
         ok &= np.isfinite(arrays[role])
-    for role in ("flops", "params", "samples", "loss"):
+    for role in ("flops", "params", "samples") + (("loss",) if target == "loss" else ()):
         if (arrays[role][ok] <= 0).any():
             raise DataError(f"column {cols[role]!r} ({role}) has non-positive values")
-    dropped = {cols[r]: int((~np.isfinite(arrays[r])).sum()) for r in REQUIRED}
+    dropped = {cols[r]: int((~np.isfinite(arrays[r])).sum()) for r in needed}
     if ok.sum() == 0:
         raise DataError(f"no usable runs in {source or 'runs table'} (every row lacks one of "
-                        f"{', '.join(cols[r] for r in REQUIRED)})")
+                        f"{', '.join(cols[r] for r in needed)})")
     per_ep = None
     if "loss_episodes" in cols:
         per_ep = np.empty(len(df), object)
@@ -177,7 +195,7 @@ def runs_from_frame(df: pd.DataFrame, columns: dict[str, str] | None = None, sou
             per_ep = None
     return Runs(
         flops=arrays["flops"], params=arrays["params"], samples=arrays["samples"],
-        loss=arrays["loss"], loss_se=arrays.get("loss_se"), ret=arrays.get("return"),
+        loss=arrays["loss"], loss_se=arrays.get("loss_se") if target == "loss" else None, ret=arrays.get("return"),
         ret_se=arrays.get("return_se"), episodes=arrays.get("episodes"), loss_episodes=per_ep, source=source,
         dropped={c: n for c, n in dropped.items() if n}, n_dropped=int((~ok).sum()), n_duplicates=int(dup.sum()),
     ).subset(ok)

@@ -1,20 +1,25 @@
-"""A sweep spec (TOML) and its plan: one `train bc` run per model size, going to the largest FLOP
-budget that size is given, with a snapshot at each of its budgets (constant LR: the paper's trick,
-one run serves all its budgets).
+"""A sweep spec (TOML) and its plan: one training run per model size (`train bc`, or `train rl` for
+family "nethack-rl"), going to the largest FLOP budget that size is given, with a snapshot at each
+of its budgets (constant LR: the paper's trick, one run serves all its budgets).
 
 Spec layout (every table optional except [sweep]; see specs/*.toml):
 
-    [sweep]   name, family ("nethack" | "atari"), sizes ([[h, L], ...] or Atari widths [w, ...]),
-              budgets ([C, ...]), samples_per_param ([lo, hi], optional: skip cells off the optimum)
+    [sweep]   name, family ("nethack" | "atari" | "nethack-rl"), sizes ([[h, L], ...] or Atari widths
+              [w, ...]), budgets ([C, ...]), samples_per_param ([lo, hi], optional: skip cells off the optimum)
     [data]    dataset (path, relative to the spec file), and optionally [data.collect] to make it
-    [train]   BCConfig fields shared by every run (seq_len, batch_size, lr, ...)
+              (an RL sweep needs data only for a [compare.bc] run)
+    [train]   BCConfig fields shared by every run (seq_len, batch_size, lr, ...); RLConfig fields for RL
     [eval]    EvalConfig fields (episodes, max_steps, seed, workers, ...); episodes = 0: no rollouts
     [fit]     FitConfig fields; [report] reference = a runs table fitted the same way beside ours
+    [compare] RL only: from-scratch vs BC-initialised RL at equal total compute. init = a BC run or
+              checkpoint of the LSTM-core family (relative to the spec file), or [compare.bc] = the
+              BCConfig fields of a BC run the sweep trains first on [data] (core = "lstm");
+              kickstart_coef, kickstart_decay as `train rl`'s
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from trajdata.config import check_keys, choose, read_toml, require
@@ -23,10 +28,16 @@ from trajdata.models.atari import AtariConfig
 from trajdata.models.nethack import NetHackConfig
 from trajdata.train.shape import RunShape, run_shape
 
-FAMILIES = ("nethack", "atari")
-TABLES = ("sweep", "data", "train", "eval", "fit", "report")
+RL = "nethack-rl"
+FAMILIES = ("nethack", "atari", RL)
+TABLES = ("sweep", "data", "train", "eval", "fit", "report", "compare")
 FIT_MIN_SNAPSHOTS = 8  # `scaling fit` refuses fewer runs
 EVAL_SET_BY_SWEEP = ("all", "budget", "out", "update_runs", "record")  # [eval] may not set these
+COMPARE_KEYS = ("init", "bc", "kickstart_coef", "kickstart_decay")
+# keys each run's config gets from the sweep, not from [train] (or [compare.bc])
+SET_PER_RUN = {"bc": ("dataset", "out", "width", "layers", "params", "preset", "budgets", "samples", "family", "run_id"),
+               RL: ("out", "width", "layers", "params", "budgets", "steps", "run_id", "init", "kickstart_coef",
+                    "kickstart_decay")}
 
 
 @dataclass
@@ -42,7 +53,12 @@ class Spec:
     eval: dict = field(default_factory=dict)
     fit: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
+    compare: dict = field(default_factory=dict)
     path: str = ""
+
+    @property
+    def rl(self) -> bool:
+        return self.family == RL
 
     def __post_init__(self):
         choose(self.family, FAMILIES, "family")
@@ -52,7 +68,7 @@ class Spec:
                 "must be positive finite FLOP counts")
         self.budgets = sorted(float(b) for b in self.budgets)
         _no_repeats(self.budgets, "budgets", lambda b: f"{b:g}")
-        if self.family == "nethack":
+        if self.family in ("nethack", RL):
             require(isinstance(self.sizes, list) and all(
                 isinstance(s, (list, tuple)) and len(s) == 2 and all(_positive_int(x) for x in s) for s in self.sizes),
                 "sizes", "of a NetHack sweep are [width, layers] pairs of positive integers")
@@ -69,9 +85,24 @@ class Spec:
             lo, hi = spp
             require(0 <= lo < hi, "samples_per_param", f"must be [lo, hi] with 0 <= lo < hi (got {list(spp)})")
             self.samples_per_param = (float(lo), float(hi))
-        require(bool(self.dataset) or bool(self.collect), "dataset", "is required ([data] dataset = PATH)")
-        for k in ("dataset", "out", "width", "layers", "params", "preset", "budgets", "samples", "family", "run_id"):
+        if self.rl:
+            require(not self.compare or ("init" in self.compare) != ("bc" in self.compare), "compare",
+                    "needs one of init = BC_RUN_OR_CKPT and a [compare.bc] table")
+            require(not self.compare.get("bc") or bool(self.dataset) or bool(self.collect), "dataset",
+                    "is required for [compare.bc] ([data] dataset = PATH: the BC run trains on it)")
+            require("expert" not in self.eval, "eval", "expert: an RL sweep's baseline is the random policy "
+                    "(the experts play NetHackChallenge-v0)")
+        else:
+            require(bool(self.dataset) or bool(self.collect), "dataset", "is required ([data] dataset = PATH)")
+            require(not self.compare, "compare", "is for RL sweeps (family = 'nethack-rl')")
+        for k in SET_PER_RUN[RL if self.rl else "bc"]:
             require(k not in self.train, "train", f"may not set {k!r}: the sweep sets it per run")
+        bc = self.compare.get("bc")
+        if bc is not None:
+            for k in SET_PER_RUN["bc"] + ("core",):
+                require(k not in bc or k in ("width", "layers", "budgets"), "compare", f"bc may not set {k!r}: the "
+                        "sweep sets it")
+            require(bool(bc.get("budgets")), "compare", "bc needs budgets (RL starts from its largest-budget snapshot)")
 
 
 def _positive_int(x) -> bool:
@@ -114,10 +145,11 @@ def load_spec(path: str | Path) -> Spec:
     bad = sorted(set(d) - {"dataset"})
     if bad:
         raise ConfigError(f"sweep spec {p}: unknown key {bad[0]!r} in [data] (dataset, [data.collect])")
+    from trajdata.rl.config import RLConfig
     from trajdata.scaling.fits import FitConfig
     from trajdata.train.bc import BCConfig
 
-    check_keys(BCConfig, data.get("train", {}), f"sweep spec {p}", "train")
+    check_keys(RLConfig if sw["family"] == RL else BCConfig, data.get("train", {}), f"sweep spec {p}", "train")
     check_keys(FitConfig, data.get("fit", {}), f"sweep spec {p}", "fit")
     from trajdata.evaluate.config import EvalConfig
 
@@ -128,19 +160,32 @@ def load_spec(path: str | Path) -> Spec:
     bad = sorted(set(data.get("report", {})) - {"reference"})
     if bad:
         raise ConfigError(f"sweep spec {p}: unknown key {bad[0]!r} in [report] (reference)")
-    dataset = d.get("dataset", "")
-    if dataset and not Path(dataset).is_absolute():
-        dataset = str((p.parent / dataset).resolve())
+    compare = dict(data.get("compare", {}))
+    bad = sorted(set(compare) - set(COMPARE_KEYS))
+    if bad:
+        raise ConfigError(f"sweep spec {p}: unknown key {bad[0]!r} in [compare] ({', '.join(COMPARE_KEYS)})")
+    if compare.get("bc") is not None and not isinstance(compare["bc"], dict):
+        raise ConfigError(f"sweep spec {p}: [compare.bc] must be a table (got {compare['bc']!r})")
+    check_keys(BCConfig, compare.get("bc", {}), f"sweep spec {p}", "compare.bc")
+    if compare.get("init") is not None and not (isinstance(compare["init"], str) and compare["init"]):
+        raise ConfigError(f"sweep spec {p}: [compare] init must be a path (got {compare['init']!r})")
+
+    def near(path):  # relative to the spec file
+        return path if not path or Path(path).is_absolute() else str((p.parent / path).resolve())
+
+    dataset = near(d.get("dataset", ""))
     ref = dict(data.get("report", {}))
-    if ref.get("reference") and not Path(ref["reference"]).is_absolute():
-        ref["reference"] = str((p.parent / ref["reference"]).resolve())
+    if ref.get("reference"):
+        ref["reference"] = near(ref["reference"])
+    if compare.get("init"):
+        compare["init"] = near(compare["init"])
     try:
         spec = Spec(name=str(sw.get("name", p.stem)), family=sw["family"], sizes=sw["sizes"], budgets=sw["budgets"],
                     samples_per_param=sw.get("samples_per_param"), dataset=dataset, collect=collect,
                     train=dict(data.get("train", {})), eval=dict(data.get("eval", {})), fit=dict(data.get("fit", {})),
-                    report=ref, path=str(p))
+                    report=ref, compare=compare, path=str(p))
     except ConfigError as e:
-        table = {"train": "train", "dataset": "data"}.get(e.field, "sweep")
+        table = {"train": "train", "dataset": "data", "compare": "compare", "eval": "eval"}.get(e.field, "sweep")
         msg = str(e).removeprefix("train ") if table == "train" else str(e)
         raise ConfigError(f"sweep spec {p}: [{table}] {msg}") from None
     check_tables(spec)
@@ -251,6 +296,7 @@ class Plan:
     spec: Spec
     runs: list[PlannedRun]
     step_samples: int
+    compare: Comparison | None = None
 
     @property
     def active(self) -> list[PlannedRun]:
@@ -274,37 +320,141 @@ class Plan:
 
 
 def run_name(spec: Spec, size) -> str:
+    if spec.rl:
+        return f"rl-h{size[0]}-L{size[1]}"
     return f"atari-w{size}" if spec.family == "atari" else f"nethack-h{size[0]}-L{size[1]}"
 
 
 def run_config(spec: Spec, size, **fields):
-    """The ``BCConfig`` of the spec's run at ``size``: its [train] table, the size, and ``fields``."""
+    """The config of the spec's run at ``size`` (``BCConfig``; ``RLConfig`` for RL): its [train]
+    table, the size, and ``fields``."""
+    if spec.rl:
+        from trajdata.rl.config import RLConfig
+
+        sized = dict(width=size[0], layers=size[1]) if size is not None else {}
+        return RLConfig(**sized, **spec.train, **{"out": "-", **fields})
     from trajdata.train.bc import BCConfig
 
     sized = dict(width=size) if spec.family == "atari" else dict(width=size[0], layers=size[1])
     return BCConfig(family=spec.family, **sized, **spec.train, **{"dataset": "-", "out": "-", **fields})
 
 
-def make_plan(spec: Spec, n_actions: int | None = None, world_size: int = 1) -> Plan:
-    """Which runs, which snapshots, what compute: each size's ``run_shape``, the one `train bc` will
-    have. ``n_actions``: the Atari game's action count (it changes the CNN's head and so its FLOPs;
-    default 18)."""
+def cells(spec: Spec, shape: RunShape, budgets=None) -> list[Cell]:
+    """Each budget's cell of a run of ``shape``: kept, or skipped (less than one step, or D/N off
+    ``samples_per_param``)."""
+    out = []
+    n, step = shape.params, shape.samples_per_step
+    for c in shape.budgets if budgets is None else budgets:
+        d = shape.samples_for(c)
+        if d < step:
+            out.append(Cell(c, d, False, f"less than one optimizer step ({d:,} < {step:,} samples)"))
+        elif spec.samples_per_param and not spec.samples_per_param[0] <= d / n <= spec.samples_per_param[1]:
+            lo, hi = spec.samples_per_param
+            side = "undertrained" if d / n < lo else "overtrained"
+            out.append(Cell(c, d, False, f"{side}: D/N = {d / n:.3g} outside [{lo:g}, {hi:g}]"))
+        else:
+            out.append(Cell(c, d, True))
+    return out
+
+
+def make_plan(spec: Spec, n_actions: int | None = None, world_size: int = 1, out: Path | None = None) -> Plan:
+    """Which runs, which snapshots, what compute: each size's run shape, the one `train bc` (or
+    `train rl`) will have. ``n_actions``: the Atari game's action count (it changes the CNN's head
+    and so its FLOPs; default 18). ``out``: the sweep directory (where an RL sweep's [compare.bc]
+    run is, once trained)."""
     runs = []
     for size in spec.sizes:
-        shape = run_shape(run_config(spec, size, budgets=tuple(spec.budgets)), spec.family, n_actions, world_size)
-        n, step = shape.params, shape.samples_per_step
-        cells = []
-        for c, d in shape.budget_samples:
-            if d < step:
-                cells.append(Cell(c, d, False, f"less than one optimizer step ({d:,} < {step:,} samples)"))
-            elif spec.samples_per_param and not spec.samples_per_param[0] <= d / n <= spec.samples_per_param[1]:
-                lo, hi = spec.samples_per_param
-                side = "undertrained" if d / n < lo else "overtrained"
-                cells.append(Cell(c, d, False, f"{side}: D/N = {d / n:.3g} outside [{lo:g}, {hi:g}]"))
-            else:
-                cells.append(Cell(c, d, True))
-        runs.append(PlannedRun(run_name(spec, size), size, shape, cells))
-    return Plan(spec, runs, runs[0].shape.samples_per_step)
+        cfg = run_config(spec, size, budgets=tuple(spec.budgets))
+        if spec.rl:
+            from trajdata.rl.shape import run_shape as rl_shape
+
+            shape = rl_shape(cfg)
+        else:
+            shape = run_shape(cfg, spec.family, n_actions, world_size)
+        runs.append(PlannedRun(run_name(spec, size), size, shape, cells(spec, shape)))
+    compare = plan_comparison(spec, out) if spec.compare else None
+    return Plan(spec, runs, runs[0].shape.samples_per_step, compare)
+
+
+# ---- an RL sweep's comparison: from scratch vs from a BC snapshot, at equal total compute --------------
+
+BC_RUN = "bc"  # OUT/bc: the [compare.bc] run
+
+
+@dataclass
+class Comparison:
+    """The BC-initialised RL run of an RL sweep: the BC snapshot it starts from (``init``: a given run or
+    checkpoint, or ``bc``, the BC run the sweep trains first), that snapshot's training FLOPs, and
+    the RL budgets at which its snapshots fall: each sweep budget C less the BC FLOPs and the
+    teacher's (kickstarting), so that its total compute is C, as a from-scratch run's at C."""
+
+    init: str
+    bc: PlannedRun | None  # the [compare.bc] run; None: init is given
+    bc_flops: float | None  # the snapshot's FLOPs (planned while the [compare.bc] run is not trained yet)
+    run: PlannedRun | None  # None while the snapshot (its architecture) is not there
+    totals: dict[float, float] = field(default_factory=dict)  # RL budget -> total compute
+    note: str = ""
+
+    @property
+    def compute(self) -> float:
+        return (self.bc.compute if self.bc else 0.0) + (self.run.compute if self.run else 0.0)
+
+
+def plan_comparison(spec: Spec, out: Path | None) -> Comparison:
+    """The comparison's runs: the [compare.bc] run (its planned FLOPs until it is trained), and the
+    BC-initialised run once its snapshot's architecture is known (the [compare.bc] size, or the
+    given snapshot's when it is there)."""
+    from trajdata.train import checkpoint as ckpt_io
+
+    cmp, bc_run, model, bc_flops = spec.compare, None, None, None
+    if "bc" in cmp:
+        from trajdata.train.bc import BCConfig
+        from trajdata.train.shape import run_shape as bc_shape
+
+        size = (cmp["bc"]["width"], cmp["bc"]["layers"]) if "width" in cmp["bc"] and "layers" in cmp["bc"] else None
+        shape = bc_shape(BCConfig(**{**cmp["bc"], "dataset": "-", "out": "-", "core": "lstm", "family": "nethack"}),
+                         "nethack")
+        bc_run = PlannedRun(BC_RUN, size, shape, cells(replace(spec, samples_per_param=None), shape))
+        init = str((out or Path("OUT")) / BC_RUN)
+        model, bc_flops = shape.model, float(shape.flops(bc_run.samples))
+        there = max(bc_run.budgets, default=None) in {b for b, _ in ckpt_io.snapshots(init)}
+    else:
+        init = cmp["init"]
+        there = Path(init).exists()
+    if there:
+        from trajdata.rl.agent import bc_snapshot
+
+        ck, model = bc_snapshot(init)
+        bc_flops = float(ck["flops"])
+    c = Comparison(init, bc_run, bc_flops, None)
+    if model is None:
+        c.note = f"BC snapshot {init} not found"
+        return c
+    return _comparison_run(spec, c, model)
+
+
+def _comparison_run(spec: Spec, c: Comparison, model) -> Comparison:
+    """The BC-initialised run of ``c``, its RL budgets at the sweep's total budgets."""
+    from trajdata.models.flops import effective_params
+    from trajdata.rl.shape import run_shape as rl_shape
+
+    kick = float(spec.compare.get("kickstart_coef", 0.0))
+    cfg = run_config(spec, None, init=c.init, kickstart_coef=kick,
+                     **{k: spec.compare[k] for k in ("kickstart_decay",) if k in spec.compare})
+    shape = rl_shape(cfg, bc_cfg=model)
+    per_step = shape.flops_per_sample + (2 * effective_params(model) if kick > 0 else 0)
+    budgets, skipped = [], []
+    for total in spec.budgets:
+        rl = float(f"{(total - c.bc_flops) * shape.flops_per_sample / per_step:.6g}")
+        if rl <= 0:
+            skipped.append(Cell(total, 0, False, f"total {total:.3g} <= the BC snapshot's {c.bc_flops:.3g} FLOPs"))
+            continue
+        budgets.append(rl)
+        c.totals[rl] = total
+    shape = replace(shape, budgets=tuple(budgets))
+    c.run = PlannedRun(f"rl-bc-h{model.width}-L{model.layers}", (model.width, model.layers), shape,
+                       skipped + cells(replace(spec, samples_per_param=None), shape))
+    return c
 
 
 def data_problem(spec: Spec, dataset: Path) -> str | None:
@@ -329,8 +479,9 @@ def describe(plan: Plan, flops_per_s: float | None = None, samples_per_s: float 
     """The plan as a table: runs, their snapshots and samples, skipped cells and why, total compute;
     with ``flops_per_s`` or ``samples_per_s`` (where the fixed encoders set the cost of a sample,
     as on CPU) its training time."""
+    rl = plan.spec.rl
     lines = [f"sweep {plan.spec.name}: {len(plan.active)} runs, {plan.snapshots} snapshots, "
-             f"{plan.samples:,} training samples, {plan.compute:.3g} FLOPs"
+             f"{plan.samples:,} {'env steps' if rl else 'training samples'}, {plan.compute:.3g} FLOPs"
              + (f", {plan.eval_episodes:,} eval episodes" if plan.eval_episodes else
                 ", no rollouts ([eval] episodes = 0: the report fits the loss only)")]
     if flops_per_s:
@@ -338,11 +489,26 @@ def describe(plan: Plan, flops_per_s: float | None = None, samples_per_s: float 
         lines[0] += f" (~{secs / 3600:.3g} h at {flops_per_s:.3g} FLOP/s of training)"
     if samples_per_s:
         lines[0] += f" (~{plan.samples / samples_per_s / 60:.3g} min of training at {samples_per_s:.4g} samples/s)"
-    lines.append(f"{'run':20s} {'params':>12s} {'FLOPs/sample':>13s} {'samples':>14s} {'compute':>10s}  budgets")
-    for r in plan.runs:
+    lines.append(f"{'run':20s} {'params':>12s} {'FLOPs/' + ('step' if rl else 'sample'):>13s} {'samples':>14s} "
+                 f"{'compute':>10s}  budgets")
+    lines += _run_lines(plan.runs)
+    c = plan.compare
+    if c is not None:
+        kick = plan.spec.compare.get("kickstart_coef", 0)
+        lines.append(f"compare from scratch vs from the BC snapshot {c.init}"
+                     + (f" ({c.bc_flops:.3g} FLOPs)" if c.bc_flops else "")
+                     + (f", kickstarted (coef {kick:g})" if kick else "")
+                     + f", at equal total compute: {c.compute:.3g} FLOPs more" + (f" ({c.note})" if c.note else ""))
+        lines += _run_lines([r for r in (c.bc, c.run) if r is not None])
+    return "\n".join(lines)
+
+
+def _run_lines(runs: list[PlannedRun]) -> list[str]:
+    lines = []
+    for r in runs:
         kept = ",".join(f"{b:.3g}" for b in r.budgets) or "-"
         lines.append(f"{r.name:20s} {r.params:12,d} {r.flops_per_sample:13,d} {r.samples:14,d} {r.compute:10.3g}  {kept}")
-        for c in r.cells:
-            if not c.kept:
-                lines.append(f"{'':20s}   skip {c.budget:.3g}: {c.reason}")
-    return "\n".join(lines)
+        for cell in r.cells:
+            if not cell.kept:
+                lines.append(f"{'':20s}   skip {cell.budget:.3g}: {cell.reason}")
+    return lines

@@ -1,6 +1,8 @@
 """The sweep's report: this project's own runs fitted (isoFLOP parabolas for loss and return, optimal
 N and D power laws, return vs loss, a forecast), beside a reference runs table (the paper authors'
-released runs) fitted the same way, with the plan, wall times and the expert / random baselines."""
+released runs) fitted the same way, with the plan, wall times and the expert / random baselines.
+An RL sweep's runs are fitted on the return (C = 8ND), and its [compare] gets a section of its own:
+from-scratch vs BC-initialised return at equal total compute."""
 from __future__ import annotations
 
 import html
@@ -15,6 +17,7 @@ from trajdata.scaling.fits import FitConfig, fit_all
 from trajdata.scaling.forecast import forecast
 from trajdata.scaling.report import build_figures, page, png, render_body, strict_json, table
 from trajdata.scaling.runs import load_runs
+from trajdata.errors import DataError
 from trajdata.sweep.plan import Plan, dataset_path, describe
 from trajdata.train import checkpoint as ckpt_io
 
@@ -67,30 +70,66 @@ def _forecast_html(fit: dict, **given) -> str:
         return f"<p>No forecast: {html.escape(str(e))}</p>"
 
 
-def write_sweep_report(plan: Plan, out: Path, baselines: dict, timings: dict) -> str:
-    """Fit the sweep's runs.csv and the reference table; write OUT/{fit.json,reference_fit.json,report.html}."""
+def write_sweep_report(plan: Plan, out: Path, baselines: dict, timings: dict) -> tuple[str, str | None]:
+    """Fit the sweep's runs.csv and the reference table; write OUT/{fit.json,reference_fit.json,report.html}.
+    Returns the report's path and, where no fit of the sweep's runs could run, why (the report says it too)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # overflowing extrapolations of poor fits
         return _write_report(plan, out, baselines, timings)
 
 
-def _write_report(plan: Plan, out: Path, baselines: dict, timings: dict) -> str:
+def fit_config(spec) -> FitConfig:
+    """The spec's [fit] table; RL counts C = 8ND unless it says otherwise."""
+    return FitConfig(**({"flops_per_param_sample": 8.0} if spec.rl else {}), **spec.fit)
+
+
+def _write_report(plan: Plan, out: Path, baselines: dict, timings: dict) -> tuple[str, str | None]:
     spec = plan.spec
-    rep = out
-    cfg = FitConfig(**spec.fit)
-    own = _fit(out / "runs.csv", cfg)
-    ref_path = Path(spec.report.get("reference") or DEFAULT_REFERENCE)
+    try:
+        own, error = _fit(out / "runs.csv", fit_config(spec)), None
+    except DataError as e:  # too few or too poor runs for any fit: the rest of the report still stands
+        own, error = None, str(e)
+    (out / "fit.json").unlink(missing_ok=True)
+    if own is not None:
+        (out / "fit.json").write_text(json.dumps(strict_json(own), indent=1, allow_nan=False))
+    ref_path = Path(spec.report.get("reference") or ("" if spec.rl else DEFAULT_REFERENCE))  # no RL runs released
     ref = _fit(ref_path, FitConfig(**spec.report.get("reference_fit", {}))) if ref_path.is_file() else None
-    (rep / "fit.json").write_text(json.dumps(strict_json(own), indent=1, allow_nan=False))
     if ref is not None:
-        (rep / "reference_fit.json").write_text(json.dumps(strict_json(ref), indent=1, allow_nan=False))
+        (out / "reference_fit.json").write_text(json.dumps(strict_json(ref), indent=1, allow_nan=False))
+    ds_steps = None
+    if not spec.rl:
+        from trajdata.format.dataset import Dataset
 
-    from trajdata.format.dataset import Dataset
+        ds_steps = int(sum(int(r["steps"]) for r in Dataset(dataset_path(spec, out)).index_rows()))
+    parts = _header(plan, out, baselines, timings, ds_steps)
+    if own is None:
+        parts.append(f"<h1>This project's runs ({html.escape(spec.name)})</h1><p>No fit could run: "
+                     f"{html.escape(error)}</p>")
+    else:
+        parts.append(render_body(own, build_figures(own), title=f"This project's runs ({spec.name})"))
+    if own is not None and ds_steps is not None:
+        parts.append("<h2>Forecast</h2><p>The compute-optimal run for this sweep's dataset "
+                     f"(D = {ds_steps:,} steps), by each method that ran:</p>"
+                     + _forecast_html(own, dataset_size=float(ds_steps)))
+    if plan.compare is not None and (out / "compare.csv").is_file():
+        from trajdata.sweep.compare import comparison_section
 
-    ds_steps = int(sum(int(r["steps"]) for r in Dataset(dataset_path(spec, out)).index_rows()))
+        parts.append(comparison_section(plan, out, baselines))
+    if ref is not None:
+        parts.append(render_body(ref, build_figures(ref), title=f"Reference: {ref_path.name}, fitted the same way"))
+        parts.append("<h2>Reference forecast</h2><p>At the paper's 40B-sample dataset:</p>"
+                     + _forecast_html(ref, dataset_size=40e9))
+    (out / "report.html").write_text(page(f"trajdata sweep {spec.name}", "".join(parts)))
+    return str(out / "report.html"), error
+
+
+def _header(plan: Plan, out: Path, baselines: dict, timings: dict, ds_steps: int | None) -> list[str]:
+    """The report's title, plan, wall times and baselines, with every snapshot's return."""
+    spec = plan.spec
     parts = [f"<h1>trajdata sweep <code>{html.escape(spec.name)}</code></h1>",
              f"<p>{len(plan.active)} runs ({spec.family}), {plan.snapshots} snapshots, {plan.compute:.3g} training FLOPs "
-             f"planned; dataset {ds_steps:,} steps. Wall time: "
+             + (f"planned; dataset {ds_steps:,} steps. " if ds_steps is not None else
+                "planned (C = 8ND, D env steps). ") + "Wall time: "
              + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()) + ".</p>",
              f"<pre>{html.escape(describe(plan))}</pre>"]
     if baselines:
@@ -99,13 +138,4 @@ def _write_report(plan: Plan, out: Path, baselines: dict, timings: dict) -> str:
         parts.append("<h2>Baselines on the eval seeds</h2>"
                      + table(rows, ["baseline", "policy", "episodes", "mean return ± SE", "median"]))
         parts.append(f"<img src='data:image/png;base64,{plot_returns(plan, out, baselines)}'>")
-    parts.append(render_body(own, build_figures(own), title=f"This project's runs ({spec.name})"))
-    parts.append("<h2>Forecast</h2><p>The compute-optimal run for this sweep's dataset "
-                 f"(D = {ds_steps:,} steps), by each method that ran:</p>"
-                 + _forecast_html(own, dataset_size=float(ds_steps)))
-    if ref is not None:
-        parts.append(render_body(ref, build_figures(ref), title=f"Reference: {ref_path.name}, fitted the same way"))
-        parts.append("<h2>Reference forecast</h2><p>At the paper's 40B-sample dataset:</p>"
-                     + _forecast_html(ref, dataset_size=40e9))
-    (rep / "report.html").write_text(page(f"trajdata sweep {spec.name}", "".join(parts)))
-    return str(rep / "report.html")
+    return parts

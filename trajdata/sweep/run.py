@@ -1,12 +1,15 @@
-"""Run a sweep's plan: data -> train bc per size (snapshots at its budgets) -> eval every snapshot ->
-one runs.csv -> fits -> report. Every stage resumes: finished shards, runs, snapshots and
+"""Run a sweep's plan: data -> train bc (or train rl) per size (snapshots at its budgets) -> eval every
+snapshot -> one runs.csv -> fits -> report. Every stage resumes: finished shards, runs, snapshots and
 evaluations are not redone.
 
     OUT/data/                  the collected dataset (when the spec collects one)
-    OUT/runs/<run>/            one `train bc` run directory per size (its runs.csv, snapshots/, eval/)
+    OUT/runs/<run>/            one `train bc` (`train rl`) run directory per size (its runs.csv, snapshots/, eval/)
     OUT/runs.csv               every snapshot's row, gathered
     OUT/baselines.json         the data's expert and a uniform-random policy on the same eval seeds
     OUT/plan.txt, fit.json, reference_fit.json, report.html (ours beside the reference runs)
+
+An RL sweep's [compare] adds OUT/bc/ (the [compare.bc] run, trained first), OUT/runs/rl-bc-h<h>-L<L>/
+(the BC-initialised run) and OUT/compare.csv (its rows with their total compute: BC + RL + teacher).
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ from pathlib import Path
 
 from trajdata.config import at_least, choose, coerce_fields, lock_dir, option, require
 from trajdata.errors import ConfigError, DataError
-from trajdata.sweep.plan import (Plan, PlannedRun, Spec, check_plan, collect_config, data_problem, dataset_path,
-                                 describe, make_plan, run_config)
+from trajdata.sweep.plan import (BC_RUN, Plan, PlannedRun, Spec, check_plan, collect_config, data_problem,
+                                 dataset_path, describe, make_plan, run_config)
 from trajdata.train import checkpoint as ckpt_io
 
 BACKENDS = ("local", "ray", "print")
@@ -77,6 +80,55 @@ def bc_config(spec: Spec, run: PlannedRun, dataset: Path, out: Path, **extra):
                       budgets=tuple(run.budgets), **extra)
 
 
+def rl_config(spec: Spec, run: PlannedRun, out: Path, **extra):
+    return run_config(spec, run.size, out=str(out / "runs" / run.name), run_id=run.name, budgets=tuple(run.budgets),
+                      **extra)
+
+
+@dataclass
+class Job:
+    """One training run of the sweep: `train bc` or `train rl`, its config, its compute."""
+
+    kind: str  # "bc" | "rl"
+    cfg: object  # BCConfig | RLConfig
+    compute: float
+
+    @property
+    def name(self) -> str:
+        return self.cfg.run_id
+
+
+def jobs(plan: Plan, dataset: Path, out: Path, opts: SweepOptions) -> list[Job]:
+    """The sweep's training runs (an RL comparison's BC-initialised run last)."""
+    progress = opts.progress and opts.parallel == 1 and opts.backend == "local"
+    if not plan.spec.rl:
+        return [Job("bc", bc_config(plan.spec, r, dataset, out, progress=progress), r.compute) for r in plan.active]
+    threads = {} if opts.threads is None else {"threads": opts.threads}
+    out_jobs = [Job("rl", rl_config(plan.spec, r, out, progress=progress, **threads), r.compute) for r in plan.active]
+    c = plan.compare
+    if c is not None:
+        if c.run is None:
+            raise DataError(f"the comparison cannot start: {c.note}")
+        kw = {k: plan.spec.compare[k] for k in ("kickstart_coef", "kickstart_decay") if k in plan.spec.compare}
+        cfg = run_config(plan.spec, None, out=str(out / "runs" / c.run.name), run_id=c.run.name,
+                         budgets=tuple(c.run.budgets), init=c.init, progress=progress, **kw, **threads)
+        out_jobs.append(Job("rl", cfg, c.run.compute))
+    return out_jobs
+
+
+def compare_bc_job(plan: Plan, dataset: Path, out: Path, opts: SweepOptions) -> Job | None:
+    """The [compare.bc] run (trained before the RL runs: the comparison's budgets need its FLOPs)."""
+    c = plan.compare
+    if c is None or c.bc is None:
+        return None
+    from trajdata.train.bc import BCConfig
+
+    cfg = BCConfig(**{**plan.spec.compare["bc"], "core": "lstm", "family": "nethack", "dataset": str(dataset),
+                      "out": str(out / BC_RUN), "run_id": BC_RUN,
+                      "progress": opts.progress and opts.backend == "local"})
+    return Job("bc", cfg, c.bc.compute)
+
+
 def run_done(cfg) -> bool:
     """Whether the run's rolling checkpoint already holds every budget's snapshot."""
     latest = Path(cfg.out) / ckpt_io.LATEST
@@ -86,24 +138,42 @@ def run_done(cfg) -> bool:
     return all(b in have for b in cfg.budgets)
 
 
-def _train_one(cfg_dict: dict, threads: int) -> dict:
+def _train_one(kind: str, cfg_dict: dict, threads: int) -> dict:
     import torch
 
+    torch.set_num_threads(threads)
+    if kind == "rl":
+        from trajdata.rl.config import RLConfig
+        from trajdata.rl.train import train
+
+        return train(RLConfig(**cfg_dict))
     from trajdata.train.bc import BCConfig, train
 
-    torch.set_num_threads(threads)
     return train(BCConfig(**cfg_dict))
+
+
+def command(job: Job, nproc: int) -> str:
+    """The command of one run, for a cluster: `torchrun ... train bc` (BC), `trajdata train rl` (RL)."""
+    if job.kind == "rl":
+        from trajdata.rl.config import RLConfig
+
+        return shlex.join(["trajdata", "train", "rl", "--out", job.cfg.out] + _flags(job.cfg, RLConfig(out="-")))
+    return torchrun_command(job.cfg, nproc)
 
 
 def torchrun_command(cfg, nproc: int) -> str:
     """The `torchrun ... train bc` command of one run, for a cluster."""
     from trajdata.train.bc import BCConfig
 
-    args = ["torchrun", "--nproc-per-node", str(nproc), "-m", "trajdata.cli", "train", "bc", cfg.dataset,
-            "--out", cfg.out]
-    d = asdict(BCConfig(dataset="-", out="-"))
+    return shlex.join(["torchrun", "--nproc-per-node", str(nproc), "-m", "trajdata.cli", "train", "bc", cfg.dataset,
+                       "--out", cfg.out] + _flags(cfg, BCConfig(dataset="-", out="-")))
+
+
+def _flags(cfg, defaults) -> list[str]:
+    """The flags that set ``cfg``'s fields where they differ from ``defaults``."""
+    args, d = [], asdict(defaults)
     for k, v in asdict(cfg).items():
-        if k in ("dataset", "out") or v == d[k]:
+        if k in ("dataset", "out") or v == d[k] or v is None:
             continue
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
@@ -112,31 +182,30 @@ def torchrun_command(cfg, nproc: int) -> str:
             args += [flag, ",".join(repr(b) for b in v)]
         else:
             args += [flag, str(v)]
-    return shlex.join(args)
+    return args
 
 
-def train_all(plan: Plan, dataset: Path, out: Path, opts: SweepOptions) -> list[dict]:
-    """Train every planned run that is not finished: sequentially, K at a time, or on Ray."""
+def train_all(plan: Plan, dataset: Path, out: Path, opts: SweepOptions, todo_jobs: list[Job] | None = None) -> list[dict]:
+    """Train every planned run (or ``todo_jobs``) that is not finished: sequentially, K at a time, or on Ray."""
     from tqdm import tqdm
 
-    cfgs = [bc_config(plan.spec, r, dataset, out, progress=opts.progress and opts.parallel == 1 and opts.backend == "local")
-            for r in plan.active]
+    all_jobs = jobs(plan, dataset, out, opts) if todo_jobs is None else todo_jobs
     if opts.backend == "print":
-        for c in cfgs:
-            print(torchrun_command(c, opts.nproc_per_node))
+        for j in all_jobs:
+            print(command(j, opts.nproc_per_node))
         return []
-    by_name = {r.name: r for r in plan.active}
-    todo = [c for c in cfgs if not run_done(c)]
-    spent = sum(by_name[c.run_id].compute for c in cfgs if c not in todo)
-    total = plan.compute
-    bar = tqdm(total=len(cfgs), initial=len(cfgs) - len(todo), unit="run", desc="sweep train", disable=not opts.progress)
+    todo = [j for j in all_jobs if not run_done(j.cfg)]
+    spent = sum(j.compute for j in all_jobs if j not in todo)
+    total = sum(j.compute for j in all_jobs)
+    bar = tqdm(total=len(all_jobs), initial=len(all_jobs) - len(todo), unit="run", desc="sweep train",
+               disable=not opts.progress)
     bar.set_postfix_str(f"compute {spent:.3g} done, {total - spent:.3g} left")
     threads = opts.threads or max(1, (os.cpu_count() or 1) // max(1, opts.parallel))
     results = []
 
-    def finished(c, r):
+    def finished(j: Job, r):
         nonlocal spent
-        spent += by_name[c.run_id].compute
+        spent += j.compute
         results.append(r)
         bar.update(1)
         bar.set_postfix_str(f"compute {spent:.3g} done, {total - spent:.3g} left")
@@ -146,26 +215,28 @@ def train_all(plan: Plan, dataset: Path, out: Path, opts: SweepOptions) -> list[
 
         ray.init(address=opts.ray_address, ignore_reinit_error=True, log_to_driver=False)
         remote = ray.remote(num_cpus=threads)(_train_one)
-        refs = {remote.remote(asdict(c), threads): c for c in todo}
+        refs = {remote.remote(j.kind, asdict(j.cfg), threads): j for j in todo}
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             finished(refs[ready[0]], ray.get(ready[0]))
     elif opts.parallel > 1:
         with ProcessPoolExecutor(opts.parallel, mp_context=get_context("spawn")) as pool:
-            futs = {pool.submit(_train_one, asdict(c), threads): c for c in todo}
+            futs = {pool.submit(_train_one, j.kind, asdict(j.cfg), threads): j for j in todo}
             for f in as_completed(futs):
                 finished(futs[f], f.result())
     else:
-        import torch
-
-        torch.set_num_threads(threads)
-        from trajdata.train.bc import train
-
-        for c in todo:
-            finished(c, train(c))
+        for j in todo:
+            finished(j, _train_one(j.kind, asdict(j.cfg), threads))
     bar.close()
     return results
+
+
+def run_dirs(plan: Plan, out: Path) -> list[Path]:
+    """The run directory of every planned training run whose snapshots are evaluated (an RL
+    comparison's BC-initialised run last)."""
+    runs = plan.active + ([plan.compare.run] if plan.compare is not None and plan.compare.run is not None else [])
+    return [out / "runs" / r.name for r in runs if r.budgets]
 
 
 def eval_all(plan: Plan, out: Path, progress: bool) -> dict:
@@ -179,9 +250,10 @@ def eval_all(plan: Plan, out: Path, progress: bool) -> dict:
 
     expert = ev.pop("expert", None)
     baselines = {}
-    for r in plan.active:
-        evaluate(str(out / "runs" / r.name), EvalConfig(all=True, **ev), progress=progress)
-    first = str(out / "runs" / plan.active[0].name)  # its checkpoints name the env the data came from
+    dirs = run_dirs(plan, out)
+    for d in dirs:
+        evaluate(str(d), EvalConfig(all=True, **ev), progress=progress)
+    first = str(dirs[0])  # its checkpoints name the env the data came from (an RL run's: the env it played)
     for name in ([expert] if expert else []) + ["random"]:
         docs = evaluate(first, EvalConfig(expert=name, out=str(out / "baselines"), update_runs=False,
                                           **{k: v for k, v in ev.items() if k != "out"}), progress=progress)
@@ -192,23 +264,26 @@ def eval_all(plan: Plan, out: Path, progress: bool) -> dict:
 
 
 def gather(plan: Plan, out: Path) -> Path:
-    """One runs.csv of every planned snapshot that exists (rows of runs not in the plan are left out)."""
-    rows = []
-    for r in plan.active:
-        for row in ckpt_io.read_runs(out / "runs" / r.name / ckpt_io.RUNS_CSV):
-            if float(row["budget"]) in r.budgets:
-                rows.append(dict(row, checkpoint=f"runs/{r.name}/{row['checkpoint']}"))
+    """One runs.csv of every planned snapshot that exists (rows of runs not in the plan are left out);
+    an RL comparison's rows go to compare.csv, each with its total compute."""
+    rows = _rows(plan.active, out)
     if not rows:
         raise DataError(f"sweep {out} has no snapshots yet")
     path = out / "runs.csv"
     ckpt_io.write_runs(path, rows)
+    c = plan.compare
+    if c is not None and c.run is not None:
+        rows = [dict(r, total_budget=repr(c.totals[float(r["budget"])]),
+                     total_flops=float(r["flops_actual"]) + float(r["flops_init"] or 0) + float(r["flops_kickstart"] or 0))
+                for r in _rows([c.run], out)]
+        ckpt_io.write_runs(out / "compare.csv", rows)
     return path
 
 
 def check_data(plan: Plan, dataset: Path) -> None:
     """What each run would find wrong with the data (when it exists already): a family or fields the
     models cannot train on, no training or validation episodes at the spec's val_fraction."""
-    if not (dataset / "dataset.json").is_file():
+    if plan.spec.rl or not (dataset / "dataset.json").is_file():
         return
     from trajdata.format.dataset import Dataset
     from trajdata.train.bc import check_dataset, run_length
@@ -225,11 +300,25 @@ def check_data(plan: Plan, dataset: Path) -> None:
 def dry_run(spec: Spec, opts: SweepOptions) -> tuple[str, str | None]:
     """(the plan and its cost, a warning) after every check the real sweep makes before it starts;
     the warning says what this machine lacks for it (the data may be where the sweep will run)."""
-    plan = make_plan(spec)
+    plan = make_plan(spec, out=Path(opts.out))
     check_plan(plan, fit=not opts.skip_report)
     dataset = dataset_path(spec, Path(opts.out))
     check_data(plan, dataset)
-    return describe(plan, opts.flops_per_s, opts.samples_per_s), data_problem(spec, dataset)
+    return describe(plan, opts.flops_per_s, opts.samples_per_s), (data_problem(spec, dataset) if needs_data(spec)
+                                                                          else None)
+
+
+def _rows(runs: list[PlannedRun], out: Path) -> list[dict]:
+    rows = []
+    for r in runs:
+        for row in ckpt_io.read_runs(out / "runs" / r.name / ckpt_io.RUNS_CSV):
+            if float(row["budget"]) in r.budgets:
+                rows.append(dict(row, checkpoint=f"runs/{r.name}/{row['checkpoint']}"))
+    return rows
+
+
+def needs_data(spec: Spec) -> bool:
+    return not spec.rl or "bc" in spec.compare
 
 
 def run_sweep(spec: Spec, opts: SweepOptions) -> dict:
@@ -238,7 +327,7 @@ def run_sweep(spec: Spec, opts: SweepOptions) -> dict:
     out = Path(opts.out or f"sweeps/{spec.name}")
     cluster = opts.backend == "print"  # the runs' commands are printed, to run elsewhere: no data or fit here
     check_plan(make_plan(spec), fit=not (opts.skip_report or cluster))
-    problem = None if cluster else data_problem(spec, dataset_path(spec, out))
+    problem = None if cluster or not needs_data(spec) else data_problem(spec, dataset_path(spec, out))
     if problem:
         raise DataError(problem)
     if not cluster:
@@ -250,16 +339,23 @@ def run_sweep(spec: Spec, opts: SweepOptions) -> dict:
 def _run_sweep(spec: Spec, opts: SweepOptions, out: Path) -> dict:
     t0 = time.time()
     (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1, default=str) + "\n")
-    dataset = ensure_data(spec, out, opts.progress) if opts.backend != "print" else dataset_path(spec, out)
+    dataset = dataset_path(spec, out)
+    if opts.backend != "print" and needs_data(spec):
+        dataset = ensure_data(spec, out, opts.progress)
     n_actions = None
     if spec.family == "atari" and (dataset / "dataset.json").is_file():
         from trajdata.format.dataset import Dataset
         from trajdata.train.shape import atari_actions
 
         n_actions = atari_actions(Dataset(dataset).info)
-    plan = make_plan(spec, n_actions)
-    (out / "plan.txt").write_text(describe(plan) + "\n")
+    plan = make_plan(spec, n_actions, out=out)
     timings = {"data_s": round(time.time() - t0, 1)}
+    bc = compare_bc_job(plan, dataset, out, opts)
+    if bc is not None:  # first: the comparison's RL budgets are the sweep's less its FLOPs
+        train_all(plan, dataset, out, opts, [bc])
+        if opts.backend != "print":
+            plan = make_plan(spec, n_actions, out=out)
+    (out / "plan.txt").write_text(describe(plan) + "\n")
     train_all(plan, dataset, out, opts)
     if opts.backend == "print":
         return dict(plan=describe(plan), printed=True)
@@ -276,7 +372,9 @@ def _run_sweep(spec: Spec, opts: SweepOptions, out: Path) -> dict:
         from trajdata.sweep.report import write_sweep_report
 
         t1 = time.time()
-        result["report"] = write_sweep_report(plan, out, baselines, timings)
+        result["report"], error = write_sweep_report(plan, out, baselines, timings)
+        if error:
+            result["fit_error"] = error
         timings["report_s"] = round(time.time() - t1, 1)
     timings["total_s"] = round(time.time() - t0, 1)
     (out / "sweep.json").write_text(json.dumps(result, indent=1, default=str) + "\n")

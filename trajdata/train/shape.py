@@ -3,8 +3,8 @@ optimizer step and the sample count at which each FLOP budget falls. `train bc` 
 ask ``run_shape`` (so a plan's numbers are the run's).
 
 FLOPs per sample are the family's multiplier times its per-sample unit
-(``trajdata.models.flops.FAMILIES``: 6 x N for NetHack BC, C = 6ND; 3 x forward FLOPs for Atari);
-another trainer passes its own ``Family`` (e.g. a multiplier of 8 for C = 8ND).
+(``trajdata.models.flops.FAMILIES``: 6 x N for NetHack BC, C = 6ND; 3 x forward FLOPs for Atari;
+8 x N for RL, C = 8ND). A trainer that picks its model its own way (`train rl`) asks ``model_shape``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 
 from trajdata.config import require
 from trajdata.models.atari import AtariConfig
-from trajdata.models.flops import FAMILIES, Family, effective_params
+from trajdata.models.flops import FAMILIES, Family
 from trajdata.models.nethack import NetHackConfig
 from trajdata.models.sizes import NETHACK_GRID, PAPER_SIZE, atari_width_for_params, size_for_params
 
@@ -57,16 +57,23 @@ def run_shape(cfg, family: str, n_actions: int | None = None, world: int = 1,
     ``n_actions``: the Atari game's action count (default 18); ``counting``: how FLOPs are counted
     (default: the family's ``FAMILIES`` entry)."""
     mcfg = model_config(cfg, family, n_actions)
-    counting = counting or FAMILIES[family]
     B, T = cfg.batch_size, cfg.seq_len
     accum = cfg.grad_accum
     if cfg.samples_per_step is not None:
         require(cfg.samples_per_step % (B * T * world) == 0, "samples_per_step",
                 f"{cfg.samples_per_step} is not a multiple of batch_size x seq_len x ranks = {B * T * world}")
         accum = cfg.samples_per_step // (B * T * world)
-    return RunShape(family=family, model=mcfg, params=effective_params(mcfg),
-                    flops_per_sample=counting.flops_per_sample(mcfg), grad_accum=accum,
-                    samples_per_step=B * T * accum * world, budgets=tuple(cfg.budgets))
+    return model_shape(mcfg, family, B * T * accum * world, cfg.budgets, counting, accum)
+
+
+def model_shape(mcfg: NetHackConfig | AtariConfig, family: str, samples_per_step: int, budgets=(),
+                counting: Family | None = None, grad_accum: int = 1) -> RunShape:
+    """The shape of a run of model ``mcfg`` whose optimizer steps take ``samples_per_step`` samples:
+    N and FLOPs per sample as ``counting`` (default: ``FAMILIES[family]``) counts them."""
+    counting = counting or FAMILIES[family]
+    return RunShape(family=family, model=mcfg, params=counting.params(mcfg),
+                    flops_per_sample=counting.flops_per_sample(mcfg), grad_accum=grad_accum,
+                    samples_per_step=samples_per_step, budgets=tuple(budgets))
 
 
 def model_config(cfg, family: str, n_actions: int | None = None) -> NetHackConfig | AtariConfig:

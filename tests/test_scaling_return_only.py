@@ -1,0 +1,70 @@
+"""Scaling fits of RL runs: a runs table with returns and no loss (as `train rl` + `eval` write it,
+C = 8ND) is fitted on the return alone, by the library, `scaling fit` and `scaling forecast`."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from trajdata.cli.main import cli
+from trajdata.errors import DataError
+from trajdata.scaling import FitConfig, fit_all
+from trajdata.scaling.runs import runs_from_frame
+from trajdata.scaling.synthetic import Law, runs_table
+
+LAW = Law(k=8.0)  # N_opt ∝ C^0.6
+
+
+def rl_frame(seed=0) -> pd.DataFrame:
+    """An isoFLOP grid whose return 1000·L^-4 peaks at the law's N_opt, in the columns `train rl` writes:
+    an empty loss, the return with its SE."""
+    df = runs_table(LAW, seed=seed, budgets=np.logspace(15, 18, 6), sizes=np.logspace(5, 8.8, 9))
+    ret = 1000 * df["loss"] ** -4.0
+    return pd.DataFrame({"run": [f"r{i}" for i in range(len(df))], "budget": df["flops"], "params": df["params"],
+                         "samples": df["samples"], "flops": df["flops"], "loss": "", "loss_se": "",
+                         "family": "nethack-rl", "return": ret, "return_se": 0.01 * ret, "episodes": 100})
+
+
+def test_a_table_without_loss_is_fitted_on_the_return():
+    runs = runs_from_frame(rl_frame())
+    assert not runs.has_loss and len(runs) == 54
+    fit = fit_all(runs, FitConfig(flops_per_param_sample=8, bootstrap=100, cv_folds=2))
+    assert "loss" not in fit and "returns only" in fit["loss_skipped"]
+    iso = fit["return"]["isoflop"]
+    assert len(iso["budgets_kept"]) == 6
+    assert iso["a"]["ci"][0] <= LAW.a <= iso["a"]["ci"][1] and abs(iso["a"]["value"] - LAW.a) < 0.05
+    assert fit["return"]["quadratic"]["a"]["value"] == pytest.approx(LAW.a, abs=0.05)
+    assert set(fit["summary"]) >= {"return.isoflop.a", "return.quadratic.a"} and "bootstrap" in fit
+    assert {r["target"] for r in fit["forecasts"]["rows"]} == {"return"}
+
+
+def test_scaling_fit_and_forecast_read_rl_rows(tmp_path):
+    runs = tmp_path / "runs.csv"
+    rl_frame().to_csv(runs, index=False)
+    r = CliRunner().invoke(cli, ["scaling", "fit", str(runs), "--out", str(tmp_path / "fit"),
+                                 "--flops-per-param-sample", "8", "--bootstrap", "50"])
+    assert r.exit_code == 0, r.output
+    assert "return.isoflop.a" in r.output and "loss." not in r.output and "return budgets kept: 6 of 6" in r.output
+    assert "median C/(N·D)" not in r.output
+    fit = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert "loss" not in fit and "Loss fits: not fitted" in (tmp_path / "fit" / "report.html").read_text()
+    r = CliRunner().invoke(cli, ["scaling", "fit", str(runs), "--out", str(tmp_path / "fit6"), "--bootstrap", "0"])
+    assert r.exit_code == 0 and "median C/(N·D) is 8 but k = 6" in r.output, r.output
+    r = CliRunner().invoke(cli, ["scaling", "forecast", str(tmp_path / "fit" / "fit.json"), "--compute", "3e18"])
+    assert r.exit_code == 0, r.output
+    assert "compute-optimal run (return" in r.output and "trajdata train rl --out runs/forecast-rl-" in r.output
+    line = next(ln for ln in r.output.splitlines() if "trajdata train rl" in ln)
+    assert "--params" in line and "--steps" in line
+
+
+def test_a_table_without_loss_or_return_is_one_line(tmp_path):
+    df = rl_frame().drop(columns=["return", "return_se"])
+    with pytest.raises(DataError, match="is empty and there is no return column"):
+        runs_from_frame(df)
+    with pytest.raises(DataError, match="neither a loss nor a return column"):
+        runs_from_frame(df.drop(columns=["loss", "loss_se"]))
+    few = rl_frame()
+    few.loc[5:, "return"] = np.nan
+    with pytest.raises(DataError, match="only 5 runs"):
+        fit_all(runs_from_frame(few), FitConfig(bootstrap=0))
