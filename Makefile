@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 SPEC ?= specs/cpu.toml
-SWEEP_ARGS ?=
+SWEEP_ARGS ?= --parallel 2
 
 .PHONY: install test test-fast demo bench scaling-report clean
 

@@ -510,6 +510,7 @@ def dry_run(tmp_path, dataset, *flags, sizes="[[4, 1], [8, 1], [16, 1], [32, 1]]
     (dict(data="[data.collect]\nshards = 0"), "[data.collect] shards must be at least 1 (got 0)"),
     (dict(sizes="[[4, 1], [8, 1], [4, 1], [16, 1]]"), "[sweep] sizes lists [4, 1] twice"),
     (dict(sizes="[[4, 1], [8, 1]]"), "the plan has 4 snapshots, and the scaling fit needs at least 8"),
+    (dict(eval='episodes = 2\n[report]\nreference = "nope.csv"'), "[report] reference"),
 ])
 def test_bad_sweep_specs_fail_the_dry_run_in_one_line(scripted_data, tmp_path, change, message):
     """Failed before the fix: tracebacks ([5], "ab"), or a dry run that passed and a sweep that failed

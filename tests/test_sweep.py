@@ -120,16 +120,16 @@ def test_shipped_specs_plan(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("sweep paper-nethack: 10 runs") and "h at 1e+15 FLOP/s" in r.stdout
-    cpu = make_plan(load_spec(ROOT / "specs/cpu.toml"))
-    assert len(cpu.active) >= 4 and len(load_spec(ROOT / "specs/cpu.toml").budgets) >= 3
-    kept_per_budget = {b: sum(b in r.budgets for r in cpu.runs) for b in cpu.spec.budgets}
+    small = make_plan(load_spec(ROOT / "specs/cpu-small.toml"))
+    assert len(small.active) >= 4 and len(small.spec.budgets) >= 3
+    kept_per_budget = {b: sum(b in r.budgets for r in small.runs) for b in small.spec.budgets}
     assert min(kept_per_budget.values()) >= 3  # every budget can have a parabola
-    # the proposal of issue #22: a decade in >= 5 budgets, 4+ sizes at each; its time at a samples/s
-    decade = make_plan(load_spec(ROOT / "specs/cpu-proposed.toml"))
+    # make scaling-report's spec (issue #22): a decade in >= 5 budgets, 4+ sizes at each; its time at a samples/s
+    decade = make_plan(load_spec(ROOT / "specs/cpu.toml"))
     budgets = decade.spec.budgets
     assert len(budgets) >= 5 and budgets[-1] / budgets[0] >= 10
     assert min(sum(b in r.budgets for r in decade.runs) for b in budgets) >= 4
-    r = subprocess.run([*TRAJDATA, "sweep", str(ROOT / "specs/cpu-proposed.toml"), "--dry-run", "--samples-per-s", "2000"],
+    r = subprocess.run([*TRAJDATA, "sweep", str(ROOT / "specs/cpu.toml"), "--dry-run", "--samples-per-s", "2000"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert f"~{decade.samples / 2000 / 60:.3g} min of training at 2000 samples/s" in r.stdout.splitlines()[0]

@@ -222,6 +222,10 @@ def check_tables(spec: Spec) -> None:
         if expert is not None:
             _in_table(spec, "eval", lambda: EvalConfig(expert=expert, out="-", update_runs=False, **rest))
     _in_table(spec, "fit", lambda: FitConfig(**spec.fit))
+    ref = spec.report.get("reference")
+    if ref and not Path(ref).is_file():
+        raise ConfigError(f"sweep spec {spec.path}: [report] reference {ref} does not exist (leave it out for the "
+                          f"paper authors' NetHack runs)")
 
 
 def collect_config(spec: Spec, path: Path):
