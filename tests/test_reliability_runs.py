@@ -148,9 +148,9 @@ def test_interrupted_by_signals_then_rerun_equals_uninterrupted(scripted_data, w
     pairs += [(p, parts / ckpt_io.SNAPSHOTS / p.name) for _, p in ckpt_io.snapshots(whole)]
     assert len(pairs) == 1 + len(BUDGETS)
     for a, b in pairs:
-        n, parts, differ = compare(a, b)
+        n, held, differ = compare(a, b)
         norms = sum("running_" in k or "num_batches_tracked" in k for k in tensors(ckpt_io.load(a)["model"]))
-        print(f"  {a.name}: {n} tensors compared ({', '.join(parts)}; {norms} BatchNorm buffers in the model), "
+        print(f"  {a.name}: {n} tensors compared ({', '.join(held)}; {norms} BatchNorm buffers in the model), "
               f"{len(differ)} differ" + (f": {differ[:6]}" if differ else ""))
         assert norms > 0 and not differ, (a.name, differ)
     assert saved == [k + 1 for k in at]  # the interrupted step finished, then the run stopped
