@@ -21,7 +21,7 @@ from trajdata.collectors.autoascend import (AutoAscendEnv, game_end, parse_xlog_
                                             topten_entry, xlogfile_path)
 from trajdata.envs.nethack import CharacterEnv, seed_and_reset
 from trajdata.errors import ExpertError
-from trajdata.format.stats import death_cause
+from trajdata.format.stats import death_cause, killer
 from trajdata.format.dataset import Dataset
 
 SRC = os.environ.get("TRAJDATA_AUTOASCEND_SRC")
@@ -124,7 +124,8 @@ def test_topten_screen_wrapped_at_80_columns():
     end = game_end(xlog, screen, np.zeros(27, np.int64))
     assert (end["score"], end["turns"], end["depth"], end["max_depth"]) == (3819, 16744, 2, 3)
     assert end["death"] == e["death"]
-    assert death_cause(end["death"]) == "killed by hill orc"
+    assert death_cause(end["death"]) == "killed while frozen by potion"  # the "while ..." clause is the cause
+    assert killer(end["death"]) == "hill orc"
     assert death_cause("died of starvation") == "starvation"
     assert game_end(None, screen, np.zeros(27, np.int64))["end_source"] == "screen"
 
