@@ -443,8 +443,8 @@ class MetricsLog:
         self.run = run
         self.path = run.dir / ckpt_io.METRICS
         if state.resumed:  # rows logged after the checkpoint are logged again
-            self.path.write_text("".join(ln + "\n" for ln in _read_metrics(self.path, state.step)))
-        self.tb = _tensorboard(run.dir, run.cfg.tensorboard)
+            self.path.write_text("".join(ln + "\n" for ln in ckpt_io.read_metrics(self.path, state.step)))
+        self.tb = ckpt_io.tensorboard(run.dir, run.cfg.tensorboard)
         self.bar = tqdm(total=run.target, initial=min(state.samples, run.target), unit="step", unit_scale=True,
                         disable=not run.cfg.progress, desc=f"train rl {run.cfg.run_id}", dynamic_ncols=True)
         self.start_clock()
@@ -487,22 +487,6 @@ class MetricsLog:
         self.bar.close()
         if self.tb is not None:
             self.tb.close()
-
-
-def _tensorboard(run: Path, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:
-        return None
-    return SummaryWriter(str(run / "tb"))
-
-
-def _read_metrics(path: Path, up_to_step: int) -> list[str]:
-    if not path.is_file():
-        return []
-    return [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= up_to_step]
 
 
 def checkpoint_record(run: Run, state: TrainState) -> dict:

@@ -661,8 +661,8 @@ class MetricsLog:
         self.run = run
         self.path = run.dir / ckpt_io.METRICS
         if run.writer and self.path.is_file():  # rows logged after the checkpoint (if any) are logged again
-            self.path.write_text("".join(ln + "\n" for ln in _read_metrics(self.path, state.step)))
-        self.tb = _tensorboard(run.dir, run.cfg.tensorboard) if run.writer else None
+            self.path.write_text("".join(ln + "\n" for ln in ckpt_io.read_metrics(self.path, state.step)))
+        self.tb = ckpt_io.tensorboard(run.dir, run.cfg.tensorboard) if run.writer else None
         cfg = run.cfg
         self.peak = peak_flops(run.device, cfg.precision == "bf16" or (cfg.precision == "auto" and run.device.type == "cuda"))
         self.total_per_sample = counting.total_flops_per_sample(run.shape.model, cfg.seq_len)  # encoders included
@@ -769,31 +769,6 @@ def save_latest(run: Run, state: TrainState, boundary: tuple) -> None:
         optimizer=state.opt.state_dict(), loader=loader_state, rng=rng,
         ema=state.averaged.state_dict() if state.averaged is not None else None,
         carried=state_to(carried, "cpu") if carried is not None else None))
-
-
-def _tensorboard(run: Path, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:
-        return None
-    return SummaryWriter(str(run / "tb"))
-
-
-def _read_metrics(path: Path, up_to_step: int) -> list[str]:
-    """The rows of metrics.jsonl up to ``up_to_step`` (a torn last line of a killed run is dropped)."""
-    if not path.is_file():
-        return []
-    keep = []
-    for ln in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(ln)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= up_to_step:
-            keep.append(ln)
-    return keep
 
 
 # ---- the loop ----------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ A run directory ``RUN/`` holds ``config.json``, ``checkpoint.pt`` (rolling, for 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from dataclasses import asdict
@@ -232,3 +233,29 @@ def _upsert(path: Path, row: dict, key) -> None:
     else:
         rows.append(dict(row))
     write_runs(path, rows)
+
+
+def tensorboard(run: Path, enabled: bool):
+    """A TensorBoard writer into ``run/tb`` (None when off or tensorboard is not installed)."""
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:
+        return None
+    return SummaryWriter(str(run / "tb"))
+
+
+def read_metrics(path: Path, up_to_step: int) -> list[str]:
+    """The rows of metrics.jsonl up to ``up_to_step`` (a torn last line of a killed run is dropped)."""
+    if not path.is_file():
+        return []
+    keep = []
+    for ln in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= up_to_step:
+            keep.append(ln)
+    return keep
