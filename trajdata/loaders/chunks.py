@@ -1,6 +1,8 @@
 """A decoded chunk the loaders copy batch rows out of (from shards, or re-simulated from a pack)."""
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 
@@ -14,3 +16,24 @@ class DenseChunk:
         for name, arr in out.items():
             if name in self.dense and name not in skip:
                 arr[row, col : col + m] = self.dense[name][i : i + m]
+
+
+class ChunkCache:
+    """The ``limit`` most recently used decoded chunks by key (``limit`` 0: none kept)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._chunks: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        chunk = self._chunks.get(key)
+        if chunk is not None:
+            self._chunks.move_to_end(key)
+        return chunk
+
+    def put(self, key, chunk):
+        if self.limit:
+            self._chunks[key] = chunk
+            while len(self._chunks) > self.limit:
+                self._chunks.popitem(last=False)
+        return chunk

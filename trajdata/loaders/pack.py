@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from trajdata.errors import DataError
-from trajdata.loaders.chunks import DenseChunk
+from trajdata.loaders.chunks import ChunkCache, DenseChunk
 from trajdata.packs.replay import EnvPool, replay_chunks, version_note
 from trajdata.packs.store import Pack
 
@@ -22,12 +22,12 @@ class PackSource:
     """``ChunkSource``'s interface over a pack: chunk tables from its headers, chunks by re-simulation."""
 
     def __init__(self, pack: Pack, schema, fields: list[str], cache_chunks: int = 0):
-        self.pack, self.schema, self.fields, self.cache_chunks = pack, schema, fields, cache_chunks
+        self.pack, self.schema, self.fields = pack, schema, fields
         self.pool = EnvPool()
         self.note = version_note(pack.info.get("versions") or {}, schema.name)
         self._shards: dict[str, tuple[dict, dict]] = {}
         self._live: OrderedDict = OrderedDict()  # (shard, episode) -> [chunk generator, next chunk]
-        self._cache: OrderedDict = OrderedDict()
+        self._cache = ChunkCache(cache_chunks)
 
     def _episode(self, shard: str, episode_id: str):
         if shard not in self._shards:
@@ -51,9 +51,9 @@ class PackSource:
 
     def decode(self, shard: str, episode_id: str, k: int) -> DenseChunk:
         key = (shard, episode_id, k)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
         header, ep = self._episode(shard, episode_id)
         live = self._live.pop((shard, episode_id), None)
         if live is None or live[1] > k:
@@ -78,11 +78,7 @@ class PackSource:
         else:
             live[0].close()
         chunk = DenseChunk({n: arrays[n] for n in self.fields})
-        if self.cache_chunks:
-            self._cache[key] = chunk
-            while len(self._cache) > self.cache_chunks:
-                self._cache.popitem(last=False)
-        return chunk
+        return self._cache.put(key, chunk)
 
     def close(self) -> None:
         for gen, _ in self._live.values():

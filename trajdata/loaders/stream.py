@@ -26,7 +26,7 @@ import itertools
 import mmap
 import warnings
 import weakref
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -41,7 +41,7 @@ from trajdata.errors import ConfigError, DataError
 from trajdata.format import codec, kernels
 from trajdata.format.dataset import Dataset
 from trajdata.format.shard import chunk_header, tar_members
-from trajdata.loaders.chunks import DenseChunk
+from trajdata.loaders.chunks import ChunkCache, DenseChunk
 
 MODES = ("lanes", "windows")
 ON_CORRUPT = ("raise", "skip")
@@ -231,9 +231,8 @@ class ChunkSource:
 
     def __init__(self, root: Path, schema, fields: list[str], cache_chunks: int = 0):
         self.root, self.schema, self.fields = root, schema, fields
-        self.cache_chunks = cache_chunks
         self._tables: dict[str, dict[str, list[tuple]]] = {}
-        self._cache: OrderedDict = OrderedDict()
+        self._cache = ChunkCache(cache_chunks)
         self._files: dict[str, object] = {}
 
     def _file(self, shard: str):
@@ -279,9 +278,9 @@ class ChunkSource:
         """Chunk ``k`` of the episode: a fresh ``ChunkCursor`` (read once, in step order) if any
         wanted field is in the ``sparse`` stage, else a (cached) ``DenseChunk``."""
         key = (shard, episode_id, k)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
         offset, size = self.chunks(shard, episode_id)[k][:2]
         f = self._file(shard)
         f.seek(offset)
@@ -296,11 +295,7 @@ class ChunkSource:
         if any(header["fields"].get(n, {}).get("data", {}).get("stage") == "sparse" for n in self.fields):
             return ChunkCursor(self.schema, header, payload, self.fields, where)
         chunk = DenseChunk(codec.decode_chunk(self.schema, header, payload, self.fields, where=where))
-        if self.cache_chunks:
-            self._cache[key] = chunk
-            while len(self._cache) > self.cache_chunks:
-                self._cache.popitem(last=False)
-        return chunk
+        return self._cache.put(key, chunk)
 
     def close(self) -> None:
         for f in self._files.values():
