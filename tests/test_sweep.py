@@ -188,6 +188,37 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(scripted_data, tmp_p
     assert fit["n_runs"] == len(rows) == 8
 
 
+@pytest.mark.slow
+def test_seeds_give_one_run_per_size_and_seed(scripted_data, tmp_path):
+    """[sweep] seeds: each size trained once per seed (run ...-sS, its config's seed), every snapshot a
+    point of the fit; a [train] seed beside them, or a repeated or negative seed, is one line."""
+    from trajdata.sweep.run import bc_config
+
+    spec_path = write_spec(tmp_path, scripted_data, sizes="[[32, 1], [64, 1]]", extra="seeds = [0, 3]")
+    plan = make_plan(load_spec(spec_path))
+    assert [(r.name, r.seed) for r in plan.runs] == [("nethack-h32-L1-s0", 0), ("nethack-h32-L1-s3", 3),
+                                                    ("nethack-h64-L1-s0", 0), ("nethack-h64-L1-s3", 3)]
+    assert [bc_config(plan.spec, r, scripted_data, tmp_path / "o").seed for r in plan.runs] == [0, 3, 0, 3]
+    assert plan.runs[0].shape == plan.runs[1].shape and plan.samples == 2 * sum(r.samples for r in plan.runs[::2])
+    out = tmp_path / "o"
+    r = subprocess.run([*TRAJDATA, "sweep", str(spec_path), "--out", str(out), "--skip-eval", "--no-progress"],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    rows = ckpt_io.read_runs(out / "runs.csv")
+    assert sorted({x["run"] for x in rows}) == [r.name for r in plan.runs] and len(rows) == 8
+    loss = {(x["run"], float(x["budget"])): float(x["loss"]) for x in rows}
+    assert loss[("nethack-h32-L1-s0", 4e9)] != loss[("nethack-h32-L1-s3", 4e9)]  # the seed reached training
+    assert json.loads((out / "fit.json").read_text())["n_runs"] == 8
+    for extra, want in (("seeds = [0, 0]", "lists 0 twice"), ("seeds = [-1]", "integers >= 0"),
+                        ("seeds = []", "list of training seeds")):
+        with pytest.raises(ConfigError, match=want):
+            load_spec(write_spec(tmp_path, scripted_data, extra=extra))
+    seeded = write_spec(tmp_path, scripted_data, extra="seeds = [1, 2]")
+    seeded.write_text(seeded.read_text().replace("[train]\n", "[train]\nseed = 4\n"))
+    with pytest.raises(ConfigError, match=r"\[train\] may not set 'seed'"):
+        load_spec(seeded)
+
+
 def test_forecast_prints_the_train_bc_command():
     import shlex
 

@@ -5,7 +5,9 @@ of its budgets (constant LR: the paper's trick, one run serves all its budgets).
 Spec layout (every table optional except [sweep]; see specs/*.toml):
 
     [sweep]   name, family ("nethack" | "atari" | "nethack-rl"), sizes ([[h, L], ...] or Atari widths
-              [w, ...]), budgets ([C, ...]), samples_per_param ([lo, hi], optional: skip cells off the optimum)
+              [w, ...]), budgets ([C, ...]), samples_per_param ([lo, hi], optional: skip cells off the optimum),
+              seeds ([s, ...], optional: one run per size and training seed, named ...-sS; the fits take
+              every seed's snapshot as a point, so repeated seeds average out training noise)
     [data]    dataset (path, relative to the spec file), and optionally [data.collect] to make it
               (an RL sweep needs data only for a [compare.bc] run)
     [train]   BCConfig fields shared by every run (seq_len, batch_size, lr, ...); RLConfig fields for RL
@@ -47,6 +49,7 @@ class Spec:
     sizes: list
     budgets: list[float]
     samples_per_param: tuple[float, float] | None = None
+    seeds: list[int] | None = None
     dataset: str = ""
     collect: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
@@ -85,6 +88,12 @@ class Spec:
             lo, hi = spp
             require(0 <= lo < hi, "samples_per_param", f"must be [lo, hi] with 0 <= lo < hi (got {list(spp)})")
             self.samples_per_param = (float(lo), float(hi))
+        if self.seeds is not None:
+            require(isinstance(self.seeds, list) and len(self.seeds) > 0 and all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.seeds), "seeds",
+                f"must be a list of training seeds, integers >= 0 (got {self.seeds!r})")
+            _no_repeats(self.seeds, "seeds", str)
+            require("seed" not in self.train, "train", "may not set 'seed' when [sweep] seeds lists them")
         if self.rl:
             require(not self.compare or ("init" in self.compare) != ("bc" in self.compare), "compare",
                     "needs one of init = BC_RUN_OR_CKPT and a [compare.bc] table")
@@ -133,7 +142,7 @@ def load_spec(path: str | Path) -> Spec:
         if v is not None and not (isinstance(v, str) and v):
             raise ConfigError(f"sweep spec {p}: [{t}] {k} must be a non-empty text (got {v!r})")
     sw = dict(data.get("sweep", {}))
-    known = {"name", "family", "sizes", "budgets", "samples_per_param"}
+    known = {"name", "family", "sizes", "budgets", "samples_per_param", "seeds"}
     bad = sorted(set(sw) - known)
     if bad:
         raise ConfigError(f"sweep spec {p}: unknown key {bad[0]!r} in [sweep] ({', '.join(sorted(known))})")
@@ -181,7 +190,7 @@ def load_spec(path: str | Path) -> Spec:
         compare["init"] = near(compare["init"])
     try:
         spec = Spec(name=str(sw.get("name", p.stem)), family=sw["family"], sizes=sw["sizes"], budgets=sw["budgets"],
-                    samples_per_param=sw.get("samples_per_param"), dataset=dataset, collect=collect,
+                    samples_per_param=sw.get("samples_per_param"), seeds=sw.get("seeds"), dataset=dataset, collect=collect,
                     train=dict(data.get("train", {})), eval=dict(data.get("eval", {})), fit=dict(data.get("fit", {})),
                     report=ref, compare=compare, path=str(p))
     except ConfigError as e:
@@ -268,6 +277,7 @@ class PlannedRun:
     size: tuple | int
     shape: RunShape
     cells: list[Cell]
+    seed: int | None = None  # the training seed ([sweep] seeds); None: [train]'s
 
     @property
     def model(self) -> NetHackConfig | AtariConfig:
@@ -323,10 +333,12 @@ class Plan:
         return self.snapshots * int(self.spec.eval.get("episodes", 0))
 
 
-def run_name(spec: Spec, size) -> str:
+def run_name(spec: Spec, size, seed: int | None = None) -> str:
     if spec.rl:
-        return f"rl-h{size[0]}-L{size[1]}"
-    return f"atari-w{size}" if spec.family == "atari" else f"nethack-h{size[0]}-L{size[1]}"
+        name = f"rl-h{size[0]}-L{size[1]}"
+    else:
+        name = f"atari-w{size}" if spec.family == "atari" else f"nethack-h{size[0]}-L{size[1]}"
+    return name if seed is None else f"{name}-s{seed}"
 
 
 def run_config(spec: Spec, size, **fields):
@@ -375,7 +387,8 @@ def make_plan(spec: Spec, n_actions: int | None = None, world_size: int = 1, out
             shape = rl_shape(cfg)
         else:
             shape = run_shape(cfg, spec.family, n_actions, world_size)
-        runs.append(PlannedRun(run_name(spec, size), size, shape, cells(spec, shape)))
+        for seed in spec.seeds or [None]:
+            runs.append(PlannedRun(run_name(spec, size, seed), size, shape, cells(spec, shape), seed))
     compare = plan_comparison(spec, out) if spec.compare else None
     return Plan(spec, runs, runs[0].shape.samples_per_step, compare)
 

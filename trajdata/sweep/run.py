@@ -77,12 +77,16 @@ def ensure_data(spec: Spec, out: Path, progress: bool) -> Path:
 
 def bc_config(spec: Spec, run: PlannedRun, dataset: Path, out: Path, **extra):
     return run_config(spec, run.size, dataset=str(dataset), out=str(out / "runs" / run.name), run_id=run.name,
-                      budgets=tuple(run.budgets), **extra)
+                      budgets=tuple(run.budgets), **_seeded(run), **extra)
 
 
 def rl_config(spec: Spec, run: PlannedRun, out: Path, **extra):
     return run_config(spec, run.size, out=str(out / "runs" / run.name), run_id=run.name, budgets=tuple(run.budgets),
-                      **extra)
+                      **_seeded(run), **extra)
+
+
+def _seeded(run: PlannedRun) -> dict:
+    return {} if run.seed is None else {"seed": run.seed}
 
 
 @dataclass
