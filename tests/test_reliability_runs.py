@@ -471,6 +471,34 @@ def test_killing_eval_kills_its_workers(small_run, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
+def test_a_crashed_eval_worker_is_one_line_and_keeps_finished_episodes(small_run, tmp_path):
+    """Failed before the fix: an eval worker that died of SIGSEGV (it happened in a sweep's rollouts)
+    ended `trajdata eval` (and the sweep) with concurrent.futures' BrokenProcessPool traceback."""
+    run = Path(shutil.copytree(small_run, tmp_path / "run"))
+    cmd = [*TRAJDATA, "eval", str(run), "--episodes", "8", "--max-steps", "3000", "--workers", "2", "--envs", "1",
+           "--unit-episodes", "1", "--no-progress", "--budget", "8e6"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    result = run / "eval" / "budget-8e6-steps3000.json"
+    try:
+        wait_for(lambda: result.is_file() and len(json.loads(result.read_text())["episodes"]) >= 1, proc)
+        workers = {c for c, pp in _children().items() if pp == proc.pid}
+        victim = max(workers, key=lambda c: Path(f"/proc/{c}/cmdline").read_bytes().count(b"spawn"))
+        os.kill(victim, signal.SIGSEGV)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    print(f"\nSIGSEGV to an eval worker: exit {proc.returncode}, stderr {err.strip()!r}")
+    assert proc.returncode == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "an eval worker died (killed by SIGSEGV)" in err and "rerun to go on" in err, err
+    kept = json.loads(result.read_text())["episodes"]
+    assert len(kept) >= 1
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(result.read_text())["episodes"]) == 8
+
+
 # ---- 8, 9, 15, 16. sweep: the dry run checks what the real sweep would --------------------------------
 
 SPEC = """[sweep]

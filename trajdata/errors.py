@@ -27,6 +27,10 @@ class ExpertError(TrajdataError):
     """An expert is missing, not installed or failed to start."""
 
 
+class WorkerError(TrajdataError):
+    """A worker process died (a signal, a crash inside a native library): what it finished is kept."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so that it cleans up like Ctrl-C (the CLI says "terminated")."""
 

@@ -2,6 +2,7 @@
 recorder), characters, reproducible seeding, and the start-time pin that makes a game replayable."""
 from __future__ import annotations
 
+import os
 import re
 
 import gymnasium as gym
@@ -166,13 +167,17 @@ def seed_and_reset(env: gym.Env, core: int, disp: int, lgen: int | None = None):
 _symbol_offsets: dict[str, int] = {}
 
 
-def _load_base(inode: int) -> int:
+def _load_base(st: os.stat_result) -> int:
+    """Load address of the file ``st`` (its offset-0 mapping in /proc/self/maps), matched by device
+    and inode: inode numbers repeat across file systems (nle's memfd copy of libnethack.so and a
+    /dev/shm semaphore can share one), and a wrong match read NetHack's globals off another mapping."""
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
     with open("/proc/self/maps") as f:
         for line in f:
             parts = line.split()
-            if len(parts) >= 5 and parts[2] == "00000000" and int(parts[4]) == inode:
+            if len(parts) >= 5 and parts[2] == "00000000" and int(parts[4]) == st.st_ino and parts[3] == dev:
                 return int(parts[0].split("-")[0], 16)
-    raise RuntimeError(f"no mapping of inode {inode} in /proc/self/maps")
+    raise RuntimeError(f"no mapping of device {dev} inode {st.st_ino} in /proc/self/maps")
 
 
 def _symbol_offset(name: str) -> int:
@@ -187,7 +192,7 @@ def _symbol_offset(name: str) -> int:
         lib = ctypes.CDLL(DLPATH)
         try:
             addr = ctypes.addressof(ctypes.c_char.in_dll(lib, name))
-            _symbol_offsets[name] = addr - _load_base(os.stat(DLPATH).st_ino)
+            _symbol_offsets[name] = addr - _load_base(os.stat(DLPATH))
         finally:
             _ctypes.dlclose(lib._handle)
     return _symbol_offsets[name]
@@ -198,7 +203,7 @@ def _start_time_cell(env: gym.Env):
     import os
 
     nethack = env.unwrapped.nethack
-    base = _load_base(os.fstat(nethack._dl.fileno()).st_ino)
+    base = _load_base(os.fstat(nethack._dl.fileno()))
     return ctypes.c_int64.from_address(base + _symbol_offset("ubirthday"))
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from trajdata.collectors.config import ExpertSpec
 from trajdata.collectors.runner import THREAD_ENV, die_with_parent, kill_pools, no_sigint_in_children, threads_env
 from trajdata.config import atomic_write_text, check_device, lock_dir
-from trajdata.errors import ConfigError, DataError, missing_extra
+from trajdata.errors import ConfigError, DataError, WorkerError, missing_extra
 from trajdata.evaluate.config import DEFAULT_MAX_STEPS, EvalConfig
 from trajdata.evaluate.rollout import PolicySpec, UnitSpec
 
@@ -396,6 +396,7 @@ def _run_units(units: list[UnitSpec], cfg: EvalConfig, on_result, on_unit) -> No
             torch.set_num_threads(threads)
         return
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
     from multiprocessing import get_context
 
     # workers die with this process (PR_SET_PDEATHSIG), even on kill -9, and take no Ctrl-C of their own
@@ -407,7 +408,12 @@ def _run_units(units: list[UnitSpec], cfg: EvalConfig, on_result, on_unit) -> No
             while running:
                 done, running = wait(running, return_when=FIRST_COMPLETED)
                 for f in done:
-                    results = f.result()
+                    try:
+                        results = f.result()
+                    except BrokenProcessPool:
+                        what = units[0].policy.checkpoint or units[0].policy.kind
+                        raise WorkerError(f"an eval worker died ({_deaths(pool)}) playing {what}; the episodes of "
+                                          "finished units are kept: rerun to go on") from None
                     for r in results:
                         on_result(r)
                     on_unit(results)
@@ -416,6 +422,17 @@ def _run_units(units: list[UnitSpec], cfg: EvalConfig, on_result, on_unit) -> No
                 f.cancel()
             kill_pools([pool])
             raise
+
+
+def _deaths(pool) -> str:
+    """How the pool's dead workers ended (``killed by SIGSEGV``), from their exit codes."""
+    import signal
+
+    codes = sorted({p.exitcode for p in list((getattr(pool, "_processes", None) or {}).values())
+                    if p.exitcode not in (None, 0)})
+    said = [f"killed by {signal.Signals(-c).name}" if c < 0 and -c in signal.valid_signals() else f"exit code {c}"
+            for c in codes]
+    return ", ".join(said) or "a crash"
 
 
 def _run_ray(units, cfg: EvalConfig, on_result, on_unit) -> None:
