@@ -404,6 +404,7 @@ def _run_units(units: list[UnitSpec], cfg: EvalConfig, on_result, on_unit) -> No
                                                        initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         with no_sigint_in_children():
             running = {pool.submit(run_unit, u) for u in units}
+        workers = list((getattr(pool, "_processes", None) or {}).values())  # their exit codes, once broken
         try:
             while running:
                 done, running = wait(running, return_when=FIRST_COMPLETED)
@@ -412,7 +413,7 @@ def _run_units(units: list[UnitSpec], cfg: EvalConfig, on_result, on_unit) -> No
                         results = f.result()
                     except BrokenProcessPool:
                         what = units[0].policy.checkpoint or units[0].policy.kind
-                        raise WorkerError(f"an eval worker died ({_deaths(pool)}) playing {what}; the episodes of "
+                        raise WorkerError(f"an eval worker died ({_deaths(workers)}) playing {what}; the episodes of "
                                           "finished units are kept: rerun to go on") from None
                     for r in results:
                         on_result(r)
@@ -424,12 +425,14 @@ def _run_units(units: list[UnitSpec], cfg: EvalConfig, on_result, on_unit) -> No
             raise
 
 
-def _deaths(pool) -> str:
-    """How the pool's dead workers ended (``killed by SIGSEGV``), from their exit codes."""
+def _deaths(workers) -> str:
+    """How dead pool workers ended (``killed by SIGSEGV``), from their exit codes."""
     import signal
 
-    codes = sorted({p.exitcode for p in list((getattr(pool, "_processes", None) or {}).values())
-                    if p.exitcode not in (None, 0)})
+    for w in workers:
+        w.join(timeout=5)
+    codes = sorted({w.exitcode for w in workers if w.exitcode not in (None, 0)})
+    codes = [c for c in codes if c != -signal.SIGTERM] or codes  # the pool terminates the survivors
     said = [f"killed by {signal.Signals(-c).name}" if c < 0 and -c in signal.valid_signals() else f"exit code {c}"
             for c in codes]
     return ", ".join(said) or "a crash"
