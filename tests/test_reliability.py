@@ -323,8 +323,11 @@ def alive(pids) -> set[int]:
 def start_collect(out, *extra, seed=11, shards=6):
     args = ["collect", "scripted", "--out", out, "--shards", shards, "--episodes-per-shard", 1, "--workers", 2,
             "--max-steps", 600, "--seed", seed, "--quiet", *extra]
+    # Ctrl-C reaches a terminal's foreground job: the child starts with SIGINT at its default even when
+    # the tests run in a background job (bash starts those with SIGINT ignored, which Python keeps)
     proc = subprocess.Popen([*TRAJDATA, *map(str, args)], start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return proc, args
 
 
