@@ -185,7 +185,6 @@ def _symbol_offset(name: str) -> int:
     if name not in _symbol_offsets:
         import _ctypes
         import ctypes
-        import os
 
         from nle.nethack.nethack import DLPATH
 
@@ -200,7 +199,6 @@ def _symbol_offset(name: str) -> int:
 
 def _start_time_cell(env: gym.Env):
     import ctypes
-    import os
 
     nethack = env.unwrapped.nethack
     base = _load_base(os.fstat(nethack._dl.fileno()))

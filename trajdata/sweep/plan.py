@@ -190,9 +190,9 @@ def load_spec(path: str | Path) -> Spec:
         compare["init"] = near(compare["init"])
     try:
         spec = Spec(name=str(sw.get("name", p.stem)), family=sw["family"], sizes=sw["sizes"], budgets=sw["budgets"],
-                    samples_per_param=sw.get("samples_per_param"), seeds=sw.get("seeds"), dataset=dataset, collect=collect,
-                    train=dict(data.get("train", {})), eval=dict(data.get("eval", {})), fit=dict(data.get("fit", {})),
-                    report=ref, compare=compare, path=str(p))
+                    samples_per_param=sw.get("samples_per_param"), seeds=sw.get("seeds"), dataset=dataset,
+                    collect=collect, train=dict(data.get("train", {})), eval=dict(data.get("eval", {})),
+                    fit=dict(data.get("fit", {})), report=ref, compare=compare, path=str(p))
     except ConfigError as e:
         table = {"train": "train", "dataset": "data", "compare": "compare", "eval": "eval"}.get(e.field, "sweep")
         msg = str(e).removeprefix("train ") if table == "train" else str(e)
