@@ -17,7 +17,10 @@ CPU (the default), on real scripted NetHack games (`--nethack-steps` in all):
 3. ``accuracy``: the same seed trained before / fast / fast + bf16 to the same budgets: the
    validation losses side by side (fast vs before: float rounding only; bf16: its real cost), and
    the before run at another seed for scale.
-4. Atari CNN samples/s.
+4. ``proxy``: the CPU proxy (``--encoders cpu``: the map ResNet replaced by a linear layer over 3 x 4
+   block means) beside the paper's encoders: the profile at h = 4, 16, 64, and real runs of both at
+   h = 16 at once (samples/s, validation losses at the same samples).
+5. Atari CNN samples/s.
 
 ``--device cuda`` (the GPU check of issue #12): the paper preset at the return-forecast size
 (h, L) = (576, 6) (33.3M effective), T = 4096, bf16, and the largest grid size whose training step
@@ -53,7 +56,8 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
-def profile_size(data: Path, h: int, L: int, T: int, B: int, batches: int, reps: int, threads: int, peaks: dict) -> dict:
+def profile_size(data: Path, h: int, L: int, T: int, B: int, batches: int, reps: int, threads: int, peaks: dict,
+                 encoders: str = "paper") -> dict:
     """Per-part forward/backward ms per step and the whole step's phases, each mode in turn on the same batches."""
     import copy
     from contextlib import nullcontext
@@ -68,7 +72,7 @@ def profile_size(data: Path, h: int, L: int, T: int, B: int, batches: int, reps:
 
     torch.set_num_threads(threads)
     cfg = BCConfig(dataset=str(data), out="-", width=h, layers=L, seq_len=T, batch_size=B, val_fraction=0.05)
-    mcfg = NetHackConfig(width=h, layers=L)
+    mcfg = NetHackConfig(width=h, layers=L, encoders=encoders)
     loader = make_dataloader(loader_config(cfg, mcfg, "train"))
     it = iter(loader)
     next(it)  # opening the shards is not a step's wait
@@ -105,7 +109,8 @@ def profile_size(data: Path, h: int, L: int, T: int, B: int, batches: int, reps:
     def parts_of(m):
         enc = m.encoder
         return {
-            "map": lambda c: enc.per_distinct(enc.map, c["cells"]),
+            "map": (lambda c: enc.per_distinct(enc.map, c["cells"])) if encoders == "paper" else
+                   (lambda c: enc.coarse_map(c["cells"])),
             "crop": lambda c: enc.per_distinct(enc.crop, c["window"]),
             "bottom": lambda c: enc.bottom(c["chars"][:, 22:24]),
             "message": lambda c: enc.message(c["chars"][:, 0]),
@@ -184,7 +189,7 @@ def profile_size(data: Path, h: int, L: int, T: int, B: int, batches: int, reps:
             samples_per_s=round(sps, 1), samples_per_cpu_s=round(per_cpu_s, 1),
             mfu_6n=sps * six_n / peak, mfu_total=sps * total / peak)
     ref, ref_cpu = out["reference"]["samples_per_s"], out["reference"]["samples_per_cpu_s"]
-    return dict(width=h, layers=L, seq_len=T, batch_size=B, threads=threads, batches=batches, reps=reps,
+    return dict(width=h, layers=L, encoders=encoders, seq_len=T, batch_size=B, threads=threads, batches=batches, reps=reps,
                 params=counting.effective_params(mcfg), flops_6n_per_sample=six_n, flops_total_per_sample=total,
                 total_over_6n=round(total / six_n, 1), modes=out,
                 speedup={k: round(v["samples_per_s"] / ref, 3) for k, v in out.items()},
@@ -382,6 +387,38 @@ def cpu_accuracy(nethack: Path, tmp: Path, samples: tuple[int, ...]) -> dict:
     return out
 
 
+def cpu_proxy(nethack: Path, tmp: Path, samples: tuple[int, ...], reps: int, peaks: dict) -> dict:
+    """The CPU proxy (``encoders = "cpu"``) beside the paper's encoders, fast + bf16 both: the per-part
+    profile at h = 4, 16, 64 and real ``train bc`` runs at h = 16 (specs/cpu.toml's settings), the
+    two at once on one thread each, to the same samples: samples/s and validation losses."""
+    from trajdata.models.flops import flops_per_sample
+    from trajdata.models.nethack import NetHackConfig
+
+    out: dict = {"profile": {}}
+    for h in (4, 16, 64):
+        both = {e: profile_size(nethack, h, 1, SPEC_T, SPEC_B, 2, reps, 1, peaks, encoders=e) for e in ("paper", "cpu")}
+        row = {e: dict(samples_per_s=r["modes"]["fast_bf16"]["samples_per_s"], params=r["params"],
+                       total_over_6n=r["total_over_6n"], step=r["modes"]["fast_bf16"]["step"],
+                       parts={k: v["share_cpu"] for k, v in r["modes"]["fast_bf16"]["parts"].items()})
+               for e, r in both.items()}
+        row["speedup"] = round(row["cpu"]["samples_per_s"] / row["paper"]["samples_per_s"], 2)
+        out["profile"][f"{h}x1"] = row
+        print(f"proxy profile h = {h}: samples/s paper {row['paper']['samples_per_s']}, cpu {row['cpu']['samples_per_s']} "
+              f"({row['speedup']}x)", flush=True)
+    h = 16
+    kws = []
+    for e in ("paper", "cpu"):
+        per = flops_per_sample(NetHackConfig(width=h, layers=1, encoders=e))
+        kws.append(dict(dataset=str(nethack), out=str(tmp / f"proxy-{e}"), width=h, layers=1, encoders=e,
+                        seq_len=SPEC_T, batch_size=SPEC_B, lr=3e-3, ema=0.9, warmup_steps=10, precision="bf16",
+                        val_fraction=0.1, budgets=[s * per for s in samples], progress=False, log_every=20,
+                        checkpoint_every=10**9, device="cpu", tensorboard=False, threads=1))
+    for e, r in zip(("paper", "cpu"), run_children_at_once(kws, timeout=3600)):
+        out[f"train_{e}"] = r
+        print(f"proxy train {e}: {r.get('samples_per_s')} samples/s, val {r.get('val', r)}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON file to write (required)")
@@ -390,11 +427,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=0, help="T of the CUDA runs [4096]")
     ap.add_argument("--batch-size", type=int, default=0, help="lanes B of the CUDA runs [16]")
     ap.add_argument("--nethack-steps", type=int, default=0, help="steps to collect [cpu 60k, cuda 400k]")
-    ap.add_argument("--sections", default="profile,train,accuracy,atari",
-                    help="CPU: which of profile,train,accuracy,atari to run")
+    ap.add_argument("--sections", default="profile,train,accuracy,proxy,atari",
+                    help="CPU: which of profile,train,accuracy,proxy,atari to run")
     ap.add_argument("--reps", type=int, default=2, help="CPU profile: timing repetitions after a warm-up (best of)")
     ap.add_argument("--accuracy-samples", default="20000,40000,60000",
                     help="CPU accuracy: training samples at each budget snapshot")
+    ap.add_argument("--proxy-samples", default="30000,60000,120000",
+                    help="CPU proxy: training samples at each budget snapshot of the paper-vs-proxy runs")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="collection processes and loader workers")
     ap.add_argument("--data", default=None, help="directory for the collected data (reused if there) [temp]")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -458,6 +497,8 @@ def main() -> None:
             result["train"] = cpu_train(nethack, tmp, steps)
         if "accuracy" in sections:
             result["accuracy"] = cpu_accuracy(nethack, tmp, tuple(int(x) for x in a.accuracy_samples.split(",")))
+        if "proxy" in sections:
+            result["proxy"] = cpu_proxy(nethack, tmp, tuple(int(x) for x in a.proxy_samples.split(",")), a.reps, peaks)
         if "atari" in sections:
             result["atari"] = {}
             atari = tmp / "atari"

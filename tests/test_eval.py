@@ -64,3 +64,27 @@ def test_cli_and_bad_input(bc_run, tmp_path):
     assert p.returncode == 0 and "over 2 episodes" in p.stdout, p.stderr
     files = list((tmp_path / "e").glob("*.json"))
     assert files and json.loads(files[0].read_text())["summary"]["episodes"] == 2
+
+
+def test_cpu_proxy_trains_and_plays_from_the_cli(scripted_data, tmp_path):
+    """`train bc --encoders cpu`: its N in runs.csv, a snapshot that loads as the proxy and plays real NLE."""
+    from trajdata.models.flops import effective_params
+    from trajdata.models.nethack import NetHackConfig
+
+    n = effective_params(NetHackConfig(width=32, layers=1, encoders="cpu"))
+    assert n == effective_params(NetHackConfig(width=32, layers=1)) - 256 * 32
+    run = tmp_path / "run"
+    p = subprocess.run([*TRAJDATA, "train", "bc", str(scripted_data), "--out", str(run), "--width", "32", "--layers", "1",
+                        "--encoders", "cpu", "--seq-len", "32", "--batch-size", "2", "--val-fraction", "0.3",
+                        "--budgets", f"{6 * n * 300:g}", "--no-progress"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    row = ckpt_io.read_runs(run / "runs.csv")[0]
+    assert int(row["params"]) == n and float(row["loss"]) > 0
+    model, _ = ckpt_io.load_model(run / row["checkpoint"])
+    assert model.cfg.encoders == "cpu" and model.mixer.net[0].in_features == 1473
+    p = subprocess.run([*TRAJDATA, "eval", str(run), "--episodes", "2", "--max-steps", "30", "--envs", "2",
+                        "--no-progress", "--out", str(tmp_path / "e"), "--no-update-runs"], capture_output=True, text=True)
+    assert p.returncode == 0 and "over 2 episodes" in p.stdout, p.stderr
+    p = subprocess.run([*TRAJDATA, "train", "bc", str(scripted_data), "--out", str(tmp_path / "r2"), "--encoders", "gpu"],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "gpu" in p.stderr and p.stderr.count("\n") == 1, p.stderr

@@ -484,6 +484,74 @@ def test_fast_encoder_computes_the_reference_function(core):
         assert torch.allclose(m(b)[0], ref(b)[0], atol=1e-9)
 
 
+# ---- the CPU proxy (encoders = "cpu") ----------------------------------------------------------------
+
+def test_cpu_proxy_is_counted_like_the_paper_agent():
+    """Its map encoder is one linear layer over 3 x 4 block means: d_in 1473 (the ResNet's 512
+    features become 256), N is mixer + core + head as for the paper's agent, and the encoders' FLOPs
+    shrink from ~455x to ~86x of 6N at h = 16."""
+    m = tiny(encoders="cpu")
+    assert m.cfg.d_in == 1729 - 512 + 256 == 1473 and m.mixer.net[0].in_features == 1473
+    assert effective_params(m.cfg) - effective_params(NetHackConfig(width=64, layers=2)) == (1473 - 1729) * 64
+    assert effective_params(m.cfg) == count_params(*tiny(encoders="cpu").scaled_modules()) + 64  # + the unused 1 x h
+    assert isinstance(m.encoder.map, nethack.CoarseMapEncoder)
+    assert count_params(m.encoder.map) == 2240 * 256 + 256 + 2 * 256
+    parts = nethack_part_flops(m.cfg, 16)
+    assert parts["map"] == (2 * 2240 * 256, 4 * 2240 * 256)
+    assert {k: v for k, v in parts.items() if k != "map" and k != "mixer"} == \
+        {k: v for k, v in nethack_part_flops(tiny().cfg, 16).items() if k != "map" and k != "mixer"}
+    small = [total_flops_per_sample(NetHackConfig(width=16, layers=1, encoders=e), 128)
+             / flops_per_sample(NetHackConfig(width=16, layers=1, encoders=e)) for e in ("paper", "cpu")]
+    assert 450 < small[0] < 460 and 80 < small[1] < 90
+    assert measured_flops_per_sample(m, seq_len=16) - total_flops_per_sample(m.cfg, 16) == 2 * 16 * 64 * 2
+    with pytest.raises(ConfigError) as e:
+        NetHackConfig(encoders="tiny")
+    assert e.value.field == "encoders"
+
+
+def test_cpu_proxy_map_is_the_block_means_and_sees_every_cell():
+    m = tiny(encoders="cpu")
+    b = batch(m, 3)
+    obs = {k: v.flatten(0, 1) for k, v in b.items()}
+    chars, colors = obs["tty_chars"], obs["tty_colors"]
+    cells = chars[:, nethack.MAP_ROWS].int() * 128 + (colors[:, nethack.MAP_ROWS].int() & 127)
+    emb = m.encoder.char_emb(cells.long() // 128) + m.encoder.color_emb(cells.long() % 128)  # (3, 21, 80, 16)
+    means = torch.nn.functional.avg_pool2d(emb.permute(0, 3, 1, 2), (3, 4)).permute(0, 2, 3, 1)  # (3, 7, 20, 16)
+    with torch.no_grad():
+        assert torch.allclose(m.encoder.coarse_map(cells), m.encoder.map(means.reshape(3, 140, 16)), atol=1e-6)
+        base = m.encoder.coarse_map(cells)
+        for r, c in ((0, 0), (20, 79), (10, 41)):  # one cell changed anywhere on the map changes the features
+            other = cells.clone()
+            other[:, r, c] = (other[:, r, c] + 128 * 7) % (256 * 128)
+            assert not torch.allclose(m.encoder.coarse_map(other), base)
+
+
+def test_unique_rows_is_torch_unique():
+    x = torch.randint(0, 3, (500, 12), dtype=torch.int32)
+    distinct, inverse = nethack.unique_rows(x)
+    assert torch.equal(distinct[inverse], x)
+    assert torch.equal(torch.unique(distinct, dim=0), torch.unique(x, dim=0))
+
+
+def test_cpu_proxy_fast_path_computes_the_reference_function():
+    """Each distinct 3 x 4 block embedded once: the same logits and gradients as every block's own look-ups."""
+    m = tiny(encoders="cpu").double().train()
+    ref = tiny(encoders="cpu").double().train()
+    ref.load_state_dict(m.state_dict())
+    ref.encoder.fast = False
+    b = _with_repeats(m)
+    b["tty_chars"][:, :, 1:12, 20:60] = ord(" ")  # blank blocks, as a real map's unexplored part
+    b["tty_colors"][:, :, 1:12, 20:60] = 0
+    (y, _), (y_ref, _) = m(b), ref(b)
+    assert torch.allclose(y, y_ref, atol=1e-9)
+    grad = torch.randn_like(y)
+    (y * grad).sum().backward()
+    (y_ref * grad).sum().backward()
+    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-9), name
+    assert m.encoder.char_emb.weight.grad.abs().sum() > 0
+
+
 # ---- learning ------------------------------------------------------------------------------------
 
 def _overfit(m, b, lr: float, steps: int) -> list[float]:

@@ -93,11 +93,14 @@ def nethack_part_flops(cfg: NetHackConfig, seq_len: int) -> dict[str, tuple[int,
 
     parts: dict[str, tuple[int, int]] = {}
     side, f = (nethack.MAP_ROWS.stop - nethack.MAP_ROWS.start, nethack.COLS), 0
-    for c_in, c_out in ((nethack.CHAR_DIM, 16), (16, 32)):
-        f += conv(side, c_in, c_out)
-        side = ((side[0] - 3) // 2 + 1, (side[1] - 3) // 2 + 1)
-        f += 4 * conv(side, c_out, c_out)
-    f += lin(32 * side[0] * side[1], nethack.MAP_DIM) + lin(nethack.MAP_DIM, nethack.MAP_DIM)
+    if cfg.encoders == "paper":
+        for c_in, c_out in ((nethack.CHAR_DIM, 16), (16, 32)):
+            f += conv(side, c_in, c_out)
+            side = ((side[0] - 3) // 2 + 1, (side[1] - 3) // 2 + 1)
+            f += 4 * conv(side, c_out, c_out)
+        f += lin(32 * side[0] * side[1], nethack.MAP_DIM) + lin(nethack.MAP_DIM, nethack.MAP_DIM)
+    else:  # the mean pooling counts nothing, like the norms
+        f = lin(nethack.CHAR_DIM * nethack.BLOCKS, nethack.COARSE_DIM)
     parts["map"] = (f, 2 * f)
     chans = (nethack.CHAR_DIM, 16, 16, 16, 16, 8)
     f = sum(conv((nethack.CROP, nethack.CROP), a, b) for a, b in zip(chans, chans[1:]))

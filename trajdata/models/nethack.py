@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,6 +35,11 @@ BOTTOM_DIM = 128
 INV_SLOTS, INV_EMB, INV_DIM = 55, 32, 256
 GLYPH_EMB = 16
 CORES = ("transformer", "lstm", "mamba")
+ENCODERS = ("paper", "cpu")
+POOL = (3, 4)  # the CPU proxy's map: mean of each 3 x 4 block of embedded cells -> 7 x 20
+ROWS_MAP = MAP_ROWS.stop - MAP_ROWS.start
+BLOCKS = (ROWS_MAP // POOL[0]) * (COLS // POOL[1])
+COARSE_DIM = 256
 
 
 @dataclass
@@ -49,6 +55,9 @@ class NetHackConfig:
     glyph_dim: int = 256
     use_inventory: bool = option(True, "Use the inventory encoder (--no-use-inventory: the paper's ablation).")
     use_message: bool = option(True, "Use the message encoder (--no-use-message: the paper's ablation).")
+    encoders: str = option("paper", "paper (the map ResNet) or cpu: the CPU proxy, whose map encoder is the embedded "
+                                    "map mean-pooled over 3 x 4 blocks and one linear layer (1/24 of the ResNet's "
+                                    "FLOPs); the other encoders as the paper's.", choices=ENCODERS)
     n_actions: int = N_ACTIONS
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
@@ -57,6 +66,7 @@ class NetHackConfig:
         at_least(self, 1, "width", "layers", "n_actions", "glyph_dim")
         at_least(self, 0, "heads")
         choose(self.core, CORES, "core")
+        choose(self.encoders, ENCODERS, "encoders")
         if self.core == "transformer":
             require(self.width % self.n_heads == 0, "heads", f"must divide width {self.width} (got {self.n_heads})")
             require(self.head_dim % 2 == 0, "heads", f"must leave an even head size for rotary (got {self.head_dim})")
@@ -78,7 +88,7 @@ class NetHackConfig:
     @property
     def d_in(self) -> int:
         """Width of the concatenated encoder features (1729 for the paper's inputs)."""
-        return (MAP_DIM + CROP_DIM + BOTTOM_DIM + self.n_actions + MSG_DIM * self.use_message
+        return ((MAP_DIM if self.encoders == "paper" else COARSE_DIM) + CROP_DIM + BOTTOM_DIM + self.n_actions + MSG_DIM * self.use_message
                 + INV_DIM * self.use_inventory + self.glyph_dim * self.use_glyphs)
 
 
@@ -211,6 +221,34 @@ class MapEncoder(nn.Module):
         return self.fc(run_layers(self.conv, x, counts).flatten(1))
 
 
+class CoarseMapEncoder(nn.Module):
+    """The CPU proxy's map encoder: the mean embedding of each 3 x 4 block of map cells (7 x 20 blocks
+    x 16) -> Linear -> LayerNorm -> ELU (N, 256). Takes the blocks' (N, 140, 16) mean embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(BLOCKS * CHAR_DIM, COARSE_DIM), nn.LayerNorm(COARSE_DIM), nn.ELU())
+
+    def forward(self, blocks: Tensor) -> Tensor:
+        return self.fc(blocks.flatten(1))
+
+
+def map_blocks(cells: Tensor) -> Tensor:
+    """(N, 21, 80) map cells -> (N * 140, 12): the cells of each 3 x 4 block, blocks row-major."""
+    n = len(cells)
+    rows, cols = ROWS_MAP // POOL[0], COLS // POOL[1]
+    return cells.reshape(n, rows, POOL[0], cols, POOL[1]).permute(0, 1, 3, 2, 4).reshape(n * rows * cols, -1)
+
+
+def unique_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(distinct rows, inverse) of a 2-D CPU tensor, as ``torch.unique(x, dim=0)`` gives them but ~10x
+    faster (numpy's sort of the rows as raw bytes; the order of the distinct rows differs)."""
+    a = np.ascontiguousarray(x.numpy())
+    _, first, inverse = np.unique(a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).ravel(),
+                                  return_index=True, return_inverse=True)
+    return x[torch.from_numpy(first)], torch.from_numpy(inverse.reshape(-1))
+
+
 class CropEncoder(nn.Module):
     """Five 3x3 convs (16,16,16,16,8 channels; BatchNorm, ELU) over the 9x9 crop: -> (N, 648)."""
 
@@ -323,7 +361,7 @@ class NetHackEncoder(nn.Module):
         self.cfg = cfg
         self.char_emb = nn.Embedding(256, CHAR_DIM)
         self.color_emb = nn.Embedding(128, CHAR_DIM)
-        self.map = MapEncoder()
+        self.map = MapEncoder() if cfg.encoders == "paper" else CoarseMapEncoder()
         self.crop = CropEncoder()
         self.bottom = BottomLineEncoder()
         self.message = MessageEncoder() if cfg.use_message else None
@@ -357,13 +395,24 @@ class NetHackEncoder(nn.Module):
         # index_select: its backward (index_add_) is deterministic, where [inverse]'s is not on 2+ threads
         return encoder(self.embed(distinct.view(-1, *cells.shape[1:])), counts).index_select(0, inverse)
 
+    def coarse_map(self, cells: Tensor) -> Tensor:
+        """The CPU proxy's map features of ``cells`` (N, 21, 80). On CPU each distinct 3 x 4 block of the
+        batch is embedded once (a batch of 1,024 game steps holds ~1.7k distinct blocks of its ~143k)."""
+        blocks = map_blocks(cells)
+        if not self.fast or cells.device.type != "cpu":
+            means = self.embed(blocks[:, None]).mean((2, 3))
+        else:
+            distinct, inverse = unique_rows(blocks)
+            means = self.embed(distinct[:, None]).mean((2, 3)).index_select(0, inverse)
+        return self.map(means.view(len(cells), BLOCKS, CHAR_DIM))
+
     def forward(self, obs: dict[str, Tensor], prev_action: Tensor) -> Tensor:
         chars, colors = obs["tty_chars"], obs["tty_colors"]
         cells = chars[:, MAP_ROWS].int() * 128 + (colors[:, MAP_ROWS].int() & 127)
         cursor = obs["tty_cursor"].long() - torch.tensor([MAP_ROWS.start, 0], device=chars.device)
         window = crop(cells[:, None], cursor)[:, 0]  # char 0 colour 0 (cell 0) outside the map
         feats = [
-            self.per_distinct(self.map, cells),
+            self.per_distinct(self.map, cells) if self.cfg.encoders == "paper" else self.coarse_map(cells),
             self.per_distinct(self.crop, window),
             self.bottom(chars[:, 22:24]),
             F.one_hot(prev_action.clamp(min=0), self.cfg.n_actions) * (prev_action >= 0)[:, None],

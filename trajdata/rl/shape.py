@@ -52,7 +52,8 @@ def model_config(cfg: RLConfig, n_actions: int | None = None, bc_cfg: NetHackCon
             raise ConfigError(f"layers {cfg.layers} differs from the --init snapshot's {bc_cfg.layers}", field="layers")
         return replace(bc_cfg, n_actions=n_actions, heads=0)
     base = NetHackConfig(width=DEFAULT_WIDTH, layers=cfg.layers, core="lstm", n_actions=n_actions,
-                         use_inventory=cfg.use_inventory, use_message=cfg.use_message, use_glyphs=cfg.use_glyphs)
+                         use_inventory=cfg.use_inventory, use_message=cfg.use_message, use_glyphs=cfg.use_glyphs,
+                         encoders=cfg.encoders)
     if cfg.params is not None:
         return replace(base, width=width_for_params(parse_count(cfg.params, "params", positive=True), base))
     return replace(base, width=cfg.width or DEFAULT_WIDTH)

@@ -76,6 +76,7 @@ class BCConfig:
     use_glyphs: bool = copy_option(NetHackConfig, "use_glyphs")
     use_inventory: bool = copy_option(NetHackConfig, "use_inventory")
     use_message: bool = copy_option(NetHackConfig, "use_message")
+    encoders: str = copy_option(NetHackConfig, "encoders")
     # data
     seq_len: int = option(4096, "Unroll length T (lanes of whole episodes, back to back).")
     batch_size: int = option(1, "Lanes per micro-batch per rank (B).")
