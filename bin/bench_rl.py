@@ -15,6 +15,7 @@ env's random-action steps/s measured in the same run.
    backward (``--envs`` x ``--unroll``) samples/s on one thread.
 
     python bin/bench_rl.py --out bench-results/rl.json            # ~6 minutes on 2 cores
+    python bin/bench_rl.py --encoders paper,cpu --seconds 20 --out bench-results/rl-proxy.json   # both agents
 """
 from __future__ import annotations
 
@@ -147,6 +148,8 @@ def main() -> None:
     ap.add_argument("--unroll", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=40.0, help="per measurement")
     ap.add_argument("--device", default="cpu", help="the learner's device (actors act on the CPU)")
+    ap.add_argument("--encoders", default="paper",
+                    help="comma-separated: paper and/or cpu (the CPU proxy, train rl --encoders cpu), measured in turn")
     args = ap.parse_args()
     from trajdata.rl.config import RLConfig
 
@@ -156,31 +159,32 @@ def main() -> None:
     res["bare_env_gym_make"] = bare_env(args.seconds / 2, trajdata_env=False)
     res["bare_env"] = bare_env(args.seconds / 2, trajdata_env=True)
     print("bare env", json.dumps(res["bare_env_gym_make"]), json.dumps(res["bare_env"]), flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        def cfg(name: str, actors: int) -> RLConfig:
-            return RLConfig(out=str(Path(tmp) / name), params=args.params, envs=args.envs, unroll=args.unroll,
-                            actors=actors, progress=False, tensorboard=False, checkpoint_every=10**9,
-                            device=args.device)
-
-        res["model"] = model_costs(cfg("m", 0))
-        print("model", json.dumps(res["model"]), flush=True)
-        res["actors_only"] = actors_only(cfg("a", args.cores), args.seconds)
-        print("actors only", json.dumps(res["actors_only"]), flush=True)
-        est = res["model"]["learner_fwd_bwd_samples_per_s"] / 2
-        res["train"] = []
-        for actors, cores in ((0, 1), (1, 2), (args.cores, args.cores)):
-            r = train_rate(cfg(f"t{actors}", actors), args.seconds, est * cores, cores)
-            res["train"].append(r)
-            print("train", json.dumps(r), flush=True)
     bare = res["bare_env"]["steps_per_s"]
-    best = max(res["train"], key=lambda r: r["learner_samples_per_s"])
-    res["summary"] = dict(
-        bare_env_steps_per_s_per_core=bare,
-        bare_env_steps_per_s_on_cores=bare * args.cores,
-        best_train=dict(actors=best["actors"], cores=best["cores"]),
-        learner_samples_per_s=best["learner_samples_per_s"],
-        learner_to_bare_env_on_cores=best["learner_samples_per_s"] / (bare * args.cores),
-        goal=f"learner data rate >= 50% of the bare env's on {args.cores} cores at N = {args.params}")
+    res["summary"] = dict(bare_env_steps_per_s_per_core=bare, bare_env_steps_per_s_on_cores=bare * args.cores,
+                          goal=f"learner data rate >= 50% of the bare env's on {args.cores} cores at N = {args.params}")
+    for enc in args.encoders.split(","):
+        key = "" if enc == "paper" else f"_{enc}"  # the paper's encoders keep the keys they always had
+        with tempfile.TemporaryDirectory() as tmp:
+            def cfg(name: str, actors: int) -> RLConfig:
+                return RLConfig(out=str(Path(tmp) / name), params=args.params, envs=args.envs, unroll=args.unroll,
+                                actors=actors, progress=False, tensorboard=False, checkpoint_every=10**9,
+                                device=args.device, encoders=enc)
+
+            res[f"model{key}"] = model = model_costs(cfg("m", 0))
+            print(f"model ({enc})", json.dumps(model), flush=True)
+            res[f"actors_only{key}"] = r = actors_only(cfg("a", args.cores), args.seconds)
+            print(f"actors only ({enc})", json.dumps(r), flush=True)
+            est = model["learner_fwd_bwd_samples_per_s"] / 2
+            res[f"train{key}"] = trains = []
+            for actors, cores in ((0, 1), (1, 2), (args.cores, args.cores)):
+                r = train_rate(cfg(f"t{actors}", actors), args.seconds, est * cores, cores)
+                trains.append(r)
+                print(f"train ({enc})", json.dumps(r), flush=True)
+        best = max(trains, key=lambda r: r["learner_samples_per_s"])
+        res["summary"][f"encoders_{enc}"] = dict(
+            best_train=dict(actors=best["actors"], cores=best["cores"]),
+            learner_samples_per_s=best["learner_samples_per_s"],
+            learner_to_bare_env_on_cores=best["learner_samples_per_s"] / (bare * args.cores))
     res["load_average"] = dict(start=load0, end=os.getloadavg())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")

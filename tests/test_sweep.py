@@ -129,6 +129,8 @@ def test_shipped_specs_plan(tmp_path):
     budgets = decade.spec.budgets
     assert len(budgets) >= 5 and budgets[-1] / budgets[0] >= 10
     assert min(sum(b in r.budgets for r in decade.runs) for b in budgets) >= 4
+    assert decade.spec.train["encoders"] == "cpu"  # the CPU proxy; the paper's spec keeps the paper's encoders
+    assert "encoders" not in make_plan(load_spec(ROOT / "specs/paper-nethack.toml")).spec.train
     r = subprocess.run([*TRAJDATA, "sweep", str(ROOT / "specs/cpu.toml"), "--dry-run", "--samples-per-s", "2000"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -238,3 +240,19 @@ def test_forecast_prints_the_train_bc_command():
     r = subprocess.run([*TRAJDATA, "scaling", "forecast", str(src), "--dataset-size", "40e9", "--run"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "--run needs --dataset" in r.stderr
+
+
+def test_best_return_per_budget_and_its_separation():
+    from trajdata.sweep.report import best_return_html, best_returns
+
+    rows = [dict(run="a", budget="1e10", params="100", **{"return": "2.0", "return_se": "1.0"}),
+            dict(run="b", budget="1e10", params="200", **{"return": "3.0", "return_se": "2.0"}),
+            dict(run="a", budget="1e11", params="100", **{"return": "30.0", "return_se": "4.0"}),
+            dict(run="b", budget="1e11", params="200", **{"return": "", "return_se": ""}),  # not evaluated
+            dict(run="b", budget="3e10", params="200", **{"return": "-1.0", "return_se": "0.5"})]
+    best = best_returns(rows)
+    assert [(b["budget"], b["run"], b["return"]) for b in best] == [(1e10, "b", 3.0), (3e10, "b", -1.0),
+                                                                    (1e11, "a", 30.0)]
+    html = best_return_html(best)
+    assert "+27.00 (6.0 SE)" in html and html.count("<tr>") == 4  # (30 - 3) / hypot(2, 4) = 6.04
+    assert best_return_html(best[:1]) == ""

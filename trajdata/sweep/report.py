@@ -55,6 +55,36 @@ def plot_returns(plan: Plan, out: Path, baselines: dict):
     return png(fig)
 
 
+def best_returns(rows: list[dict]) -> list[dict]:
+    """Per FLOP budget, the snapshot with the highest mean return (rows of a runs table with ``return``
+    and ``return_se``), smallest budget first. The observed best, biased up by the choice among sizes;
+    it stands where the return's parabolas have no vertex."""
+    best: dict[float, dict] = {}
+    for r in rows:
+        if r.get("return") in (None, ""):
+            continue
+        c, m = float(r["budget"]), float(r["return"])
+        if c not in best or m > best[c]["return"]:
+            best[c] = {"budget": c, "run": r["run"], "params": int(float(r["params"])), "return": m,
+                       "se": float(r.get("return_se") or 0.0)}
+    return [best[c] for c in sorted(best)]
+
+
+def best_return_html(best: list[dict]) -> str:
+    """The observed best return per budget, and how far apart the largest and smallest budgets' are in SE."""
+    if len(best) < 2:
+        return ""
+    lo, hi = best[0], best[-1]
+    se = float(np.hypot(lo["se"], hi["se"]))
+    gap = hi["return"] - lo["return"]
+    z = f"{gap / se:.1f} SE" if se > 0 else "no SE"
+    rows = [[f"{b['budget']:.3g}", b["run"], f"{b['params']:,}", f"{b['return']:.2f} ± {b['se']:.2f}"] for b in best]
+    return ("<h2>Best return per budget</h2><p>The snapshot with the highest mean return at each budget (the "
+            "observed best: biased up by the choice among sizes; the isoFLOP return fit below uses the "
+            f"parabolas' vertices where they exist). Largest budget minus smallest: {gap:+.2f} ({z}).</p>"
+            + table(rows, ["budget", "run", "params", "mean return ± SE"]))
+
+
 def _fit(path: Path, cfg: FitConfig) -> dict:
     runs = load_runs(path)
     return fit_all(runs, cfg)
@@ -138,4 +168,7 @@ def _header(plan: Plan, out: Path, baselines: dict, timings: dict, ds_steps: int
         parts.append("<h2>Baselines on the eval seeds</h2>"
                      + table(rows, ["baseline", "policy", "episodes", "mean return ± SE", "median"]))
         parts.append(f"<img src='data:image/png;base64,{plot_returns(plan, out, baselines)}'>")
+        runs_csv = out / ckpt_io.RUNS_CSV
+        if runs_csv.is_file():
+            parts.append(best_return_html(best_returns(ckpt_io.read_runs(runs_csv))))
     return parts
