@@ -275,6 +275,7 @@ def test_bad_input_is_one_line(bc_lstm, scripted_data, tmp_path):
         "missing-init": (dict(init=str(tmp_path / "nope"), steps=32), "neither a checkpoint file nor a run"),
         "transformer-init": (dict(init=str(tf), steps=32), "'transformer' core"),
         "kickstart-alone": (dict(kickstart_coef=1.0, steps=32), "needs --init"),
+        "encoders-vs-init": (dict(init=str(bc_lstm), encoders="cpu", steps=32), "encoders cpu differ from"),
         "bad-env": (dict(env="Pong", steps=32), "choose one of NetHackScore-v0"),
         "bad-character": (dict(character="xyz-hum", steps=32), "unknown role"),
     }

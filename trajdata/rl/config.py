@@ -45,7 +45,8 @@ class RLConfig:
     use_message: bool = option(True, "Use the message encoder.")
     use_glyphs: bool = option(False, "Also embed the dungeon glyphs.")
     encoders: str = option("paper", "paper (the map ResNet) or cpu (the CPU proxy: block-mean map, ~1/5 of the "
-                                    "encoders' FLOPs; see train bc --encoders).", choices=("paper", "cpu"))
+                                    "encoders' FLOPs; see train bc --encoders). With --init: the snapshot's.",
+                           choices=("paper", "cpu"))
     # start from a BC snapshot (the LSTM-core family), optionally kickstarted toward it
     init: str | None = option(None, "Start from this BC run's largest-budget snapshot (or a .pt file) of the "
                                     "LSTM-core family (train bc --core lstm): its architecture and weights.",

@@ -50,6 +50,9 @@ def model_config(cfg: RLConfig, n_actions: int | None = None, bc_cfg: NetHackCon
                               field="params")
         if cfg.layers not in (1, bc_cfg.layers):
             raise ConfigError(f"layers {cfg.layers} differs from the --init snapshot's {bc_cfg.layers}", field="layers")
+        if cfg.encoders not in ("paper", bc_cfg.encoders):
+            raise ConfigError(f"encoders {cfg.encoders} differ from the --init snapshot's {bc_cfg.encoders}",
+                              field="encoders")
         return replace(bc_cfg, n_actions=n_actions, heads=0)
     base = NetHackConfig(width=DEFAULT_WIDTH, layers=cfg.layers, core="lstm", n_actions=n_actions,
                          use_inventory=cfg.use_inventory, use_message=cfg.use_message, use_glyphs=cfg.use_glyphs,
