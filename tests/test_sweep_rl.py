@@ -160,6 +160,9 @@ def test_shipped_rl_specs_plan():
     kept_per_budget = {b: sum(b in r.budgets for r in cpu.runs) for b in cpu.spec.budgets}
     assert len(cpu.spec.budgets) >= 3 and min(kept_per_budget.values()) >= 3
     assert cpu.compare is not None and cpu.compare.run is not None
+    assert cpu.spec.train["encoders"] == cpu.spec.compare["bc"]["encoders"] == "cpu"  # the BC teacher matches the agent
+    assert cpu.compare.run.shape.model.encoders == "cpu" and cpu.spec.compare["kickstart_coef"] > 0
+    assert "encoders" not in make_plan(load_spec(ROOT / "specs/paper-rl.toml")).spec.train
 
 
 @pytest.mark.slow
