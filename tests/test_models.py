@@ -460,15 +460,14 @@ def test_counted_batch_norm_is_the_full_batch_norm():
     assert torch.allclose(bn(x, counts), ref(x), atol=1e-12)  # eval: running statistics, counts unused
 
 
-@pytest.mark.parametrize("core", ["transformer", "lstm"])
-def test_fast_encoder_computes_the_reference_function(core):
-    """Shared look-up table, each distinct map and crop encoded once with count-weighted batch norm:
-    the same logits, gradients and BatchNorm statistics as the reference path (float64)."""
-    m = tiny(core=core).double().train()
-    ref = tiny(core=core).double().train()
+def _fast_matches_reference(model_kw: dict, make_batch):
+    """A tiny float64 model on its fast path and a copy on the reference path (``fast = False``): the
+    same logits and parameter gradients on ``make_batch(model)``; returns both (after backward) and the batch."""
+    m = tiny(**model_kw).double().train()
+    ref = tiny(**model_kw).double().train()
     ref.load_state_dict(m.state_dict())
     ref.encoder.fast = False
-    b = _with_repeats(m)
+    b = make_batch(m)
     (y, _), (y_ref, _) = m(b), ref(b)
     assert torch.allclose(y, y_ref, atol=1e-9)
     grad = torch.randn_like(y)
@@ -476,6 +475,14 @@ def test_fast_encoder_computes_the_reference_function(core):
     (y_ref * grad).sum().backward()
     for (name, p), q in zip(m.named_parameters(), ref.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-9), name
+    return m, ref, b
+
+
+@pytest.mark.parametrize("core", ["transformer", "lstm"])
+def test_fast_encoder_computes_the_reference_function(core):
+    """Shared look-up table, each distinct map and crop encoded once with count-weighted batch norm:
+    the same logits, gradients and BatchNorm statistics as the reference path (float64)."""
+    m, ref, b = _fast_matches_reference(dict(core=core), _with_repeats)
     for (name, a), c in zip(m.named_buffers(), ref.buffers()):
         assert torch.allclose(a.double(), c.double(), atol=1e-12), name
     m.eval()
@@ -535,20 +542,13 @@ def test_unique_rows_is_torch_unique():
 
 def test_cpu_proxy_fast_path_computes_the_reference_function():
     """Each distinct 3 x 4 block embedded once: the same logits and gradients as every block's own look-ups."""
-    m = tiny(encoders="cpu").double().train()
-    ref = tiny(encoders="cpu").double().train()
-    ref.load_state_dict(m.state_dict())
-    ref.encoder.fast = False
-    b = _with_repeats(m)
-    b["tty_chars"][:, :, 1:12, 20:60] = ord(" ")  # blank blocks, as a real map's unexplored part
-    b["tty_colors"][:, :, 1:12, 20:60] = 0
-    (y, _), (y_ref, _) = m(b), ref(b)
-    assert torch.allclose(y, y_ref, atol=1e-9)
-    grad = torch.randn_like(y)
-    (y * grad).sum().backward()
-    (y_ref * grad).sum().backward()
-    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
-        assert torch.allclose(p.grad, q.grad, atol=1e-9), name
+    def blank_blocks(m):
+        b = _with_repeats(m)
+        b["tty_chars"][:, :, 1:12, 20:60] = ord(" ")  # blank blocks, as a real map's unexplored part
+        b["tty_colors"][:, :, 1:12, 20:60] = 0
+        return b
+
+    m, _, _ = _fast_matches_reference(dict(encoders="cpu"), blank_blocks)
     assert m.encoder.char_emb.weight.grad.abs().sum() > 0
 
 

@@ -88,7 +88,8 @@ class NetHackConfig:
     @property
     def d_in(self) -> int:
         """Width of the concatenated encoder features (1729 for the paper's inputs)."""
-        return ((MAP_DIM if self.encoders == "paper" else COARSE_DIM) + CROP_DIM + BOTTOM_DIM + self.n_actions + MSG_DIM * self.use_message
+        map_dim = MAP_DIM if self.encoders == "paper" else COARSE_DIM
+        return (map_dim + CROP_DIM + BOTTOM_DIM + self.n_actions + MSG_DIM * self.use_message
                 + INV_DIM * self.use_inventory + self.glyph_dim * self.use_glyphs)
 
 

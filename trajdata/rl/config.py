@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from trajdata.config import at_least, choose, coerce_fields, from_mapping, option, read_toml, require
+from trajdata.config import at_least, choose, coerce_fields, copy_option, from_mapping, option, read_toml, require
+from trajdata.models.nethack import NetHackConfig
 
 # env id -> its default character (NetHackScore-v0: NLE's human monk; the Challenge: random per game)
 ENVS = {"NetHackScore-v0": "mon-hum-neu-mal", "NetHackChallenge-v0": "@"}
@@ -44,9 +45,9 @@ class RLConfig:
     use_inventory: bool = option(True, "Use the inventory encoder.")
     use_message: bool = option(True, "Use the message encoder.")
     use_glyphs: bool = option(False, "Also embed the dungeon glyphs.")
-    encoders: str = option("paper", "paper (the map ResNet) or cpu (the CPU proxy: block-mean map, ~1/5 of the "
-                                    "encoders' FLOPs; see train bc --encoders). With --init: the snapshot's.",
-                           choices=("paper", "cpu"))
+    encoders: str = copy_option(NetHackConfig, "encoders",
+                                help="paper (the map ResNet) or cpu (the CPU proxy: block-mean map, ~1/5 of the "
+                                     "encoders' FLOPs; see train bc --encoders). With --init: the snapshot's.")
     # start from a BC snapshot (the LSTM-core family), optionally kickstarted toward it
     init: str | None = option(None, "Start from this BC run's largest-budget snapshot (or a .pt file) of the "
                                     "LSTM-core family (train bc --core lstm): its architecture and weights.",
