@@ -9,13 +9,15 @@ env's random-action steps/s measured in the same run.
    the agent at ``--params`` (one batched forward per step), nothing learnt: env steps/s.
 3. `train rl` itself for ``--seconds``: ``--actors 0`` (acting and learning in one process: one core),
    ``--actors 1`` (one actor process beside the learner: two cores) and ``--actors --cores``; learner
-   samples/s (env steps the learner trained on per second) from metrics.jsonl after the first rows.
+   samples/s (env steps the learner trained on per second) from metrics.jsonl after the first rows;
+   with ``--precision fp32,bf16`` each in turn (the learner under bf16 autocast; actors in fp32).
 4. Where the time goes: FLOPs per sample of the agent (``measured_flops_per_sample``: the fixed
    encoders included) beside 8N, and the agent's forward (batch ``--envs``, T = 1) and forward +
-   backward (``--envs`` x ``--unroll``) samples/s on one thread.
+   backward (``--envs`` x ``--unroll``, fp32 and bf16 autocast) samples/s on one thread.
 
     python bin/bench_rl.py --out bench-results/rl.json            # ~6 minutes on 2 cores
     python bin/bench_rl.py --encoders paper,cpu --seconds 20 --out bench-results/rl-proxy.json   # both agents
+    python bin/bench_rl.py --encoders cpu --precision fp32,bf16 --seconds 20 --out bench-results/rl-bf16.json
 """
 from __future__ import annotations
 
@@ -118,16 +120,16 @@ def model_costs(cfg) -> dict:
     train = measured_flops_per_sample(policy, cfg.unroll, cfg.envs)
     E, T = cfg.envs, cfg.unroll
 
-    def rate(batch, grad: bool, reps: int = 3) -> float:
+    def rate(batch, grad: bool, reps: int = 3, bf16: bool = False) -> float:
         n = batch["tty_chars"].shape[0] * batch["tty_chars"].shape[1]
         best = float("inf")
         for _ in range(reps):
             t = time.perf_counter()
-            with torch.set_grad_enabled(grad):
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits, values, _ = agent.unroll(batch, batch["action"].long() % mcfg.n_actions, batch["reset"],
                                                  agent.initial_hidden(batch["reset"].shape[0]))
                 if grad:
-                    (logits.sum() + values.sum()).backward()
+                    (logits.float().sum() + values.float().sum()).backward()
             best = min(best, time.perf_counter() - t)
         return n / best
 
@@ -136,7 +138,8 @@ def model_costs(cfg) -> dict:
                 flops_per_sample_forward=fwd, flops_per_sample_train=train,
                 flops_per_step_measured=fwd + train, encoder_share=1 - 8 * n / (fwd + train),
                 actor_forward_samples_per_s=rate(random_batch(mcfg, E, 1), False),
-                learner_fwd_bwd_samples_per_s=rate(random_batch(mcfg, E, T), True))
+                learner_fwd_bwd_samples_per_s=rate(random_batch(mcfg, E, T), True),
+                learner_fwd_bwd_samples_per_s_bf16=rate(random_batch(mcfg, E, T), True, bf16=True))
 
 
 def main() -> None:
@@ -148,6 +151,8 @@ def main() -> None:
     ap.add_argument("--unroll", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=40.0, help="per measurement")
     ap.add_argument("--device", default="cpu", help="the learner's device (actors act on the CPU)")
+    ap.add_argument("--precision", default="fp32",
+                    help="comma-separated: the learner's fp32 and/or bf16 (train rl --precision), measured in turn")
     ap.add_argument("--encoders", default="paper",
                     help="comma-separated: paper and/or cpu (the CPU proxy, train rl --encoders cpu), measured in turn")
     args = ap.parse_args()
@@ -165,26 +170,29 @@ def main() -> None:
     for enc in args.encoders.split(","):
         key = "" if enc == "paper" else f"_{enc}"  # the paper's encoders keep the keys they always had
         with tempfile.TemporaryDirectory() as tmp:
-            def cfg(name: str, actors: int) -> RLConfig:
+            def cfg(name: str, actors: int, precision: str = "fp32") -> RLConfig:
                 return RLConfig(out=str(Path(tmp) / name), params=args.params, envs=args.envs, unroll=args.unroll,
                                 actors=actors, progress=False, tensorboard=False, checkpoint_every=10**9,
-                                device=args.device, encoders=enc)
+                                device=args.device, encoders=enc, precision=precision)
 
             res[f"model{key}"] = model = model_costs(cfg("m", 0))
             print(f"model ({enc})", json.dumps(model), flush=True)
             res[f"actors_only{key}"] = r = actors_only(cfg("a", args.cores), args.seconds)
             print(f"actors only ({enc})", json.dumps(r), flush=True)
             est = model["learner_fwd_bwd_samples_per_s"] / 2
-            res[f"train{key}"] = trains = []
-            for actors, cores in ((0, 1), (1, 2), (args.cores, args.cores)):
-                r = train_rate(cfg(f"t{actors}", actors), args.seconds, est * cores, cores)
-                trains.append(r)
-                print(f"train ({enc})", json.dumps(r), flush=True)
-        best = max(trains, key=lambda r: r["learner_samples_per_s"])
-        res["summary"][f"encoders_{enc}"] = dict(
-            best_train=dict(actors=best["actors"], cores=best["cores"]),
-            learner_samples_per_s=best["learner_samples_per_s"],
-            learner_to_bare_env_on_cores=best["learner_samples_per_s"] / (bare * args.cores))
+            for precision in args.precision.split(","):
+                pkey = "" if precision == "fp32" else f"_{precision}"  # fp32 keeps the keys it always had
+                res[f"train{key}{pkey}"] = trains = []
+                for actors, cores in ((0, 1), (1, 2), (args.cores, args.cores)):
+                    r = train_rate(cfg(f"t{actors}{pkey}", actors, precision), args.seconds, est * cores, cores)
+                    trains.append(dict(r, precision=precision))
+                    print(f"train ({enc}, {precision})", json.dumps(r), flush=True)
+                best = max(trains, key=lambda r: r["learner_samples_per_s"])
+                res["summary"][f"encoders_{enc}{pkey}"] = dict(
+                    best_train=dict(actors=best["actors"], cores=best["cores"]),
+                    learner_samples_per_s=best["learner_samples_per_s"],
+                    one_core_learner_samples_per_s=trains[0]["learner_samples_per_s"],
+                    learner_to_bare_env_on_cores=best["learner_samples_per_s"] / (bare * args.cores))
     res["load_average"] = dict(start=load0, end=os.getloadavg())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")

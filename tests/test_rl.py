@@ -3,6 +3,7 @@ budget snapshots and the 8ND count, resume, BC -> RL init, kickstarting, bad inp
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -12,12 +13,14 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="needs torch (the train extra)")
 pytest.importorskip("torchrl", reason="needs torchrl (the rl extra)")
 pytest.importorskip("nle", reason="needs nle (the nethack extra)")
 
+from trajdata.errors import TrajdataError  # noqa: E402
 from trajdata.models import flops as counting  # noqa: E402
 from trajdata.models.nethack import NetHackConfig, random_batch  # noqa: E402
 from trajdata.rl.agent import RLAgent, action_index, bc_snapshot, init_from_bc  # noqa: E402
@@ -130,6 +133,41 @@ def _torchbeast_loss(agent, b, cfg):
     return pg + cfg.baseline_coef * baseline - cfg.entropy_coef * entropy
 
 
+def test_actor_envs_are_the_seeded_games_stacked():
+    """``make_actor_envs`` (one TorchRL env over E games) gives what each game's ``SeededGames`` gives:
+    the same observations, rewards and flags step by step, and a partial reset starts the next game of
+    the marked stream only."""
+    from trajdata.rl.env import SeededGames, make_actor_envs, model_fields
+
+    E, fields = 2, model_fields()
+    env = make_actor_envs("NetHackScore-v0", "mon-hum-neu-mal", fields, 5, (0, 0), E, {"h": (1, 8), "c": (1, 8)})
+    ref = [SeededGames("NetHackScore-v0", "mon-hum-neu-mal", fields, 5, (0, 0, i)) for i in range(E)]
+
+    def same(td, i, obs):
+        for k, v in obs.items():
+            assert np.array_equal(td[k][i].numpy().reshape(np.shape(v)), v), k
+
+    td = env.reset()
+    for i, g in enumerate(ref):
+        same(td, i, g.reset()[0])
+    assert td["is_init"].all() and td["h"].abs().sum() == 0
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        a = rng.integers(23, size=E)
+        td = env.step(td.set("action", torch.as_tensor(a)))
+        for i, g in enumerate(ref):
+            obs, r, term, trunc, _ = g.step(int(a[i]))
+            same(td["next"], i, obs)
+            assert td["next", "reward"][i, 0] == np.float32(r) and td["next", "terminated"][i, 0] == term
+            assert td["next", "done"][i, 0] == (term or trunc)
+        td = td["next"].exclude("reward", "done", "terminated", "truncated")
+    after = env.reset(td.set("_reset", torch.tensor([[False], [True]])))
+    assert np.array_equal(after["tty_chars"][0], td["tty_chars"][0])  # game 0 goes on
+    same(after, 1, ref[1].reset()[0])  # stream 1's next game
+    assert after["prev_action"][1, 0] == -1 and after["episode_return"][1, 0] == 0
+    env.close()
+
+
 def test_impala_loss_is_torchrls_a2c_loss_on_vtrace_targets():
     """TorchRL's A2CLoss on V-trace advantages and targets is the three-term IMPALA loss: same value,
     same gradient, on a fixed batch with deaths, caps and off-policy actions."""
@@ -149,6 +187,35 @@ def test_impala_loss_is_torchrls_a2c_loss_on_vtrace_targets():
     assert mine == pytest.approx(ref, rel=1e-6) and abs(ref) > 1e-3
     assert len(g_mine) == len(g_ref) > 0
     assert all((a - b).abs().max() <= 1e-5 * b.abs().max() for a, b in zip(g_mine, g_ref))  # float rounding only
+
+
+def test_bf16_learner_loss_and_gradient_match_fp32(tmp_path):
+    """--precision bf16: the agent's unroll under bf16 autocast gives the fp32 loss and gradient to bf16
+    rounding; a tiny run under it learns with fp32 actors (the staleness it adds is rounding only), and
+    its precision is fixed for the run (a resume with another is refused)."""
+    from trajdata.rl.train import impala_loss
+
+    cfg = RLConfig(out="-", entropy_coef=0.05)
+    torch.manual_seed(0)
+    agent = RLAgent(NetHackConfig(width=16, layers=1, core="lstm", n_actions=23, encoders="cpu"))
+    b = _unroll_batch(agent)
+    out = []
+    for autocast in (None, torch.autocast("cpu", dtype=torch.bfloat16)):
+        agent.zero_grad()
+        loss, parts = impala_loss(agent, b, cfg, 0.0, autocast=autocast)
+        loss.backward()
+        out.append((loss.item(), torch.cat([p.grad.flatten() for p in agent.parameters() if p.grad is not None])))
+    (l32, g32), (l16, g16) = out
+    assert l16 != l32 and l16 == pytest.approx(l32, rel=1e-3)
+    assert torch.isfinite(g16).all() and torch.nn.functional.cosine_similarity(g16, g32, 0) > 0.99
+
+    run = tmp_path / "bf16"
+    r = train(RLConfig(out=str(run), steps=128, precision="bf16", **TINY))
+    m = metrics(run)
+    assert r["step"] == 4 and all(math.isfinite(x["loss"]) for x in m)
+    assert all(0 < x["log_rho"] < 0.01 for x in m)  # fp32 actors, bf16 learner: rounding, not staleness
+    with pytest.raises(TrajdataError, match="precision"):
+        train(RLConfig(out=str(run), steps=256, precision="fp32", **TINY))
 
 
 def test_torchrls_vtrace_module_weighs_the_wrong_action():

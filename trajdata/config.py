@@ -246,6 +246,14 @@ def default(cls, name: str) -> Any:
 DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?|mps)$")
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def uses_bf16(precision: str, device_type: str) -> bool:
+    """Whether a run of ``precision`` (auto: bf16 autocast on CUDA, fp32 elsewhere) computes under bf16 autocast."""
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+
+
 def check_device(device: str, field: str = "device") -> None:
     """One line for a torch device this machine does not have (``cuda`` without a usable GPU, a GPU
     index past the last): checked before any work starts."""

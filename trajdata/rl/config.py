@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from trajdata.config import at_least, choose, coerce_fields, copy_option, from_mapping, option, read_toml, require
+from trajdata.config import PRECISIONS, at_least, choose, coerce_fields, copy_option, from_mapping, option, read_toml, require
 from trajdata.models.nethack import NetHackConfig
 
 # env id -> its default character (NetHackScore-v0: NLE's human monk; the Challenge: random per game)
@@ -83,6 +83,8 @@ class RLConfig:
     # machinery
     seed: int = option(0, "Seed of the model init, the action sampling and the games.")
     device: str = option("auto", "The learner's device: auto (CUDA when present), cpu or cuda.", choices=DEVICES)
+    precision: str = option("auto", "The learner's arithmetic: auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32. "
+                                    "Actors act in fp32.", choices=PRECISIONS)
     threads: int = option(1, "Torch threads of the learner (each actor uses one).")
     log_every: int = option(10, "Learner steps between metrics.jsonl rows.")
     checkpoint_every: int = option(100, "Learner steps between rolling checkpoints (RUN/checkpoint.pt).")
@@ -95,6 +97,7 @@ class RLConfig:
         require(bool(self.out), "out", "is required")
         choose(self.env, ENVS, "env")
         choose(self.device, DEVICES, "device")
+        choose(self.precision, PRECISIONS, "precision")
         require(not (self.params is not None and self.width is not None), "params",
                 "conflicts with --width: give one way to size the model")
         at_least(self, 1, "layers", "envs", "unroll", "threads", "log_every", "checkpoint_every")

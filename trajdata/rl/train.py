@@ -33,6 +33,7 @@ import json
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -363,14 +364,16 @@ def vtrace_targets(logp, b: dict, v, next_v, cfg: RLConfig):
                                          rho_thresh=cfg.rho_clip, c_thresh=cfg.c_clip, time_dim=-2)
 
 
-def impala_loss(agent, b: dict, cfg: RLConfig, kick_coef: float, loss_module=None) -> tuple:
-    """The IMPALA loss of one unroll batch (sums over its E x T steps) and its parts (means per step)."""
+def impala_loss(agent, b: dict, cfg: RLConfig, kick_coef: float, loss_module=None, autocast=None) -> tuple:
+    """The IMPALA loss of one unroll batch (sums over its E x T steps) and its parts (means per step);
+    the agent's unroll under ``autocast`` (a bf16 autocast context, or none), the loss in fp32."""
     import torch
     from tensordict import TensorDict
 
     loss_module = loss_module or actor_critic_loss(cfg)
     E, T = b["action"].shape
-    logits, values, _ = agent.unroll({k: b[k] for k in agent.fields}, b["prev_action"], b["reset"], b["hidden"])
+    with autocast or nullcontext():
+        logits, values, _ = agent.unroll({k: b[k] for k in agent.fields}, b["prev_action"], b["reset"], b["hidden"])
     logits, v = logits[:, :T].float(), values[:, :T].float()
     next_v = torch.cat([v[:, 1:], values[:, T:].float()], 1)
     truncated_inside = b["done"] & ~b["terminated"]
@@ -398,11 +401,18 @@ def impala_loss(agent, b: dict, cfg: RLConfig, kick_coef: float, loss_module=Non
 
 
 class Learner:
-    """One learner step per unroll: the IMPALA loss, a clipped RMSprop step, the counters."""
+    """One learner step per unroll: the IMPALA loss (the agent under bf16 autocast with --precision
+    bf16), a clipped RMSprop step, the counters."""
 
     def __init__(self, run: Run, state: TrainState):
+        import torch
+
+        from trajdata.config import uses_bf16
+
         self.run, self.state = run, state
         self.loss_module = actor_critic_loss(run.cfg)
+        self.autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) \
+            if uses_bf16(run.cfg.precision, run.device.type) else None
 
     def step(self, td) -> tuple[dict, int, list[float]]:
         """Learn from unroll ``td``; returns the loss parts, its env steps and the returns of games that ended in it."""
@@ -410,7 +420,7 @@ class Learner:
 
         run, state, cfg = self.run, self.state, self.run.cfg
         b = learner_batch(td, state.agent.fields, cfg.envs, cfg.unroll, run.device)
-        loss, parts = impala_loss(state.agent, b, cfg, run.kick_coef(state.step), self.loss_module)
+        loss, parts = impala_loss(state.agent, b, cfg, run.kick_coef(state.step), self.loss_module, self.autocast)
         state.mid_step = True
         state.opt.zero_grad(set_to_none=True)
         loss.backward()

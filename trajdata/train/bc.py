@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trajdata.config import (CONFIG_JSON, at_least, check_device, choose, coerce_fields, copy_option, from_mapping,
-                             lock_dir, open_run_dir, option, parse_count, read_toml, require)
+from trajdata.config import (CONFIG_JSON, PRECISIONS, at_least, check_device, choose, coerce_fields, copy_option,
+                             from_mapping, lock_dir, open_run_dir, option, parse_count, read_toml, require, uses_bf16)
 from trajdata.errors import ConfigError, DataError, Terminated, TrajdataError
 from trajdata.format.dataset import Dataset
 from trajdata.loaders.stream import LoaderConfig, make_dataloader, select_episodes
@@ -47,7 +47,6 @@ from trajdata.train.shape import PRESETS, RunShape, atari_actions, run_shape
 FAMILIES = ("auto", "nethack", "atari")
 SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "bf16", "fp32")
 # bf16 dense peak FLOP/s, for MFU (matched against torch.cuda.get_device_name)
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
 # fields that may change when the same run is resumed
@@ -547,8 +546,8 @@ class Stepper:
             self.core = torch.nn.parallel.DistributedDataParallel(
                 state.model, device_ids=[run.local_rank] if device.type == "cuda" else None)
         self.fwd = torch.compile(self.core) if cfg.compile else self.core
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(cfg.precision, device.type) \
+            else nullcontext()
         # the first optimizer step (1-based) whose loss was not finite, kept on the device (read only
         # before anything is written: no sync per step)
         self.first_bad = torch.full((), _NONE_BAD, dtype=torch.long, device=device)
@@ -665,7 +664,7 @@ class MetricsLog:
             self.path.write_text("".join(ln + "\n" for ln in ckpt_io.read_metrics(self.path, state.step)))
         self.tb = ckpt_io.tensorboard(run.dir, run.cfg.tensorboard) if run.writer else None
         cfg = run.cfg
-        self.peak = peak_flops(run.device, cfg.precision == "bf16" or (cfg.precision == "auto" and run.device.type == "cuda"))
+        self.peak = peak_flops(run.device, uses_bf16(cfg.precision, run.device.type))
         self.total_per_sample = counting.total_flops_per_sample(run.shape.model, cfg.seq_len)  # encoders included
         self.bar = _progress_bar(run, state.samples)
         self.tally = torch.zeros(3, dtype=torch.float64, device=run.device)  # CE sum, correct, steps: read at log time only
