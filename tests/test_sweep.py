@@ -256,3 +256,13 @@ def test_best_return_per_budget_and_its_separation():
     html = best_return_html(best)
     assert "+27.00 (6.0 SE)" in html and html.count("<tr>") == 4  # (30 - 3) / hypot(2, 4) = 6.04
     assert best_return_html(best[:1]) == ""
+    # training seeds: a size's return is the mean over its seeds, the SE that of the mean
+    seeds = [dict(run="rl-h8-L1-s0", budget="1e10", params="100", **{"return": "10.0", "return_se": "3.0"}),
+             dict(run="rl-h8-L1-s1", budget="1e10", params="100", **{"return": "1.0", "return_se": "4.0"}),
+             dict(run="rl-h16-L1-s0", budget="1e10", params="200", **{"return": "7.0", "return_se": "1.0"}),
+             dict(run="rl-h16-L1-s1", budget="1e10", params="200", **{"return": "5.0", "return_se": "1.0"})]
+    (b,) = best_returns(seeds)
+    assert (b["run"], b["params"], b["return"], b["seeds"]) == ("rl-h16-L1", 200, 6.0, [7.0, 5.0])
+    assert b["se"] == pytest.approx(2 ** 0.5 / 2)
+    html = best_return_html([b, dict(b, budget=1e11, **{"return": 9.0})])
+    assert "each seed" in html and "7.0, 5.0" in html and "mean over its training seeds" in html

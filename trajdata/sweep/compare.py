@@ -26,24 +26,27 @@ def _ret(row: dict) -> tuple[float, float] | None:
 
 
 def comparison_rows(plan: Plan, out: Path) -> list[dict]:
-    """Per sweep budget C: the BC-initialised snapshot at total compute C, the best from-scratch
-    snapshot at C (any size), the from-scratch one of the BC architecture, and the difference."""
+    """Per sweep budget C: the BC-initialised snapshot at total compute C, the best from-scratch size
+    at C and the from-scratch one of the BC architecture (each the mean over its training seeds, as
+    ``seed_means``), and the difference."""
+    from trajdata.sweep.report import seed_means
+
     arch = tuple(plan.compare.run.size)
     scratch: dict[float, list[dict]] = {}
-    for r in ckpt_io.read_runs(out / "runs.csv"):
-        if _ret(r) is not None:
-            scratch.setdefault(float(r["budget"]), []).append(r)
+    for m in seed_means(ckpt_io.read_runs(out / "runs.csv")):
+        scratch.setdefault(m["budget"], []).append(m)
     rows = []
     for r in sorted(ckpt_io.read_runs(out / "compare.csv"), key=lambda x: float(x["total_budget"])):
         total = float(r["total_budget"])
         pool = scratch.get(total, [])
-        best = max(pool, key=lambda x: _ret(x)[0], default=None)
+        best = max(pool, key=lambda x: x["return"], default=None)
         same = next((x for x in pool if (int(x["width"]), int(x["layers"])) == arch), None)
         row = dict(total=total, total_actual=float(r["total_flops"]), rl_flops=float(r["flops_actual"]),
                    bc_flops=float(r["flops_init"] or 0), kickstart_flops=float(r["flops_kickstart"] or 0),
-                   bc_init=_ret(r), best=None, best_run=None, best_params=None, same=_ret(same) if same else None)
+                   bc_init=_ret(r), best=None, best_run=None, best_params=None,
+                   same=(same["return"], same["se"]) if same else None)
         if best is not None:
-            row.update(best=_ret(best), best_run=best["run"], best_params=int(best["params"]))
+            row.update(best=(best["return"], best["se"]), best_run=best["run"], best_params=best["params"])
         if row["bc_init"] and row["best"]:
             (a, sa), (b, sb) = row["bc_init"], row["best"]
             row["diff"] = (a - b, math.hypot(sa, sb))
@@ -109,7 +112,8 @@ def comparison_section(plan: Plan, out: Path, baselines: dict) -> str:
               f"{spec.compare.get('kickstart_decay', 0.999):g} per learner step), the teacher's forwards counted as "
               "2·N_BC per env step; " if kick else "")
            + "its RL budgets are the sweep's budgets less those FLOPs, so each of its snapshots has the total compute "
-             "of the from-scratch snapshots it is compared with. Every snapshot is evaluated on the same seeds.")
+             "of the from-scratch snapshots it is compared with. Every snapshot is evaluated on the same seeds"
+           + ("; a from-scratch size's return is the mean over its training seeds" if spec.seeds else "") + ".")
     return ("<h2>From scratch vs from BC, at equal total compute</h2>"
             f"<p>{how}</p>"
             + table(body, ["total FLOPs C", "RL + BC (+ teacher) FLOPs", "from BC: return ± SE",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -55,18 +56,32 @@ def plot_returns(plan: Plan, out: Path, baselines: dict):
     return png(fig)
 
 
-def best_returns(rows: list[dict]) -> list[dict]:
-    """Per FLOP budget, the snapshot with the highest mean return (rows of a runs table with ``return``
-    and ``return_se``), smallest budget first. The observed best, biased up by the choice among sizes;
-    it stands where the return's parabolas have no vertex."""
-    best: dict[float, dict] = {}
+def seed_means(rows: list[dict]) -> list[dict]:
+    """The evaluated snapshots of a runs table (rows with ``return`` and ``return_se``), one entry per
+    (budget, size): the mean return over the size's training seeds (runs ``...-sS`` of [sweep] seeds),
+    the eval SE of that mean, each seed's return (``seeds``) and the run's name without its seed."""
+    cells: dict[tuple[float, str], list[dict]] = {}
     for r in rows:
-        if r.get("return") in (None, ""):
-            continue
-        c, m = float(r["budget"]), float(r["return"])
-        if c not in best or m > best[c]["return"]:
-            best[c] = {"budget": c, "run": r["run"], "params": int(float(r["params"])), "return": m,
-                       "se": float(r.get("return_se") or 0.0)}
+        if r.get("return") not in (None, ""):
+            cells.setdefault((float(r["budget"]), re.sub(r"-s\d+$", "", r["run"])), []).append(r)
+    out = []
+    for (c, name), rs in cells.items():
+        se = float(np.sqrt(sum(float(r.get("return_se") or 0.0) ** 2 for r in rs))) / len(rs)
+        out.append({"budget": c, "run": name if len(rs) > 1 else rs[0]["run"], "params": int(float(rs[0]["params"])),
+                    "width": rs[0].get("width"), "layers": rs[0].get("layers"),
+                    "return": float(np.mean([float(r["return"]) for r in rs])), "se": se,
+                    "seeds": [float(r["return"]) for r in rs]})
+    return out
+
+
+def best_returns(rows: list[dict]) -> list[dict]:
+    """Per FLOP budget, the size with the highest mean return over its training seeds (``seed_means``),
+    smallest budget first. The observed best, biased up by the choice among sizes; it stands where the
+    return's parabolas have no vertex."""
+    best: dict[float, dict] = {}
+    for m in seed_means(rows):
+        if m["budget"] not in best or m["return"] > best[m["budget"]]["return"]:
+            best[m["budget"]] = m
     return [best[c] for c in sorted(best)]
 
 
@@ -78,11 +93,15 @@ def best_return_html(best: list[dict]) -> str:
     se = float(np.hypot(lo["se"], hi["se"]))
     gap = hi["return"] - lo["return"]
     z = f"{gap / se:.1f} SE" if se > 0 else "no SE"
-    rows = [[f"{b['budget']:.3g}", b["run"], f"{b['params']:,}", f"{b['return']:.2f} ± {b['se']:.2f}"] for b in best]
-    return ("<h2>Best return per budget</h2><p>The snapshot with the highest mean return at each budget (the "
+    seeds = any(len(b.get("seeds", ())) > 1 for b in best)
+    rows = [[f"{b['budget']:.3g}", b["run"], f"{b['params']:,}", f"{b['return']:.2f} ± {b['se']:.2f}"]
+            + ([", ".join(f"{x:.1f}" for x in b["seeds"])] if seeds else []) for b in best]
+    return ("<h2>Best return per budget</h2><p>The size with the highest mean return at each budget (the "
             "observed best: biased up by the choice among sizes; the isoFLOP return fit below uses the "
-            f"parabolas' vertices where they exist). Largest budget minus smallest: {gap:+.2f} ({z}).</p>"
-            + table(rows, ["budget", "run", "params", "mean return ± SE"]))
+            "parabolas' vertices where they exist)"
+            + ("; a size's return is the mean over its training seeds, ± the eval SE of that mean" if seeds else "")
+            + f". Largest budget minus smallest: {gap:+.2f} ({z}).</p>"
+            + table(rows, ["budget", "run", "params", "mean return ± SE"] + (["each seed"] if seeds else [])))
 
 
 def _fit(path: Path, cfg: FitConfig) -> dict:
