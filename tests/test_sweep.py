@@ -243,7 +243,7 @@ def test_forecast_prints_the_train_bc_command():
 
 
 def test_best_return_per_budget_and_its_separation():
-    from trajdata.sweep.report import best_return_html, best_returns
+    from trajdata.sweep.report import best_return_html, best_returns, seed_scatter, seed_scatter_html
 
     rows = [dict(run="a", budget="1e10", params="100", **{"return": "2.0", "return_se": "1.0"}),
             dict(run="b", budget="1e10", params="200", **{"return": "3.0", "return_se": "2.0"}),
@@ -266,3 +266,7 @@ def test_best_return_per_budget_and_its_separation():
     assert b["se"] == pytest.approx(2 ** 0.5 / 2)
     html = best_return_html([b, dict(b, budget=1e11, **{"return": 9.0})])
     assert "each seed" in html and "7.0, 5.0" in html and "mean over its training seeds" in html
+    # the seeds' scatter against their eval SEs: (10 - 1)² / (3² + 4²) = 3.24 and (7 - 5)² / 2 = 2 over 2 dof
+    sc = seed_scatter(seeds)
+    assert (sc["cells"], sc["dof"], sc["median_range"]) == (2, 2, 5.5) and sc["ratio"] == pytest.approx(2.62)
+    assert "= 2.62" in seed_scatter_html(sc) and seed_scatter(rows) is None and seed_scatter_html(None) == ""

@@ -162,6 +162,8 @@ def test_shipped_rl_specs_plan():
     assert cpu.compare is not None and cpu.compare.run is not None
     assert cpu.spec.train["encoders"] == cpu.spec.compare["bc"]["encoders"] == "cpu"  # the BC teacher matches the agent
     assert cpu.compare.run.shape.model.encoders == "cpu" and cpu.spec.compare["kickstart_coef"] > 0
+    assert cpu.spec.seeds == [0, 1] and len(cpu.runs) == 2 * len(cpu.spec.sizes)  # two training seeds per size
+    assert sorted({r.seed for r in cpu.runs}) == [0, 1] and all(r.name.endswith(f"-s{r.seed}") for r in cpu.runs)
     assert "encoders" not in make_plan(load_spec(ROOT / "specs/paper-rl.toml")).spec.train
 
 

@@ -104,6 +104,39 @@ def best_return_html(best: list[dict]) -> str:
             + table(rows, ["budget", "run", "params", "mean return ± SE"] + (["each seed"] if seeds else [])))
 
 
+def seed_scatter(rows: list[dict]) -> dict | None:
+    """How far a size's training seeds differ at a budget, against their eval SEs: over the (budget,
+    size) cells with >= 2 seeds, chi² of the seeds' returns about their inverse-variance mean, summed,
+    over its degrees of freedom (``ratio``: ~1 when eval noise explains the differences, above 1 when
+    training seeds add their own); None without repeated seeds."""
+    cells: dict[tuple[float, str], list[tuple[float, float]]] = {}
+    for r in rows:
+        if r.get("return") not in (None, "") and float(r.get("return_se") or 0) > 0:
+            key = (float(r["budget"]), re.sub(r"-s\d+$", "", r["run"]))
+            cells.setdefault(key, []).append((float(r["return"]), float(r["return_se"])))
+    chi2, dof, diffs = 0.0, 0, []
+    for v in cells.values():
+        if len(v) < 2:
+            continue
+        x, se = np.array(v).T
+        w = 1 / se ** 2
+        chi2 += float((w * (x - (w * x).sum() / w.sum()) ** 2).sum())
+        dof += len(v) - 1
+        diffs.append(float(x.max() - x.min()))
+    if not dof:
+        return None
+    return {"cells": len(diffs), "chi2": chi2, "dof": dof, "ratio": chi2 / dof, "median_range": float(np.median(diffs))}
+
+
+def seed_scatter_html(sc: dict | None) -> str:
+    if sc is None:
+        return ""
+    return (f"<p>Training seeds: over {sc['cells']} (budget, size) cells the seeds' returns differ by a median "
+            f"{sc['median_range']:.1f}; chi² about their means / degrees of freedom = {sc['ratio']:.2f} "
+            "(1 if the eval noise alone explained them). The ± in these tables count eval noise only; "
+            f"training seeds widen them by about √{max(sc['ratio'], 1):.2f} = {np.sqrt(max(sc['ratio'], 1)):.2f}x.</p>")
+
+
 def _fit(path: Path, cfg: FitConfig) -> dict:
     runs = load_runs(path)
     return fit_all(runs, cfg)
@@ -189,5 +222,6 @@ def _header(plan: Plan, out: Path, baselines: dict, timings: dict, ds_steps: int
         parts.append(f"<img src='data:image/png;base64,{plot_returns(plan, out, baselines)}'>")
         runs_csv = out / ckpt_io.RUNS_CSV
         if runs_csv.is_file():
-            parts.append(best_return_html(best_returns(ckpt_io.read_runs(runs_csv))))
+            rows = ckpt_io.read_runs(runs_csv)
+            parts.append(best_return_html(best_returns(rows)) + seed_scatter_html(seed_scatter(rows)))
     return parts
