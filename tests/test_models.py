@@ -432,6 +432,30 @@ def test_embedding_table_gives_the_two_lookups_bitwise():
     assert all(torch.allclose(a, b.grad, atol=1e-5) for a, b in zip(fast, (enc.char_emb.weight, enc.color_emb.weight)))
 
 
+def test_embedding_table_is_kept_without_autograd_until_the_weights_change():
+    """Acting and evaluating (no autograd) reuse the char + colour table; an in-place weight update (an
+    optimizer step, a weight sync to an actor) or a new weight tensor rebuilds it; with autograd it is
+    built per call, so gradients reach the embeddings."""
+    enc = tiny().encoder
+    cells = torch.randint(0, 256 * 128, (2, 3, 4), dtype=torch.int32)
+
+    def ref():
+        return (enc.char_emb(cells.long() // 128) + enc.color_emb(cells.long() % 128)).permute(0, 3, 1, 2)
+
+    with torch.no_grad():
+        first = enc.sum_table()
+        assert enc.sum_table() is first and torch.equal(enc.embed(cells), ref())
+        enc.char_emb.weight.add_(1.0)
+        assert enc.sum_table() is not first and torch.equal(enc.embed(cells), ref())
+        kept = enc.sum_table()
+        enc.color_emb.weight = torch.nn.Parameter(enc.color_emb.weight * 2)
+        assert enc.sum_table() is not kept and torch.equal(enc.embed(cells), ref())
+    out = enc.embed(cells)
+    assert out.requires_grad and enc.sum_table() is not enc.sum_table()
+    out.sum().backward()
+    assert enc.char_emb.weight.grad.abs().sum() > 0
+
+
 def test_counted_batch_norm_is_the_full_batch_norm():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5, 6, dtype=torch.float64)

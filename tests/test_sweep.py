@@ -191,7 +191,7 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(scripted_data, tmp_p
 
 
 @pytest.mark.slow
-def test_seeds_give_one_run_per_size_and_seed(scripted_data, tmp_path):
+def test_seeds_give_one_run_per_size_and_seed(scripted_data, tmp_path, monkeypatch):
     """[sweep] seeds: each size trained once per seed (run ...-sS, its config's seed), every snapshot a
     point of the fit; a [train] seed beside them, or a repeated or negative seed, is one line."""
     from trajdata.sweep.run import bc_config
@@ -211,6 +211,22 @@ def test_seeds_give_one_run_per_size_and_seed(scripted_data, tmp_path):
     loss = {(x["run"], float(x["budget"])): float(x["loss"]) for x in rows}
     assert loss[("nethack-h32-L1-s0", 4e9)] != loss[("nethack-h32-L1-s3", 4e9)]  # the seed reached training
     assert json.loads((out / "fit.json").read_text())["n_runs"] == 8
+    # the return plot: each seed's run thin, each size's mean over its seeds bold
+    from trajdata.sweep import report
+
+    for i, r in enumerate(plan.runs):
+        table = out / "runs" / r.name / ckpt_io.RUNS_CSV
+        for x in ckpt_io.read_runs(table):
+            ckpt_io.upsert_run(table, dict(x, **{"return": str(i + float(x["budget"]) / 1e9), "return_se": "1.0"}))
+    figs = []
+    monkeypatch.setattr(report, "png", lambda fig: figs.append(fig) or "png")
+    report.plot_returns(plan, out, {})
+    ax = figs[0].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[:4] == [r.name for r in plan.runs]
+    assert labels[4:] == ["nethack-h32-L1: mean of 2 seeds", "nethack-h64-L1: mean of 2 seeds"]
+    mean_line = [ln for ln in ax.get_lines() if ln.get_linewidth() == 2.2][0]  # h32: runs 0 and 1
+    assert list(mean_line.get_ydata()) == [0.5 + b / 1e9 for b in sorted({float(x["budget"]) for x in rows})]
     for extra, want in (("seeds = [0, 0]", "lists 0 twice"), ("seeds = [-1]", "integers >= 0"),
                         ("seeds = []", "list of training seeds")):
         with pytest.raises(ConfigError, match=want):

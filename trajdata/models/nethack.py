@@ -379,10 +379,23 @@ class NetHackEncoder(nn.Module):
         if not self.fast:
             cells = cells.long()
             return (self.char_emb(cells // 128) + self.color_emb(cells % 128)).permute(0, 3, 1, 2)
-        table = (self.char_emb.weight[:, None] + self.color_emb.weight[None]).flatten(0, 1)
+        table = self.sum_table()
         if table.is_cuda:
             return F.embedding(cells, table).permute(0, 3, 1, 2)
         return RowLookup.apply(table, cells).permute(0, 3, 1, 2)
+
+    def sum_table(self) -> Tensor:
+        """Every char + colour embedding sum, (256 * 128, 16). Without autograd (acting, evaluating) it is
+        kept between calls until either embedding's weights change (in place or replaced)."""
+        c, k = self.char_emb.weight, self.color_emb.weight
+        if torch.is_grad_enabled() and (c.requires_grad or k.requires_grad):
+            return (c[:, None] + k[None]).flatten(0, 1)
+        key = (c.data_ptr(), c._version, k.data_ptr(), k._version, c.device, c.dtype)
+        cached = self.__dict__.get("_sum_table")
+        if cached is None or cached[0] != key:
+            cached = (key, (c[:, None] + k[None]).flatten(0, 1).detach())
+            self.__dict__["_sum_table"] = cached
+        return cached[1]
 
     def per_distinct(self, encoder: nn.Module, cells: Tensor) -> Tensor:
         """``encoder(self.embed(cells))``. On CPU, computed once per distinct grid of cells (N, H, W) and

@@ -26,22 +26,37 @@ DEFAULT_REFERENCE = REFERENCE_RUNS / "nethack_llama_isoflop.csv"
 
 
 def plot_returns(plan: Plan, out: Path, baselines: dict):
-    """Mean return ± SE of every snapshot against its FLOPs, one line per size, with the expert's and
-    the random policy's returns on the same seeds."""
+    """Mean return ± SE of every snapshot against its FLOPs, one line per run, with the expert's and
+    the random policy's returns on the same seeds; with [sweep] seeds each size's mean over its seeds
+    is drawn bold and its seeds' runs thin."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     cmap = plt.get_cmap("viridis")
-    for i, r in enumerate(plan.active):
+    seeded = plan.spec.seeds is not None and len(plan.spec.seeds) > 1
+    names = list(dict.fromkeys(re.sub(r"-s\d+$", "", r.name) if seeded else r.name for r in plan.active))
+    color = {n: cmap(i / max(1, len(names) - 1)) for i, n in enumerate(names)}
+    every = []
+    for r in plan.active:
         rows = [x for x in ckpt_io.read_runs(out / "runs" / r.name / ckpt_io.RUNS_CSV) if x.get("return") not in (None, "")]
         if not rows:
             continue
+        every += rows
         f = np.array([float(x["flops"]) for x in rows])
         m = np.array([float(x["return"]) for x in rows])
         se = np.array([float(x.get("return_se") or 0) for x in rows])
         o = np.argsort(f)
-        ax.errorbar(f[o], m[o], yerr=se[o], marker="o", capsize=3, color=cmap(i / max(1, len(plan.active) - 1)),
-                    label=f"{r.name} (N={r.params:,})")
+        name = re.sub(r"-s\d+$", "", r.name) if seeded else r.name
+        ax.errorbar(f[o], m[o], yerr=se[o], marker="o", capsize=3, color=color[name],
+                    **(dict(lw=0.8, alpha=0.45, ms=3, label=f"{r.name}") if seeded else
+                       dict(label=f"{r.name} (N={r.params:,})")))
+    if seeded:
+        for name in names:
+            pts = sorted((m["budget"], m["return"], m["se"]) for m in seed_means(every) if m["run"] == name)
+            if pts:
+                f, m, se = (np.array(v) for v in zip(*pts))
+                ax.errorbar(f, m, yerr=se, marker="o", lw=2.2, capsize=3, color=color[name],
+                            label=f"{name}: mean of {len(plan.spec.seeds)} seeds")
     for key, style in (("expert", "--"), ("random", ":")):
         b = baselines.get(key)
         if b and b.get("episodes"):
