@@ -259,7 +259,8 @@ def test_forecast_prints_the_train_bc_command():
 
 
 def test_best_return_per_budget_and_its_separation():
-    from trajdata.sweep.report import best_return_html, best_returns, seed_scatter, seed_scatter_html
+    from trajdata.sweep.report import best_return_html, best_returns, seed_scatter_html
+    from trajdata.sweep.returns import seed_scatter
 
     rows = [dict(run="a", budget="1e10", params="100", **{"return": "2.0", "return_se": "1.0"}),
             dict(run="b", budget="1e10", params="200", **{"return": "3.0", "return_se": "2.0"}),

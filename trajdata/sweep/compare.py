@@ -16,6 +16,7 @@ import numpy as np
 
 from trajdata.scaling.report import png, table
 from trajdata.sweep.plan import Plan
+from trajdata.sweep.returns import seed_means
 from trajdata.train import checkpoint as ckpt_io
 
 
@@ -29,8 +30,6 @@ def comparison_rows(plan: Plan, out: Path) -> list[dict]:
     """Per sweep budget C: the BC-initialised snapshot at total compute C, the best from-scratch size
     at C and the from-scratch one of the BC architecture (each the mean over its training seeds, as
     ``seed_means``), and the difference."""
-    from trajdata.sweep.report import seed_means
-
     arch = tuple(plan.compare.run.size)
     scratch: dict[float, list[dict]] = {}
     for m in seed_means(ckpt_io.read_runs(out / "runs.csv")):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import html
 import json
-import re
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from trajdata.scaling.report import build_figures, page, png, render_body, stric
 from trajdata.scaling.runs import load_runs
 from trajdata.errors import DataError
 from trajdata.sweep.plan import Plan, dataset_path, describe
+from trajdata.sweep.returns import seed_means, seed_scatter, size_name
 from trajdata.train import checkpoint as ckpt_io
 
 DEFAULT_REFERENCE = REFERENCE_RUNS / "nethack_llama_isoflop.csv"
@@ -34,7 +34,7 @@ def plot_returns(plan: Plan, out: Path, baselines: dict):
     fig, ax = plt.subplots(figsize=(7, 4.2))
     cmap = plt.get_cmap("viridis")
     seeded = plan.spec.seeds is not None and len(plan.spec.seeds) > 1
-    names = list(dict.fromkeys(re.sub(r"-s\d+$", "", r.name) if seeded else r.name for r in plan.active))
+    names = list(dict.fromkeys(size_name(r.name) if seeded else r.name for r in plan.active))
     color = {n: cmap(i / max(1, len(names) - 1)) for i, n in enumerate(names)}
     every = []
     for r in plan.active:
@@ -46,7 +46,7 @@ def plot_returns(plan: Plan, out: Path, baselines: dict):
         m = np.array([float(x["return"]) for x in rows])
         se = np.array([float(x.get("return_se") or 0) for x in rows])
         o = np.argsort(f)
-        name = re.sub(r"-s\d+$", "", r.name) if seeded else r.name
+        name = size_name(r.name) if seeded else r.name
         ax.errorbar(f[o], m[o], yerr=se[o], marker="o", capsize=3, color=color[name],
                     **(dict(lw=0.8, alpha=0.45, ms=3, label=f"{r.name}") if seeded else
                        dict(label=f"{r.name} (N={r.params:,})")))
@@ -69,24 +69,6 @@ def plot_returns(plan: Plan, out: Path, baselines: dict):
     ax.legend(fontsize=7)
     fig.tight_layout()
     return png(fig)
-
-
-def seed_means(rows: list[dict]) -> list[dict]:
-    """The evaluated snapshots of a runs table (rows with ``return`` and ``return_se``), one entry per
-    (budget, size): the mean return over the size's training seeds (runs ``...-sS`` of [sweep] seeds),
-    the eval SE of that mean, each seed's return (``seeds``) and the run's name without its seed."""
-    cells: dict[tuple[float, str], list[dict]] = {}
-    for r in rows:
-        if r.get("return") not in (None, ""):
-            cells.setdefault((float(r["budget"]), re.sub(r"-s\d+$", "", r["run"])), []).append(r)
-    out = []
-    for (c, name), rs in cells.items():
-        se = float(np.sqrt(sum(float(r.get("return_se") or 0.0) ** 2 for r in rs))) / len(rs)
-        out.append({"budget": c, "run": name if len(rs) > 1 else rs[0]["run"], "params": int(float(rs[0]["params"])),
-                    "width": rs[0].get("width"), "layers": rs[0].get("layers"),
-                    "return": float(np.mean([float(r["return"]) for r in rs])), "se": se,
-                    "seeds": [float(r["return"]) for r in rs]})
-    return out
 
 
 def best_returns(rows: list[dict]) -> list[dict]:
@@ -117,30 +99,6 @@ def best_return_html(best: list[dict]) -> str:
             + ("; a size's return is the mean over its training seeds, ± the eval SE of that mean" if seeds else "")
             + f". Largest budget minus smallest: {gap:+.2f} ({z}).</p>"
             + table(rows, ["budget", "run", "params", "mean return ± SE"] + (["each seed"] if seeds else [])))
-
-
-def seed_scatter(rows: list[dict]) -> dict | None:
-    """How far a size's training seeds differ at a budget, against their eval SEs: over the (budget,
-    size) cells with >= 2 seeds, chi² of the seeds' returns about their inverse-variance mean, summed,
-    over its degrees of freedom (``ratio``: ~1 when eval noise explains the differences, above 1 when
-    training seeds add their own); None without repeated seeds."""
-    cells: dict[tuple[float, str], list[tuple[float, float]]] = {}
-    for r in rows:
-        if r.get("return") not in (None, "") and float(r.get("return_se") or 0) > 0:
-            key = (float(r["budget"]), re.sub(r"-s\d+$", "", r["run"]))
-            cells.setdefault(key, []).append((float(r["return"]), float(r["return_se"])))
-    chi2, dof, diffs = 0.0, 0, []
-    for v in cells.values():
-        if len(v) < 2:
-            continue
-        x, se = np.array(v).T
-        w = 1 / se ** 2
-        chi2 += float((w * (x - (w * x).sum() / w.sum()) ** 2).sum())
-        dof += len(v) - 1
-        diffs.append(float(x.max() - x.min()))
-    if not dof:
-        return None
-    return {"cells": len(diffs), "chi2": chi2, "dof": dof, "ratio": chi2 / dof, "median_range": float(np.median(diffs))}
 
 
 def seed_scatter_html(sc: dict | None) -> str:
