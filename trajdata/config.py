@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -252,6 +253,15 @@ PRECISIONS = ("auto", "bf16", "fp32")
 def uses_bf16(precision: str, device_type: str) -> bool:
     """Whether a run of ``precision`` (auto: bf16 autocast on CUDA, fp32 elsewhere) computes under bf16 autocast."""
     return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+
+
+def precision_context(precision: str, device):
+    """A reusable context for a run's forward: bf16 autocast on ``device`` where ``uses_bf16``, else a no-op."""
+    import torch
+
+    if uses_bf16(precision, device.type):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def check_device(device: str, field: str = "device") -> None:

@@ -10,6 +10,8 @@ forward per step), with the LSTM state and the episode-start flag the policy nee
 """
 from __future__ import annotations
 
+from functools import cache
+
 import gymnasium as gym
 import numpy as np
 
@@ -94,6 +96,7 @@ def _specs(game: SeededGames, envs: int) -> dict:
                 reward=Unbounded((envs, 1), dtype=torch.float32), done=Composite(flags, shape=(envs,)))
 
 
+@cache
 def _games_env_class():
     from torchrl.envs import EnvBase
 

@@ -405,14 +405,11 @@ class Learner:
     bf16), a clipped RMSprop step, the counters."""
 
     def __init__(self, run: Run, state: TrainState):
-        import torch
-
-        from trajdata.config import uses_bf16
+        from trajdata.config import precision_context
 
         self.run, self.state = run, state
         self.loss_module = actor_critic_loss(run.cfg)
-        self.autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) \
-            if uses_bf16(run.cfg.precision, run.device.type) else None
+        self.autocast = precision_context(run.cfg.precision, run.device)
 
     def step(self, td) -> tuple[dict, int, list[float]]:
         """Learn from unroll ``td``; returns the loss parts, its env steps and the returns of games that ended in it."""

@@ -51,8 +51,9 @@ def plot_returns(plan: Plan, out: Path, baselines: dict):
                     **(dict(lw=0.8, alpha=0.45, ms=3, label=f"{r.name}") if seeded else
                        dict(label=f"{r.name} (N={r.params:,})")))
     if seeded:
+        means = [m for m in seed_means(every) if len(m["seeds"]) > 1]
         for name in names:
-            pts = sorted((m["budget"], m["return"], m["se"]) for m in seed_means(every) if m["run"] == name)
+            pts = sorted((m["budget"], m["return"], m["se"]) for m in means if m["run"] == name)
             if pts:
                 f, m, se = (np.array(v) for v in zip(*pts))
                 ax.errorbar(f, m, yerr=se, marker="o", lw=2.2, capsize=3, color=color[name],

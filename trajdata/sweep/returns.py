@@ -22,11 +22,12 @@ def seed_means(rows: list[dict]) -> list[dict]:
             cells.setdefault((float(r["budget"]), size_name(r["run"])), []).append(r)
     out = []
     for (c, name), rs in cells.items():
-        se = float(np.sqrt(sum(float(r.get("return_se") or 0.0) ** 2 for r in rs))) / len(rs)
+        ses = [float(r.get("return_se") or 0.0) for r in rs]
         out.append({"budget": c, "run": name if len(rs) > 1 else rs[0]["run"], "params": int(float(rs[0]["params"])),
                     "width": rs[0].get("width"), "layers": rs[0].get("layers"),
-                    "return": float(np.mean([float(r["return"]) for r in rs])), "se": se,
-                    "seeds": [float(r["return"]) for r in rs]})
+                    "return": float(np.mean([float(r["return"]) for r in rs])),
+                    "se": float(np.sqrt(np.sum(np.square(ses)))) / len(rs),
+                    "seeds": [float(r["return"]) for r in rs], "seed_ses": ses})
     return out
 
 
@@ -34,20 +35,15 @@ def seed_scatter(rows: list[dict]) -> dict | None:
     """How far a size's training seeds differ at a budget, against their eval SEs: over the (budget,
     size) cells with >= 2 seeds, chi² of the seeds' returns about their inverse-variance mean, summed,
     over its degrees of freedom (``ratio``: ~1 when eval noise explains the differences, above 1 when
-    training seeds add their own); None without repeated seeds."""
-    cells: dict[tuple[float, str], list[tuple[float, float]]] = {}
-    for r in rows:
-        if r.get("return") not in (None, "") and float(r.get("return_se") or 0) > 0:
-            key = (float(r["budget"]), size_name(r["run"]))
-            cells.setdefault(key, []).append((float(r["return"]), float(r["return_se"])))
+    training seeds add their own); None without repeated seeds. Cells with a zero SE are left out."""
     chi2, dof, diffs = 0.0, 0, []
-    for v in cells.values():
-        if len(v) < 2:
+    for m in seed_means(rows):
+        x, se = np.array(m["seeds"]), np.array(m["seed_ses"])
+        if len(x) < 2 or (se <= 0).any():
             continue
-        x, se = np.array(v).T
         w = 1 / se ** 2
         chi2 += float((w * (x - (w * x).sum() / w.sum()) ** 2).sum())
-        dof += len(v) - 1
+        dof += len(x) - 1
         diffs.append(float(x.max() - x.min()))
     if not dof:
         return None

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from trajdata.config import (CONFIG_JSON, PRECISIONS, at_least, check_device, choose, coerce_fields, copy_option,
-                             from_mapping, lock_dir, open_run_dir, option, parse_count, read_toml, require, uses_bf16)
+                             from_mapping, lock_dir, open_run_dir, option, parse_count, precision_context, read_toml,
+                             require, uses_bf16)
 from trajdata.errors import ConfigError, DataError, Terminated, TrajdataError
 from trajdata.format.dataset import Dataset
 from trajdata.loaders.stream import LoaderConfig, make_dataloader, select_episodes
@@ -546,8 +547,7 @@ class Stepper:
             self.core = torch.nn.parallel.DistributedDataParallel(
                 state.model, device_ids=[run.local_rank] if device.type == "cuda" else None)
         self.fwd = torch.compile(self.core) if cfg.compile else self.core
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(cfg.precision, device.type) \
-            else nullcontext()
+        self.autocast = precision_context(cfg.precision, device)
         # the first optimizer step (1-based) whose loss was not finite, kept on the device (read only
         # before anything is written: no sync per step)
         self.first_bad = torch.full((), _NONE_BAD, dtype=torch.long, device=device)
