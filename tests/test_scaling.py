@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from trajdata.cli.main import cli
 from trajdata.errors import ConfigError, DataError
 from trajdata.scaling import REFERENCE_RUNS, FitConfig, fit_all, forecast, load_runs
-from trajdata.scaling.fits import fit_isoflop, fit_quadratic
+from trajdata.scaling.fits import fit_isoflop, fit_quadratic, isoflop_profiles
 from trajdata.scaling.runs import runs_from_frame
 
 DATA = REFERENCE_RUNS
@@ -262,6 +262,33 @@ def test_report_json_strict_when_a_method_has_no_optimum(tmp_path):
         forecast(saved, ["chinchilla"], compute=1e20)
 
 
+@pytest.mark.parametrize("slope, side, edge, more", [(-1.0, "above", "largest", "larger"),
+                                                     (1.0, "below", "smallest", "smaller")])
+def test_isoflop_refusal_says_which_edge_of_the_grid_to_extend(slope, side, edge, more):
+    """A grid whose convex profiles have their vertex past one edge at most budgets: each profile
+    names the side, and the refusal asks for sizes past that edge; a grid with the optimum inside
+    at two of three budgets gets the generic hint."""
+    def loss(C, N, centre):
+        return 2.0 + 0.05 * (np.log(N) - centre) ** 2 - 0.05 * np.log(C / 1e10)
+
+    Ns = (1e4, 3e4, 1e5, 3e5)
+    past = np.log(3e5) + 2 if slope < 0 else np.log(1e4) - 2
+    rows = [dict(flops=C, params=N, samples=C / (6 * N), loss=loss(C, N, past)) for C in (1e10, 2e10, 4e10) for N in Ns]
+    runs = runs_from_frame(pd.DataFrame(rows))
+    with pytest.raises(DataError) as e:
+        fit_isoflop(runs, runs.loss, FitConfig(window=0))
+    assert str(e.value) == (f"only 0 FLOP budgets give an optimum (need >= 3); the best observed size is the {edge} "
+                            f"sampled at 3 of 3 budgets: add {more} sizes")
+    rows = [dict(r, loss=loss(r["flops"], r["params"], np.log(5e4) if r["flops"] < 4e10 else past)) for r in rows]
+    runs = runs_from_frame(pd.DataFrame(rows))
+    prof = isoflop_profiles(runs, runs.loss, FitConfig(window=0))
+    assert [p["kept"] for p in prof] == [True, True, False] and prof[2]["reason"] == f"vertex {side} the fitted sizes"
+    assert [p["best_edge"] for p in prof] == [None, None, edge]
+    assert [p["best_n"] for p in prof] == [3e4, 3e4, 3e5 if slope < 0 else 1e4]
+    with pytest.raises(DataError, match=r"only 2 FLOP budgets give an optimum \(need >= 3\); try --window 0"):
+        fit_isoflop(runs, runs.loss, FitConfig(window=0))
+
+
 def test_profiles_without_an_inside_optimum_are_drawn_with_their_reasons(tmp_path):
     """A grid whose loss rises with N at every budget (the optimum below the smallest size): the
     isoFLOP method refuses, and the report still draws each budget's parabola and says why."""
@@ -275,7 +302,10 @@ def test_profiles_without_an_inside_optimum_are_drawn_with_their_reasons(tmp_pat
     assert not fit["loss"]["methods"]["isoflop"]["ran"]
     prof = fit["loss"]["isoflop_profiles"]
     assert [p["flops"] for p in prof] == [1e10, 2e10, 4e10] and all(p["n_sizes"] == 4 and not p["kept"] for p in prof)
-    assert all(p["reason"] in ("vertex outside the fitted sizes", "parabola opens the wrong way") for p in prof)
+    assert all(p["reason"] in ("vertex below the fitted sizes", "parabola opens the wrong way") for p in prof)
+    assert all(p["best_edge"] == "smallest" for p in prof)
+    assert fit["loss"]["methods"]["isoflop"]["reason"].endswith(
+        "the best observed size is the smallest sampled at 3 of 3 budgets: add smaller sizes")
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "each budget&#x27;s parabola" in html or "each budget's parabola" in html
-    assert html.count(prof[0]["reason"]) >= 1
+    assert html.count(prof[0]["reason"]) >= 1 and "best observed N" in html

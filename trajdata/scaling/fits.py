@@ -115,14 +115,16 @@ def isoflop_profiles(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: b
                 "se": None if se_all is None else se_all[m][order].tolist(),
                 "window": [float(N[lo]), float(N[hi - 1])], "window_idx": [int(lo), int(hi)],
                 "log_target": use_log, "coef": None,
-                "kept": False, "reason": "", "n_opt": None, "d_opt": None, "y_opt": None}
+                "kept": False, "reason": "", "n_opt": None, "d_opt": None, "y_opt": None,
+                "best_n": float(N[best]),
+                "best_edge": "smallest" if best == 0 else "largest" if best == len(N) - 1 else None}
         out.append(prof)
         if hi - lo < cfg.min_points:
             prof["reason"] = f"{hi - lo} model sizes in window (< {cfg.min_points})"
             continue
         if cfg.optimum == "argmin":
             if best in (0, len(N) - 1):
-                prof["reason"] = "observed optimum at the edge of the sampled sizes"
+                prof["reason"] = f"observed optimum at the {prof['best_edge']} sampled size"
                 continue
             n_opt, y_opt = N[best], y[best]
         else:
@@ -134,7 +136,7 @@ def isoflop_profiles(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: b
                 continue
             v = -coef[1] / (2 * coef[0])
             if not x.min() <= v <= x.max():
-                prof["reason"] = "vertex outside the fitted sizes"
+                prof["reason"] = f"vertex {'below' if v < x.min() else 'above'} the fitted sizes"
                 continue
             n_opt = float(np.exp(v))
             yv = np.polyval(coef, v)
@@ -259,6 +261,17 @@ def excess_scatter(resid: np.ndarray, se: np.ndarray, n_par: int) -> float:
     return max(0.0, float(resid @ resid) / dof - float(np.mean(se ** 2)))
 
 
+def _grid_hint(profiles: list[dict], cfg: FitConfig) -> str:
+    """What to try when too few budgets give an optimum: sizes past the grid's edge where the best
+    observed size sits at that edge at most budgets, else other fit settings or more budgets."""
+    edges = [p["best_edge"] for p in profiles if p["n_sizes"] >= cfg.min_points]
+    for edge, more in (("smallest", "smaller"), ("largest", "larger")):
+        n = edges.count(edge)
+        if 2 * n > len(edges):
+            return f"the best observed size is the {edge} sampled at {n} of {len(edges)} budgets: add {more} sizes"
+    return "try --window 0, --optimum argmin or more budgets"
+
+
 def fit_isoflop(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool = False,
                 se: np.ndarray | None = None) -> dict:
     profiles = isoflop_profiles(runs, target, cfg, maximize, se)
@@ -270,8 +283,7 @@ def fit_isoflop(runs: Runs, target: np.ndarray, cfg: FitConfig, maximize: bool =
                     if enough < len(profiles) else "")
             raise DataError(f"only {enough} of {len(profiles)} FLOP budgets have >= {cfg.min_points} model sizes "
                             f"(need 3 such budgets){hint}")
-        raise DataError(f"only {len(kept)} FLOP budgets give an optimum (need >= 3); "
-                        "try --window 0, --optimum argmin or more budgets")
+        raise DataError(f"only {len(kept)} FLOP budgets give an optimum (need >= 3); {_grid_hint(profiles, cfg)}")
     vertex = cfg.optimum == "vertex"
     noise = profile_noise(profiles, vertex)
     C = np.array([p["flops"] for p in kept])

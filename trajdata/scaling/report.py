@@ -349,11 +349,14 @@ def render_body(fit: dict, figures: dict[str, str], title: str = "Scaling-law fi
                          f"({html.escape(res['methods']['isoflop']['reason'])}).</p>"
                          f"<img src='data:image/png;base64,{figures[target + '_isoflop']}'>")
             if target + "_profiles" in figures:
-                prof = [[f"{p['flops']:.3g}", p["n_sizes"], "yes" if p["kept"] else "no", p["reason"]]
+                prof = [[f"{p['flops']:.3g}", p["n_sizes"], "yes" if p["kept"] else "no", p["reason"],
+                         f"{p['n_opt']:.3g}" if p["kept"] else "", f"{p['y_opt']:.4g}" if p["kept"] else "",
+                         f"{p['best_n']:.3g}" if p.get("best_n") else ""]
                         for p in res["isoflop_profiles"]]
                 parts.append(f"<h3>isoFLOP profiles (each budget's parabola; too few give an optimum)</h3>"
                              f"<img src='data:image/png;base64,{figures[target + '_profiles']}'>"
-                             + table(prof, ["budget C", "sizes", "optimum inside", "why not"]))
+                             + table(prof, ["budget C", "sizes", "optimum inside", "why not", "N_opt (vertex)",
+                                            f"{target} at vertex", "best observed N"]))
         parts.append(f"<h3>Optimal allocation</h3><img src='data:image/png;base64,{figures[target + '_allocation']}'>"
                      f"<h3>Optimal {target} vs compute</h3>"
                      f"<img src='data:image/png;base64,{figures[target + '_optimum']}'>")
