@@ -159,7 +159,7 @@ def test_print_backend_commands_parse_back(scripted_data, tmp_path):
         for k, v in ctx.params.items():
             if hasattr(want, k) and k not in ("progress",):
                 assert v == getattr(want, k) or (k == "budgets" and tuple(v) == want.budgets), (k, v, getattr(want, k))
-    assert not (tmp_path / "o" / "runs").exists()
+    assert not (tmp_path / "o" / "runs").exists() and not (tmp_path / "o" / "timings.jsonl").exists()
 
 
 @pytest.mark.slow
@@ -188,6 +188,12 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(scripted_data, tmp_p
     assert (out / "report.html").stat().st_size > 10_000
     fit = json.loads((out / "fit.json").read_text())
     assert fit["n_runs"] == len(rows) == 8
+    # the killed invocation's data phase and the rerun's phases are in the report's wall times
+    from trajdata.sweep.timings import timing_totals
+
+    n, totals = timing_totals(out)
+    assert n == 2 and totals["data_s"] >= 0 and totals["train_s"] > 0
+    assert "all 2 invocations into this directory" in (out / "report.html").read_text()
 
 
 @pytest.mark.slow
@@ -235,6 +241,35 @@ def test_seeds_give_one_run_per_size_and_seed(scripted_data, tmp_path, monkeypat
     seeded.write_text(seeded.read_text().replace("[train]\n", "[train]\nseed = 4\n"))
     with pytest.raises(ConfigError, match=r"\[train\] may not set 'seed'"):
         load_spec(seeded)
+
+
+def test_phase_times_are_logged_even_when_interrupted(tmp_path):
+    """Each phase appends its seconds to OUT/timings.jsonl as it ends or is interrupted; the report
+    shows this invocation's and, once resumed, every invocation's sums."""
+    from trajdata.sweep.report import wall_times
+    from trajdata.sweep.timings import TIMINGS, timed, timing_totals
+
+    t = {}
+    with timed(tmp_path, t, "data"):
+        pass
+    assert wall_times(tmp_path, t) == f"Wall time: data {t['data_s']:.0f} s."
+    with pytest.raises(KeyboardInterrupt):
+        with timed(tmp_path, t, "train"):
+            time.sleep(0.2)
+            raise KeyboardInterrupt
+    with (tmp_path / TIMINGS).open("a") as f:
+        f.write("{half a line\n")
+    with timed(tmp_path, t, "data"):
+        pass
+    with timed(tmp_path, t, "train"):
+        time.sleep(0.1)
+    rows = [json.loads(x) for x in (tmp_path / TIMINGS).read_text().splitlines() if x.startswith('{"')]
+    assert [(r["phase"], r["ended"]) for r in rows] == [("data", True), ("train", False), ("data", True),
+                                                        ("train", True)]
+    n, totals = timing_totals(tmp_path)
+    assert n == 2 and totals["train_s"] == pytest.approx(0.3, abs=0.15)
+    said = wall_times(tmp_path, {"data_s": 1.0, "train_s": 2.0, "total_s": 3.0})
+    assert said.startswith("Wall time, this invocation: data 1 s, train 2 s; all 2 invocations into this directory: ")
 
 
 def test_forecast_prints_the_train_bc_command():

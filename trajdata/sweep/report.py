@@ -20,6 +20,7 @@ from trajdata.scaling.runs import load_runs
 from trajdata.errors import DataError
 from trajdata.sweep.plan import Plan, dataset_path, describe
 from trajdata.sweep.returns import seed_means, seed_scatter, size_name
+from trajdata.sweep.timings import timing_totals
 from trajdata.train import checkpoint as ckpt_io
 
 DEFAULT_REFERENCE = REFERENCE_RUNS / "nethack_llama_isoflop.csv"
@@ -179,14 +180,25 @@ def _write_report(plan: Plan, out: Path, baselines: dict, timings: dict) -> tupl
     return str(out / "report.html"), error
 
 
+def wall_times(out: Path, timings: dict) -> str:
+    """This invocation's phase times and, for a resumed sweep, each phase summed over every invocation
+    (OUT/timings.jsonl)."""
+    def fmt(t: dict) -> str:
+        return ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in t.items() if k != "total_s")
+
+    n, totals = timing_totals(out)
+    if n <= 1:
+        return f"Wall time: {fmt(timings)}."
+    return f"Wall time, this invocation: {fmt(timings)}; all {n} invocations into this directory: {fmt(totals)}."
+
+
 def _header(plan: Plan, out: Path, baselines: dict, timings: dict, ds_steps: int | None) -> list[str]:
     """The report's title, plan, wall times and baselines, with every snapshot's return."""
     spec = plan.spec
     parts = [f"<h1>trajdata sweep <code>{html.escape(spec.name)}</code></h1>",
              f"<p>{len(plan.active)} runs ({spec.family}), {plan.snapshots} snapshots, {plan.compute:.3g} training FLOPs "
              + (f"planned; dataset {ds_steps:,} steps. " if ds_steps is not None else
-                "planned (C = 8ND, D env steps). ") + "Wall time: "
-             + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()) + ".</p>",
+                "planned (C = 8ND, D env steps). ") + wall_times(out, timings) + "</p>",
              f"<pre>{html.escape(describe(plan))}</pre>"]
     if baselines:
         rows = [[k, b["policy"], b["episodes"], f"{b['mean']:.2f} ± {b['se']:.2f}", f"{b['median']:.1f}"]

@@ -7,6 +7,7 @@ evaluations are not redone.
     OUT/runs.csv               every snapshot's row, gathered
     OUT/baselines.json         the data's expert and a uniform-random policy on the same eval seeds
     OUT/plan.txt, fit.json, reference_fit.json, report.html (ours beside the reference runs)
+    OUT/timings.jsonl          each invocation's phases (data, train, eval, report): seconds, whether it ended
 
 An RL sweep's [compare] adds OUT/bc/ (the [compare.bc] run, trained first), OUT/runs/rl-bc-h<h>-L<L>/
 (the BC-initialised run) and OUT/compare.csv (its rows with their total compute: BC + RL + teacher).
@@ -26,6 +27,7 @@ from trajdata.config import at_least, choose, coerce_fields, lock_dir, option, r
 from trajdata.errors import ConfigError, DataError
 from trajdata.sweep.plan import (BC_RUN, Plan, PlannedRun, Spec, check_plan, collect_config, data_problem,
                                  dataset_path, describe, make_plan, run_config)
+from trajdata.sweep.timings import timed, timing_totals
 from trajdata.train import checkpoint as ckpt_io
 
 BACKENDS = ("local", "ray", "print")
@@ -344,42 +346,43 @@ def _run_sweep(spec: Spec, opts: SweepOptions, out: Path) -> dict:
     t0 = time.time()
     (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1, default=str) + "\n")
     dataset = dataset_path(spec, out)
-    if opts.backend != "print" and needs_data(spec):
-        dataset = ensure_data(spec, out, opts.progress)
-    n_actions = None
-    if spec.family == "atari" and (dataset / "dataset.json").is_file():
-        from trajdata.format.dataset import Dataset
-        from trajdata.train.shape import atari_actions
+    timings = {}
+    log = opts.backend != "print"
+    with timed(out, timings, "data", log):
+        if opts.backend != "print" and needs_data(spec):
+            dataset = ensure_data(spec, out, opts.progress)
+        n_actions = None
+        if spec.family == "atari" and (dataset / "dataset.json").is_file():
+            from trajdata.format.dataset import Dataset
+            from trajdata.train.shape import atari_actions
 
-        n_actions = atari_actions(Dataset(dataset).info)
-    plan = make_plan(spec, n_actions, out=out)
-    timings = {"data_s": round(time.time() - t0, 1)}
-    bc = compare_bc_job(plan, dataset, out, opts)
-    if bc is not None:  # first: the comparison's RL budgets are the sweep's less its FLOPs
-        train_all(plan, dataset, out, opts, [bc])
-        if opts.backend != "print":
-            plan = make_plan(spec, n_actions, out=out)
-    (out / "plan.txt").write_text(describe(plan) + "\n")
-    train_all(plan, dataset, out, opts)
+            n_actions = atari_actions(Dataset(dataset).info)
+        plan = make_plan(spec, n_actions, out=out)
+    with timed(out, timings, "train", log):
+        bc = compare_bc_job(plan, dataset, out, opts)
+        if bc is not None:  # first: the comparison's RL budgets are the sweep's less its FLOPs
+            train_all(plan, dataset, out, opts, [bc])
+            if opts.backend != "print":
+                plan = make_plan(spec, n_actions, out=out)
+        (out / "plan.txt").write_text(describe(plan) + "\n")
+        train_all(plan, dataset, out, opts)
     if opts.backend == "print":
         return dict(plan=describe(plan), printed=True)
-    timings["train_s"] = round(time.time() - t0 - timings["data_s"], 1)
     baselines = {}
     if not opts.skip_eval:
-        t1 = time.time()
-        baselines = eval_all(plan, out, opts.progress)
-        timings["eval_s"] = round(time.time() - t1, 1)
+        with timed(out, timings, "eval"):
+            baselines = eval_all(plan, out, opts.progress)
     runs_csv = gather(plan, out)
     result = dict(out=str(out), runs_csv=str(runs_csv), plan=describe(plan), compute=plan.compute,
                   snapshots=plan.snapshots, baselines=baselines, timings=timings)
     if not opts.skip_report:
         from trajdata.sweep.report import write_sweep_report
 
-        t1 = time.time()
-        result["report"], error = write_sweep_report(plan, out, baselines, timings)
+        with timed(out, timings, "report"):
+            result["report"], error = write_sweep_report(plan, out, baselines, timings)
         if error:
             result["fit_error"] = error
-        timings["report_s"] = round(time.time() - t1, 1)
     timings["total_s"] = round(time.time() - t0, 1)
+    result["invocations"], result["timings_all"] = timing_totals(out)
     (out / "sweep.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     return result
