@@ -105,6 +105,9 @@ def test_bad_specs_are_one_line(tmp_path):
             "may not set 'width'",
         "[sweeep]\n": "unknown table [sweeep]",
         "[sweep\n": "not valid TOML",
+        "extends = 'nowhere.toml'\n": "nowhere.toml does not exist",
+        "extends = 3\n": "extends must be the path of another spec",
+        "extends = 's9.toml'\n": "goes round in a circle",  # this file is s9.toml
     }
     for i, (text, want) in enumerate(cases.items()):
         p = tmp_path / f"s{i}.toml"
@@ -113,6 +116,22 @@ def test_bad_specs_are_one_line(tmp_path):
         assert r.returncode == 1 and want in r.stderr and r.stderr.count("\n") == 1, (text, r.stderr)
         with pytest.raises(ConfigError):
             load_spec(p)
+
+
+def test_a_spec_extends_another_key_by_key(scripted_data, tmp_path):
+    """extends = "base.toml": the base's tables, overridden key by key; the base's relative paths stay
+    relative to the base; [sweep] name is the child's (or its file name), never the base's."""
+    base = write_spec(tmp_path, "data/x", extra="seeds = [0, 1]")
+    base.rename(tmp_path / "base.toml")
+    sub = tmp_path / "variants"
+    sub.mkdir()
+    child = sub / "wide.toml"
+    child.write_text('extends = "../base.toml"\n[sweep]\nsizes = [[16, 1], [32, 1]]\n[train]\nlr = 2e-3\n')
+    spec, parent = load_spec(child), load_spec(tmp_path / "base.toml")
+    assert spec.name == "wide" and parent.name == "tiny"
+    assert spec.sizes == [(16, 1), (32, 1)] and spec.budgets == parent.budgets and spec.seeds == [0, 1]
+    assert spec.train == dict(parent.train, lr=2e-3) and spec.fit == parent.fit
+    assert spec.dataset == parent.dataset == str(tmp_path / "data" / "x")
 
 
 def test_shipped_specs_plan(tmp_path):

@@ -165,6 +165,10 @@ def test_shipped_rl_specs_plan():
     assert cpu.spec.seeds == [0, 1] and len(cpu.runs) == 2 * len(cpu.spec.sizes)  # two training seeds per size
     assert sorted({r.seed for r in cpu.runs}) == [0, 1] and all(r.name.endswith(f"-s{r.seed}") for r in cpu.runs)
     assert "encoders" not in make_plan(load_spec(ROOT / "specs/paper-rl.toml")).spec.train
+    wide = make_plan(load_spec(ROOT / "specs/cpu-rl-wide.toml"))  # cpu-rl plus h = 2, to 2.15e10
+    assert wide.spec.name == "cpu-rl-wide" and wide.spec.sizes == [(2, 1), *cpu.spec.sizes]
+    assert [r.name for r in wide.runs[2:]] == [r.name for r in cpu.runs]  # resumes a cpu-rl sweep's directory
+    assert wide.runs[0].budgets == cpu.spec.budgets[:3] and wide.spec.eval == cpu.spec.eval
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ Spec layout (every table optional except [sweep]; see specs/*.toml):
               checkpoint of the LSTM-core family (relative to the spec file), or [compare.bc] = the
               BCConfig fields of a BC run the sweep trains first on [data] (core = "lstm");
               kickstart_coef, kickstart_decay as `train rl`'s
+    extends = "other.toml" (a top-level key, before the tables): that spec, overridden key by key
 """
 from __future__ import annotations
 
@@ -125,11 +126,44 @@ def _no_repeats(items, field: str, show) -> None:
         seen.add(x)
 
 
+PATH_KEYS = (("data", "dataset"), ("report", "reference"), ("compare", "init"))  # relative to the file naming them
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_spec(p: Path, seen: tuple = ()) -> dict:
+    """A spec file's tables; with a top-level ``extends = "other.toml"`` (relative to it), that spec's
+    tables overridden key by key by this file's (the base's paths kept relative to the base, its
+    [sweep] name not inherited)."""
+    data = read_toml(p, "sweep spec")
+    if "extends" not in data:
+        return data
+    base = data.pop("extends")
+    if not (isinstance(base, str) and base):
+        raise ConfigError(f"sweep spec {p}: extends must be the path of another spec (got {base!r})")
+    bp = (p.parent / base).resolve()
+    if bp in seen or bp == p.resolve():
+        raise ConfigError(f"sweep spec {p}: extends {base!r} goes round in a circle")
+    parent = read_spec(bp, (*seen, p.resolve()))
+    for t, k in PATH_KEYS:
+        v = (parent.get(t) or {}).get(k) if isinstance(parent.get(t), dict) else None
+        if isinstance(v, str) and v and not Path(v).is_absolute():
+            parent[t] = dict(parent[t], **{k: str(bp.parent / v)})
+    if isinstance(parent.get("sweep"), dict):
+        parent["sweep"] = {k: v for k, v in parent["sweep"].items() if k != "name"}
+    return _merged(parent, data)
+
+
 def load_spec(path: str | Path) -> Spec:
     """Read a sweep spec and check every table as the real sweep will use it (``check_tables``):
     unknown tables or keys, wrong types and values out of range are one-line errors naming them."""
     p = Path(path)
-    data = read_toml(p, "sweep spec")
+    data = read_spec(p)
     bad = sorted(set(data) - set(TABLES))
     if bad:
         raise ConfigError(f"sweep spec {p}: unknown table [{bad[0]}] (tables: {', '.join(TABLES)})")
