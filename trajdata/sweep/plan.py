@@ -126,7 +126,7 @@ def _no_repeats(items, field: str, show) -> None:
         seen.add(x)
 
 
-PATH_KEYS = (("data", "dataset"), ("report", "reference"), ("compare", "init"))  # relative to the file naming them
+PATH_KEYS = (("data", "dataset"), ("report", "reference"), ("compare", "init"))  # relative to the spec naming them
 
 
 def _merged(base: dict, over: dict) -> dict:
@@ -137,10 +137,14 @@ def _merged(base: dict, over: dict) -> dict:
 
 
 def read_spec(p: Path, seen: tuple = ()) -> dict:
-    """A spec file's tables; with a top-level ``extends = "other.toml"`` (relative to it), that spec's
-    tables overridden key by key by this file's (the base's paths kept relative to the base, its
-    [sweep] name not inherited)."""
+    """A spec file's tables, its paths (``PATH_KEYS``) made absolute from its folder; with a top-level
+    ``extends = "other.toml"`` (relative to it), that spec's tables overridden key by key by this
+    file's (the base's [sweep] name not inherited)."""
     data = read_toml(p, "sweep spec")
+    for t, k in PATH_KEYS:
+        v = data[t].get(k) if isinstance(data.get(t), dict) else None
+        if isinstance(v, str) and v and not Path(v).is_absolute():
+            data[t] = dict(data[t], **{k: str((p.parent / v).resolve())})
     if "extends" not in data:
         return data
     base = data.pop("extends")
@@ -150,10 +154,6 @@ def read_spec(p: Path, seen: tuple = ()) -> dict:
     if bp in seen or bp == p.resolve():
         raise ConfigError(f"sweep spec {p}: extends {base!r} goes round in a circle")
     parent = read_spec(bp, (*seen, p.resolve()))
-    for t, k in PATH_KEYS:
-        v = (parent.get(t) or {}).get(k) if isinstance(parent.get(t), dict) else None
-        if isinstance(v, str) and v and not Path(v).is_absolute():
-            parent[t] = dict(parent[t], **{k: str(bp.parent / v)})
     if isinstance(parent.get("sweep"), dict):
         parent["sweep"] = {k: v for k, v in parent["sweep"].items() if k != "name"}
     return _merged(parent, data)
@@ -213,15 +213,8 @@ def load_spec(path: str | Path) -> Spec:
     if compare.get("init") is not None and not (isinstance(compare["init"], str) and compare["init"]):
         raise ConfigError(f"sweep spec {p}: [compare] init must be a path (got {compare['init']!r})")
 
-    def near(path):  # relative to the spec file
-        return path if not path or Path(path).is_absolute() else str((p.parent / path).resolve())
-
-    dataset = near(d.get("dataset", ""))
+    dataset = d.get("dataset", "")
     ref = dict(data.get("report", {}))
-    if ref.get("reference"):
-        ref["reference"] = near(ref["reference"])
-    if compare.get("init"):
-        compare["init"] = near(compare["init"])
     try:
         spec = Spec(name=str(sw.get("name", p.stem)), family=sw["family"], sizes=sw["sizes"], budgets=sw["budgets"],
                     samples_per_param=sw.get("samples_per_param"), seeds=sw.get("seeds"), dataset=dataset,

@@ -30,15 +30,15 @@ def timed(out: Path, timings: dict, phase: str, log: bool = True):
 def timing_totals(out: Path) -> tuple[int, dict]:
     """Invocations of the sweep into ``out`` (its data phases started) and each phase's seconds summed
     over them, from OUT/timings.jsonl (unreadable lines are skipped)."""
-    rows = []
     path = out / TIMINGS
+    n, totals = 0, {}
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
-            rows.append(json.loads(line))
+            r = json.loads(line)
         except json.JSONDecodeError:
             continue
-    totals = {}
-    for r in rows:
         if isinstance(r, dict) and isinstance(r.get("s"), (int, float)):
-            totals[f"{r.get('phase')}_s"] = round(totals.get(f"{r.get('phase')}_s", 0.0) + r["s"], 1)
-    return sum(isinstance(r, dict) and r.get("phase") == "data" for r in rows), totals
+            key = f"{r.get('phase')}_s"
+            totals[key] = round(totals.get(key, 0.0) + r["s"], 1)
+            n += r.get("phase") == "data"
+    return n, totals
