@@ -279,6 +279,27 @@ def test_resume_compares_the_dataset_not_the_path_as_typed(scripted_data, tmp_pa
     assert [m["step"] for m in metric_rows(run)] == [1, 2]
 
 
+def test_a_sweep_keeps_a_finished_run_only_on_the_data_it_was_trained_on(scripted_data, tmp_path):
+    """Failed before the fix: a finished run counted as done on any data (only its snapshots were
+    looked at), so a sweep whose dataset had changed kept and reported the run trained on the old one."""
+    from trajdata.format.dataset import build_index
+
+    ds = Path(shutil.copytree(scripted_data, tmp_path / "ds"))
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'[sweep]\nfamily = "nethack"\nsizes = [[4, 1]]\nbudgets = [1e7]\n[data]\ndataset = "{ds}"\n'
+                    '[train]\nseq_len = 32\nbatch_size = 2\nval_fraction = 0.3\n')
+    args = ("sweep", spec, "--out", tmp_path / "sw", "--skip-eval", "--skip-report", "--no-progress")
+    assert run_cli(*args)[0] == 0
+    run = tmp_path / "sw" / "runs" / "nethack-h4-L1"
+    before = {f: f.stat().st_mtime_ns for f in run.rglob("*") if f.is_file()}
+    assert run_cli(*args)[0] == 0  # the same data: kept, nothing redone
+    (ds / "shards" / "shard-000002.tar").unlink()
+    build_index(ds)
+    line = one_line(*run_cli(*args), str(run), "as it was before it changed", "another --out")
+    print("\n" + line)
+    assert {f: f.stat().st_mtime_ns for f in run.rglob("*") if f.is_file()} == before
+
+
 # ---- 4. a run that failed before its first step does not block the corrected rerun ------------------
 
 def test_rerun_with_a_corrected_config_after_a_failure_before_the_first_step(scripted_data, tmp_path, monkeypatch):

@@ -200,8 +200,15 @@ def train_all(plan: Plan, dataset: Path, out: Path, opts: SweepOptions, todo_job
         for j in all_jobs:
             print(command(j, opts.nproc_per_node))
         return []
-    todo = [j for j in all_jobs if not run_done(j.cfg)]
-    spent = sum(j.compute for j in all_jobs if j not in todo)
+    todo, done = [], []
+    for j in all_jobs:
+        (done if run_done(j.cfg) else todo).append(j)
+    for j in done:
+        if j.kind == "bc":  # a finished run kept only if its data is the same
+            from trajdata.train.bc import check_finished_run
+
+            check_finished_run(j.cfg)
+    spent = sum(j.compute for j in done)
     total = sum(j.compute for j in all_jobs)
     bar = tqdm(total=len(all_jobs), initial=len(all_jobs) - len(todo), unit="run", desc="sweep train",
                disable=not opts.progress)

@@ -432,16 +432,31 @@ def open_bc_dir(run: Run, family: str) -> None:
     free = RESUME_FREE + ("dataset", "dataset_root")
     if old is not None and old.get("dataset_id") is None:
         free += ("dataset_id",)  # a run from before datasets had an identity
-    elif old is not None and old["dataset_id"] != ident:
-        same = old.get("dataset_root") == root
-        raise ConfigError(f"{run.dir} holds a BC run on " + (
-            f"{root} as it was before it changed (dataset id {old['dataset_id']}, now {ident})" if same else
-            f"another dataset ({old.get('dataset_root')}, id {old['dataset_id']}), not {root} (id {ident})")
-            + "; use another --out to start a new BC run", field="dataset")
+    elif old is not None:
+        check_same_dataset(run.dir, old, ident, root)
     open_run_dir(run.dir, dict(asdict(cfg), dataset_root=root, dataset_id=ident, model=asdict(shape.model),
                                family=family, effective_params=shape.params, flops_per_sample=shape.flops_per_sample,
                                world_size=run.world, grad_accum_effective=shape.grad_accum),
                  resume_free=free, what="BC run", started=started)
+
+
+def check_same_dataset(run_dir: Path, old: dict, ident: str, root: str) -> None:
+    """One line when the run in ``run_dir`` (its config.json ``old``) was trained on other data than
+    the dataset ``root`` with identity ``ident``."""
+    if old.get("dataset_id") in (None, ident):
+        return
+    same = old.get("dataset_root") == root
+    raise ConfigError(f"{run_dir} holds a BC run on " + (
+        f"{root} as it was before it changed (dataset id {old['dataset_id']}, now {ident})" if same else
+        f"another dataset ({old.get('dataset_root')}, id {old['dataset_id']}), not {root} (id {ident})")
+        + "; use another --out to start a new BC run", field="dataset")
+
+
+def check_finished_run(cfg: BCConfig) -> None:
+    """A finished run that a sweep would keep: refused, as a resumed one is, when its data changed."""
+    old = _read_json(Path(cfg.out) / CONFIG_JSON)
+    if old is not None:
+        check_same_dataset(Path(cfg.out), old, dataset_identity(Dataset(cfg.dataset)), str(Path(cfg.dataset).resolve()))
 
 
 def _read_json(path: Path) -> dict | None:
