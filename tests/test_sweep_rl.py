@@ -169,6 +169,16 @@ def test_shipped_rl_specs_plan():
     assert wide.spec.name == "cpu-rl-wide" and wide.spec.sizes == [(2, 1), *cpu.spec.sizes]
     assert [r.name for r in wide.runs[2:]] == [r.name for r in cpu.runs]  # resumes a cpu-rl sweep's directory
     assert wide.runs[0].budgets == cpu.spec.budgets[:3] and wide.spec.eval == cpu.spec.eval
+    seeds = make_plan(load_spec(ROOT / "specs/cpu-rl-seeds.toml"))  # cpu-rl-wide at 4 seeds
+    assert seeds.spec.sizes == wide.spec.sizes and seeds.spec.seeds == [0, 1, 2, 3]
+    assert {r.name for r in wide.runs} < {r.name for r in seeds.runs} and len(seeds.runs) == 2 * len(wide.runs)
+    aa = make_plan(load_spec(ROOT / "specs/cpu-rl-aa.toml"))  # cpu-rl with AutoAscend as the BC teacher
+    from trajdata.rl.config import ENVS
+
+    assert aa.spec.collect["expert"] == "autoascend" and aa.spec.collect["character"] == ENVS[aa.spec.train.get(
+        "env", "NetHackScore-v0")]  # the teacher plays the RL env's character
+    assert [r.name for r in aa.runs] == [r.name for r in cpu.runs] and aa.spec.compare == cpu.spec.compare
+    assert {k: v for k, v in aa.spec.collect.items() if k != "character"} == dict(cpu.spec.collect, expert="autoascend")
 
 
 @pytest.mark.slow
