@@ -215,6 +215,44 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(scripted_data, tmp_p
     assert "all 2 invocations into this directory" in (out / "report.html").read_text()
 
 
+def test_sigterm_stops_a_parallel_sweep_with_its_runs_checkpointed(scripted_data, tmp_path):
+    """Failed before the fix: SIGTERM to `sweep --parallel 2` (what `kill` and cluster schedulers send)
+    left the sweep waiting for its training processes, which trained on to the end of their runs."""
+    spec_path = write_spec(tmp_path, scripted_data, sizes="[[32, 1], [64, 1]]", budgets="[2e9, 8e9]")
+    out = tmp_path / "o"
+    cmd = [*TRAJDATA, "sweep", str(spec_path), "--out", str(out), "--skip-eval", "--skip-report", "--parallel", "2",
+           "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    runs = [out / "runs" / n for n in ("nethack-h32-L1", "nethack-h64-L1")]
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and not all((r / ckpt_io.LATEST).is_file() for r in runs):
+        time.sleep(0.2)
+    try:
+        p.send_signal(signal.SIGTERM)  # the sweep's process only, not its group
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 143 and err.strip().splitlines()[-1] == "trajdata: terminated", err
+    assert "Traceback" not in err, err
+    assert not any(len(ckpt_io.read_runs(r / "runs.csv")) == 2 for r in runs)  # both stopped before their end
+    steps = [torch_load_step(r) for r in runs]
+    time.sleep(3)
+    assert [torch_load_step(r) for r in runs] == steps  # no training process is left
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert [len(ckpt_io.read_runs(x / "runs.csv")) for x in runs] == [2, 2]
+    assert all(0 < s < torch_load_step(x) for s, x in zip(steps, runs))
+
+
+def torch_load_step(run: Path) -> int:
+    import torch
+
+    return int(torch.load(run / ckpt_io.LATEST, map_location="cpu", weights_only=False)["step"])
+
+
 @pytest.mark.slow
 def test_seeds_give_one_run_per_size_and_seed(scripted_data, tmp_path, monkeypatch):
     """[sweep] seeds: each size trained once per seed (run ...-sS, its config's seed), every snapshot a

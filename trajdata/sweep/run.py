@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from trajdata.config import at_least, choose, coerce_fields, lock_dir, option, require
-from trajdata.errors import ConfigError, DataError
+from trajdata.errors import ConfigError, DataError, Terminated
 from trajdata.sweep.plan import (BC_RUN, Plan, PlannedRun, Spec, check_plan, collect_config, data_problem,
                                  dataset_path, describe, make_plan, run_config)
 from trajdata.sweep.timings import timed, timing_totals
@@ -144,18 +145,67 @@ def run_done(cfg) -> bool:
     return all(b in have for b in cfg.budgets)
 
 
+STOP_GRACE_S = 30.0  # after Ctrl-C, how long the runs have to reach a checkpoint before they are sent SIGTERM
+_worker = {"pool": False, "in_run": False, "stopped": False}
+
+
+def _worker_signals() -> None:
+    """In a training process, SIGTERM stops the run as Ctrl-C does (``Terminated``: at a step boundary,
+    with a rolling checkpoint), and after either the process starts no other run."""
+    _worker["pool"] = True
+
+    def on_signal(signum, frame):
+        _worker["stopped"] = True
+        if not _worker["in_run"]:
+            return
+        if signum == signal.SIGTERM:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise Terminated()
+        raise KeyboardInterrupt()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, on_signal)
+
+
+def _stop_pool(pool: ProcessPoolExecutor, running: list, sigterm: bool) -> None:
+    """Stop the training processes after the sweep was interrupted: every run checkpoints and no
+    other starts. ``sigterm``: the sweep got SIGTERM, which only it received, and passes it on; after
+    Ctrl-C the processes got the terminal's SIGINT too, and get SIGTERM if their runs are still going
+    after ``STOP_GRACE_S``."""
+    from concurrent.futures import wait
+
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    if sigterm or wait(running, timeout=STOP_GRACE_S).not_done:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    wait(running)
+    pool.shutdown(wait=True)
+
+
 def _train_one(kind: str, cfg_dict: dict, threads: int) -> dict:
+    if _worker["stopped"]:
+        raise KeyboardInterrupt("the sweep is stopping")
     import torch
 
     torch.set_num_threads(threads)
-    if kind == "rl":
-        from trajdata.rl.config import RLConfig
-        from trajdata.rl.train import train
+    _worker["in_run"] = True
+    try:
+        if kind == "rl":
+            from trajdata.rl.config import RLConfig
+            from trajdata.rl.train import train
 
-        return train(RLConfig(**cfg_dict))
-    from trajdata.train.bc import BCConfig, train
+            return train(RLConfig(**cfg_dict))
+        from trajdata.train.bc import BCConfig, train
 
-    return train(BCConfig(**cfg_dict))
+        return train(BCConfig(**cfg_dict))
+    except KeyboardInterrupt:
+        _worker["stopped"] = True  # a run's own handlers (train bc's) took the signal
+        raise
+    finally:
+        _worker["in_run"] = False
 
 
 def command(job: Job, nproc: int) -> str:
@@ -234,10 +284,17 @@ def train_all(plan: Plan, dataset: Path, out: Path, opts: SweepOptions, todo_job
             ready, pending = ray.wait(pending, num_returns=1)
             finished(refs[ready[0]], ray.get(ready[0]))
     elif opts.parallel > 1:
-        with ProcessPoolExecutor(opts.parallel, mp_context=get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(opts.parallel, mp_context=get_context("spawn"), initializer=_worker_signals)
+        futs = {}
+        try:
             futs = {pool.submit(_train_one, j.kind, asdict(j.cfg), threads): j for j in todo}
             for f in as_completed(futs):
                 finished(futs[f], f.result())
+        except KeyboardInterrupt as e:
+            _stop_pool(pool, [f for f in futs if not f.done()], isinstance(e, Terminated))
+            raise
+        finally:
+            pool.shutdown()
     else:
         for j in todo:
             finished(j, _train_one(j.kind, asdict(j.cfg), threads))
