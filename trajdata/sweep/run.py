@@ -146,13 +146,12 @@ def run_done(cfg) -> bool:
 
 
 STOP_GRACE_S = 30.0  # after Ctrl-C, how long the runs have to reach a checkpoint before they are sent SIGTERM
-_worker = {"pool": False, "in_run": False, "stopped": False}
+_worker = {"in_run": False, "stopped": False}  # of a training process of the pool
 
 
 def _worker_signals() -> None:
     """In a training process, SIGTERM stops the run as Ctrl-C does (``Terminated``: at a step boundary,
     with a rolling checkpoint), and after either the process starts no other run."""
-    _worker["pool"] = True
 
     def on_signal(signum, frame):
         _worker["stopped"] = True
