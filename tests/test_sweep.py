@@ -247,6 +247,31 @@ def test_sigterm_stops_a_parallel_sweep_with_its_runs_checkpointed(scripted_data
     assert all(0 < s < torch_load_step(x) for s, x in zip(steps, runs))
 
 
+def test_an_interrupted_run_in_the_sweeps_own_process_does_not_stop_the_next(monkeypatch):
+    """Only the pool's training processes start no run after an interrupt: a sequential sweep (or a
+    notebook) that was interrupted trains again when called again."""
+    import trajdata.train.bc as bc
+    from trajdata.sweep import run
+
+    calls = []
+
+    def train(cfg):
+        calls.append(cfg)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return {"run": "ok"}
+
+    monkeypatch.setattr(bc, "BCConfig", lambda **kw: kw)
+    monkeypatch.setattr(bc, "train", train)
+    with pytest.raises(KeyboardInterrupt):
+        run._train_one("bc", {}, 1)
+    try:
+        again = run._train_one("bc", {}, 1)
+    except KeyboardInterrupt as e:
+        pytest.fail(f"the second call refused to train: {e}")
+    assert again == {"run": "ok"} and len(calls) == 2
+
+
 def torch_load_step(run: Path) -> int:
     import torch
 

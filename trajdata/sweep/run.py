@@ -146,12 +146,13 @@ def run_done(cfg) -> bool:
 
 
 STOP_GRACE_S = 30.0  # after Ctrl-C, how long the runs have to reach a checkpoint before they are sent SIGTERM
-_worker = {"in_run": False, "stopped": False}  # of a training process of the pool
+_worker = {"pool": False, "in_run": False, "stopped": False}  # "pool": this is a training process of the pool
 
 
 def _worker_signals() -> None:
     """In a training process, SIGTERM stops the run as Ctrl-C does (``Terminated``: at a step boundary,
     with a rolling checkpoint), and after either the process starts no other run."""
+    _worker["pool"] = True
 
     def on_signal(signum, frame):
         _worker["stopped"] = True
@@ -201,7 +202,7 @@ def _train_one(kind: str, cfg_dict: dict, threads: int) -> dict:
 
         return train(BCConfig(**cfg_dict))
     except KeyboardInterrupt:
-        _worker["stopped"] = True  # a run's own handlers (train bc's) took the signal
+        _worker["stopped"] = _worker["pool"]  # a run's own handlers (train bc's) may have taken the signal
         raise
     finally:
         _worker["in_run"] = False
