@@ -253,11 +253,10 @@ def train_all(plan: Plan, dataset: Path, out: Path, opts: SweepOptions, todo_job
     todo, done = [], []
     for j in all_jobs:
         (done if run_done(j.cfg) else todo).append(j)
-    for j in done:
-        if j.kind == "bc":  # a finished run kept only if its data is the same
-            from trajdata.train.bc import check_finished_run
+    if any(j.kind == "bc" for j in done):  # a finished run is kept only if its data is the same
+        from trajdata.train.bc import check_finished_runs
 
-            check_finished_run(j.cfg)
+        check_finished_runs([j.cfg for j in done if j.kind == "bc"])
     spent = sum(j.compute for j in done)
     total = sum(j.compute for j in all_jobs)
     bar = tqdm(total=len(all_jobs), initial=len(all_jobs) - len(todo), unit="run", desc="sweep train",

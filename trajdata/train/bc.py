@@ -452,11 +452,17 @@ def check_same_dataset(run_dir: Path, old: dict, ident: str, root: str) -> None:
         + "; use another --out to start a new BC run", field="dataset")
 
 
-def check_finished_run(cfg: BCConfig) -> None:
-    """A finished run that a sweep would keep: refused, as a resumed one is, when its data changed."""
-    old = _read_json(Path(cfg.out) / CONFIG_JSON)
-    if old is not None:
-        check_same_dataset(Path(cfg.out), old, dataset_identity(Dataset(cfg.dataset)), str(Path(cfg.dataset).resolve()))
+def check_finished_runs(cfgs: list[BCConfig]) -> None:
+    """Finished runs that a sweep would keep: refused, as a resumed one is, when their data changed
+    (each dataset's identity computed once)."""
+    idents = {}
+    for cfg in cfgs:
+        old = _read_json(Path(cfg.out) / CONFIG_JSON)
+        if old is not None:
+            root = str(Path(cfg.dataset).resolve())
+            if root not in idents:
+                idents[root] = dataset_identity(Dataset(cfg.dataset))
+            check_same_dataset(Path(cfg.out), old, idents[root], root)
 
 
 def _read_json(path: Path) -> dict | None:
