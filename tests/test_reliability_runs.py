@@ -279,6 +279,21 @@ def test_resume_compares_the_dataset_not_the_path_as_typed(scripted_data, tmp_pa
     assert [m["step"] for m in metric_rows(run)] == [1, 2]
 
 
+def test_a_run_resumes_under_another_spelling_of_its_path_and_after_a_move(scripted_data, tmp_path, monkeypatch):
+    """Failed before the fix: config.json kept --out as typed, so "run" refused to resume as its absolute
+    path, or after the directory (a sweep's, say) was moved ("holds a BC run with out='run', not ...")."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("train", "bc", scripted_data, "--out", "run", *SMALL, "--samples", 64)[0] == 0
+    code, out = run_cli("train", "bc", scripted_data, "--out", tmp_path / "run", *SMALL, "--samples", 128)
+    assert code == 0, out
+    shutil.move(tmp_path / "run", tmp_path / "moved" / "run")  # a run renamed keeps its --run-id: it says so
+    code, out = run_cli("train", "bc", scripted_data, "--out", "moved/run", *SMALL, "--samples", 192)
+    assert code == 0, out
+    assert [m["step"] for m in metric_rows(tmp_path / "moved" / "run")] == [1, 2, 3]
+    one_line(*run_cli("train", "bc", scripted_data, "--out", "moved/run", *SMALL, "--samples", 256, "--lr", 0.5),
+             "holds a BC run with --lr=")
+
+
 def test_a_sweep_keeps_a_finished_run_only_on_the_data_it_was_trained_on(scripted_data, tmp_path):
     """Failed before the fix: a finished run counted as done on any data (only its snapshots were
     looked at), so a sweep whose dataset had changed kept and reported the run trained on the old one."""

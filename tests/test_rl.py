@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch", reason="needs torch (the train extra)")
 pytest.importorskip("torchrl", reason="needs torchrl (the rl extra)")
 pytest.importorskip("nle", reason="needs nle (the nethack extra)")
 
+from trajdata.config import file_sha256  # noqa: E402
 from trajdata.errors import TrajdataError  # noqa: E402
 from trajdata.models import flops as counting  # noqa: E402
 from trajdata.models.nethack import NetHackConfig, random_batch  # noqa: E402
@@ -329,6 +330,61 @@ def test_bc_init_and_kickstart_decay(bc_lstm, tmp_path):
     assert int(row["flops_kickstart"]) == 2 * counting.effective_params(NetHackConfig(**bc_ck["model_config"])) * 96
 
 
+def test_a_moved_run_resumes_and_its_init_snapshot_is_compared_by_content(bc_lstm, tmp_path):
+    """Failed before the fix: a run resumed only under the --out and --init paths it was started with
+    (a copied sweep directory was refused), and a BC snapshot retrained in place passed unnoticed."""
+    bc = Path(shutil.copytree(bc_lstm, tmp_path / "a" / "bc"))
+    out = tmp_path / "a" / "rl"
+    train(RLConfig(out=str(out), init=str(bc), steps=64, **TINY))
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    bc, out = tmp_path / "b" / "bc", tmp_path / "b" / "rl"
+    r = train(RLConfig(out=str(out), init=str(bc), steps=96, **TINY))
+    assert r["resumed"] and r["step"] == 3 and [x["step"] for x in metrics(out)] == [1, 2, 3]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["out"] == str(out) and cfg["init_snapshot"]["path"] == str((bc / ckpt_io.LATEST).resolve())
+    assert cfg["init_snapshot"]["sha256"] == file_sha256(bc / ckpt_io.LATEST)
+    ck = ckpt_io.load(bc / ckpt_io.LATEST)  # the BC run retrained in place: same budget, FLOPs and samples
+    name = next(k for k, v in ck["model"].items() if v.is_floating_point())
+    ck["model"][name] = ck["model"][name] + 1.0
+    ckpt_io.save(bc / ckpt_io.LATEST, ck)
+    with pytest.raises(TrajdataError, match="as it was before it changed .sha256") as e:
+        train(RLConfig(out=str(out), init=str(bc), steps=128, **TINY))
+    assert str(bc / ckpt_io.LATEST) in str(e.value) and "delete the run" in str(e.value)
+    with pytest.raises(TrajdataError, match="not from scratch"):
+        train(RLConfig(out=str(out), steps=128, **TINY))
+    assert [x["step"] for x in metrics(out)] == [1, 2, 3]
+
+
+def test_a_dead_actor_process_stops_the_run_in_one_line_checkpointed(tmp_path):
+    """Failed before the fix: after an actor process died the learner waited forever for its
+    weight-sync acknowledgement. Now: one line naming the actor, the learner's last step checkpointed
+    (a rolling checkpoint is not due for 1,000 steps), and the rerun resumes from it."""
+    out = tmp_path / "p"
+    args = ["train", "rl", "--out", out, "--width", "16", "--envs", "2", "--unroll", "16", "--actors", "1",
+            "--checkpoint-every", "1000", "--log-every", "1", "--no-progress"]
+    proc = subprocess.Popen([*TRAJDATA, *map(str, args), "--steps", "100000"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while len(metrics(out) if (out / "metrics.jsonl").is_file() else []) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read()
+    actor = next(k for k in _children(proc.pid) if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text())
+    os.kill(actor, signal.SIGKILL)
+    try:
+        err = proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the learner did not stop within 60 s of its actor's death") from None
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, err
+    assert f"actor process {actor} died (killed by SIGKILL)" in lines[0] and "rerun to resume" in lines[0], err
+    step = ckpt_io.load(out / ckpt_io.LATEST)["step"]
+    assert step == metrics(out)[-1]["step"] >= 3 and f"learner step {step:,}" in lines[0]
+    p = cli(*args, "--steps", 32 * (step + 1))
+    assert p.returncode == 0, p.stderr
+    assert [x["step"] for x in metrics(out)] == list(range(1, step + 2))
+
+
 def test_bad_input_is_one_line(bc_lstm, scripted_data, tmp_path):
     from trajdata.errors import TrajdataError
     from trajdata.train.bc import BCConfig, train as train_bc
@@ -352,6 +408,11 @@ def test_bad_input_is_one_line(bc_lstm, scripted_data, tmp_path):
     base = ["--width", "16", "--envs", "2", "--unroll", "16", "--actors", "0", "--no-progress"]
     p = cli("train", "rl", "--out", tmp_path / "no-length", *base)
     assert p.returncode == 1 and "give --budgets or --steps" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    t0 = time.monotonic()  # before the fix Ray retried a refused address for minutes
+    p = cli("train", "rl", "--out", tmp_path / "ray", "--width", "16", "--envs", "2", "--unroll", "16", "--actors", "1",
+            "--ray-address", "127.0.0.1:1", "--steps", "32", "--no-progress")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and time.monotonic() - t0 < 60, p.stderr
+    assert "--ray-address 127.0.0.1:1: cannot connect" in p.stderr, p.stderr
     run = tmp_path / "r"
     train(RLConfig(out=str(run), steps=32, **TINY))
     with pytest.raises(TrajdataError, match="holds a RL run with lr=0.0002, not 0.001"):

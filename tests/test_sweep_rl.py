@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -210,7 +211,22 @@ def test_rl_sweep_end_to_end_and_resume(tmp_path):
         assert "loss" not in fit and fit["config"]["flops_per_param_sample"] == 8.0 and "return" in fit
     else:  # too few or non-positive returns at these tiny sizes: the report and the command say why
         assert not positive and "No fit could run" in report and "no fit could run" in r.stdout
-    before = {f: f.stat().st_mtime_ns for f in (out / "runs").rglob("*.pt")}
+    before = {f.relative_to(out): f.stat().st_mtime_ns for f in (out / "runs").rglob("*.pt")}
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert {f: f.stat().st_mtime_ns for f in (out / "runs").rglob("*.pt")} == before
+    assert {f.relative_to(out): f.stat().st_mtime_ns for f in (out / "runs").rglob("*.pt")} == before
+    moved = Path(shutil.move(out, tmp_path / "moved"))  # a moved (or copied) sweep resumes where it is
+    cmd[cmd.index(str(out))] = str(moved)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert {f.relative_to(moved): f.stat().st_mtime_ns for f in (moved / "runs").rglob("*.pt")} == before
+    snap = ckpt_io.resolve(moved / "bc")[0]  # the BC run retrained in place: the BC-initialised run is not kept
+    ck = ckpt_io.load(snap)
+    name = next(k for k, v in ck["model"].items() if v.is_floating_point())
+    ck["model"][name] = ck["model"][name] + 1.0
+    ckpt_io.save(snap, ck)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "rl-bc-h16-L1 holds an RL run from the BC snapshot" in lines[0], r.stderr
+    assert "as it was before it changed (sha256" in lines[0], r.stderr
+    assert {f.relative_to(moved): f.stat().st_mtime_ns for f in (moved / "runs").rglob("*.pt")} == before

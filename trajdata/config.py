@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import numbers
@@ -302,16 +303,38 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_run_config(out: str | os.PathLike) -> dict | None:
+    """The config.json of the run in ``out`` (None: there is none); not JSON is a one-line ``DataError``."""
+    path = Path(out) / CONFIG_JSON
+    try:
+        old = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        raise DataError(f"{path} is not valid JSON") from None
+    return old if isinstance(old, dict) else None
+
+
 def open_run_dir(out: str | os.PathLike, config: dict, resume_free: Iterable[str] = (), what: str = "run",
                  started: bool = True) -> bool:
     """Create run directory ``out`` for ``config`` (a JSON-able dict), or check that the run already
     there has the same config but for the ``resume_free`` fields (then its config.json is updated to
-    the new values of those). ``started=False`` (the run there left nothing but its config: it failed
-    before its first step) lets a corrected config replace the old one. Returns whether an existing
-    run is being resumed."""
+    the new values of those). The run is its directory: ``out`` as typed is always free, so a run
+    resumes under another spelling of its path or after it was moved. ``started=False`` (the run
+    there left nothing but its config: it failed before its first step) lets a corrected config
+    replace the old one. Returns whether an existing run is being resumed."""
     out = Path(out)
     path = out / CONFIG_JSON
-    free = set(resume_free)
+    free = set(resume_free) | {"out"}
     resumed = path.is_file() and started
     if resumed:
         try:

@@ -32,7 +32,7 @@ def _ray():
 RAY_CONNECT_SECONDS = 30.0  # env TRAJDATA_RAY_CONNECT_SECONDS overrides
 
 
-def _connect(ray, address: str, **kwargs) -> None:
+def connect(ray, address: str, **kwargs) -> None:
     """``ray.init(address=...)``, bounded: Ray itself retries an unreachable cluster for minutes.
 
     A ``host:port`` that refuses TCP connections fails at once; anything else gets
@@ -110,7 +110,7 @@ def run_ray(cfg, todo: list[int], on_steps: Callable[[int], None],
     if not ray.is_initialized():
         kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
         if cfg.ray_address:
-            _connect(ray, cfg.ray_address, **kwargs)
+            connect(ray, cfg.ray_address, **kwargs)
         else:
             ray.init(num_cpus=cfg.workers, **kwargs)
         started = True

@@ -12,7 +12,6 @@ name, so each variant has its own file. A snapshot's row of ``RUN/runs.csv`` gai
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -23,7 +22,7 @@ import numpy as np
 
 from trajdata.collectors.config import ExpertSpec
 from trajdata.collectors.runner import THREAD_ENV, die_with_parent, kill_pools, no_sigint_in_children, threads_env
-from trajdata.config import atomic_write_text, check_device, lock_dir
+from trajdata.config import atomic_write_text, check_device, file_sha256, lock_dir
 from trajdata.errors import ConfigError, DataError, WorkerError, missing_extra
 from trajdata.evaluate.config import DEFAULT_MAX_STEPS, EvalConfig
 from trajdata.evaluate.rollout import PolicySpec, UnitSpec
@@ -67,14 +66,6 @@ def _need(family: str, torch: bool) -> None:
             __import__(m)
         except ModuleNotFoundError as e:
             raise missing_extra(e, "`trajdata eval`", ("train", "nethack", "atari")) from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _env_of_dataset(family: str, dataset: dict, where: str) -> dict:
@@ -230,7 +221,7 @@ def _bc_job(path: Path, ckpt: dict, cfg: EvalConfig) -> Job:
     name = stem + _tags(cfg, env, sampled=True)
     policy = PolicySpec("bc", str(path.resolve()), cfg.greedy, cfg.temperature, cfg.context, cfg.device)
     info = {k: ckpt.get(k) for k in ("budget", "step", "samples", "flops", "params")}
-    identity = {"kind": "bc", "sha256": _sha256(path), **info}
+    identity = {"kind": "bc", "sha256": file_sha256(path), **info}
     return Job(name, family, _host(env), policy, Path(cfg.out) if cfg.out else eval_dir, identity, env,
                run if ckpt.get("budget") is not None else None, dict(ckpt, path=str(path)))
 

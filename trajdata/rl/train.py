@@ -40,8 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trajdata.config import lock_dir, open_run_dir
-from trajdata.errors import ConfigError, DataError, missing_extra
+from trajdata.config import file_sha256, lock_dir, open_run_dir, read_run_config
+from trajdata.errors import ConfigError, DataError, TrajdataError, WorkerError, missing_extra
 from trajdata.rl.config import RESUME_FREE, RLConfig
 from trajdata.rl.shape import FAMILY as RUN_FAMILY
 
@@ -147,8 +147,8 @@ def load_init(cfg: RLConfig) -> Init | None:
     if bc_cfg.n_actions != len(bc_actions):
         raise DataError(f"--init {cfg.init}: the BC model has {bc_cfg.n_actions} actions, not {BC_ENV}'s "
                         f"{len(bc_actions)}")
-    record = dict(path=str(Path(ck["path"]).resolve()), budget=ck.get("budget"), flops=ck.get("flops"),
-                  samples=ck.get("samples"), params=ck.get("params"))
+    record = dict(path=str(Path(ck["path"]).resolve()), sha256=file_sha256(ck["path"]), budget=ck.get("budget"),
+                  flops=ck.get("flops"), samples=ck.get("samples"), params=ck.get("params"))
     teacher = counting.effective_params(bc_cfg) if cfg.kickstart_coef > 0 else 0
     return Init(ck, bc_cfg, action_index(bc_actions, env_actions(cfg.env)), record, teacher)
 
@@ -176,10 +176,44 @@ def start_run(cfg: RLConfig) -> Run:
     dataset = dict(env=cfg.env, schema="nethack", kind="rl", fields=list(model_fields(mcfg.use_inventory, mcfg.use_glyphs)),
                    expert=dict(name="rl", character=cfg.game_character, fix_moon_phase=True))
     run = Run(cfg, device, shape, target, Path(cfg.out), init, dataset)
+    check_init(run.dir, read_run_config(run.dir), init.record if init else None)
     open_run_dir(run.dir, dict(asdict(cfg), model=asdict(mcfg), effective_params=shape.params, flops_per_step=per_step,
                                init_snapshot=init.record if init else None, action_index=init.index if init else None),
-                 resume_free=RESUME_FREE, what="RL run")
+                 resume_free=RESUME_FREE + ("init", "init_snapshot"), what="RL run")
     return run
+
+
+def check_finished_runs(cfgs: list[RLConfig]) -> None:
+    """Finished runs that a sweep would keep: refused, as a resumed one is, when their --init snapshot
+    changed (each snapshot read once)."""
+    inits = {}
+    for cfg in cfgs:
+        if cfg.init not in inits:
+            inits[cfg.init] = load_init(cfg).record if cfg.init is not None else None
+        check_init(Path(cfg.out), read_run_config(cfg.out), inits[cfg.init])
+
+
+INIT_SAME = ("sha256", "budget", "flops", "samples", "params")  # what makes a resumed run's --init snapshot the same
+
+
+def check_init(run_dir: Path, old: dict | None, record: dict | None) -> None:
+    """One line when the run in ``run_dir`` (its config.json ``old``) started from another BC snapshot than
+    ``record`` (None: from scratch). Snapshots are compared by content, not by path: a moved sweep resumes,
+    a BC run retrained in place does not. Runs from before snapshots had a digest compare the rest."""
+    if old is None:
+        return
+    was = old.get("init_snapshot")
+    if was is None and record is None:
+        return
+    if was is None or record is None:
+        what = (f"from scratch, not from --init {record['path']}" if was is None
+                else f"from the BC snapshot {was.get('path')}, not from scratch")
+        raise ConfigError(f"{run_dir} holds an RL run {what}; use another --out to start a new RL run", field="init")
+    for k in INIT_SAME:
+        if k in was and was.get(k) != record.get(k):
+            raise ConfigError(f"{run_dir} holds an RL run from the BC snapshot {was.get('path')} as it was before it "
+                              f"changed ({k} {str(was.get(k))[:16]}, now {str(record.get(k))[:16]}); use another "
+                              "--out (or delete the run) to start one from it as it is now", field="init")
 
 
 def build_state(run: Run) -> TrainState:
@@ -250,15 +284,19 @@ def make_collector(cfg: RLConfig, policy, mcfg, teacher_cfg, generation: int):
     frames = cfg.envs * cfg.unroll
     if cfg.ray_address is not None:
         try:
-            import ray  # noqa: F401
+            import ray
             from torchrl.collectors import Collector
             from torchrl.collectors.distributed import RayCollector
         except ModuleNotFoundError as e:
             raise missing_extra(e, "`trajdata train rl --ray-address`", ("ray",)) from None
-        init = {} if cfg.ray_address == "local" else {"address": cfg.ray_address}
+        quiet = dict(include_dashboard=False, log_to_driver=False)
+        if cfg.ray_address != "local" and not ray.is_initialized():  # bounded: Ray retries a wrong address for minutes
+            from trajdata.collectors.ray_backend import connect
+
+            connect(ray, cfg.ray_address, **quiet)
         return RayCollector([envs(k) for k in range(max(cfg.actors, 1))], policy=policy, collector_class=Collector,
                             collector_kwargs={"frames_per_batch": frames}, frames_per_batch=frames, total_frames=2**62,
-                            sync=False, ray_init_config=dict(init, include_dashboard=False, log_to_driver=False),
+                            sync=False, ray_init_config=quiet,
                             remote_configs={"num_cpus": 1}, num_collectors=max(cfg.actors, 1))
     if cfg.actors == 0:
         from torchrl.collectors import Collector
@@ -273,9 +311,16 @@ def make_collector(cfg: RLConfig, policy, mcfg, teacher_cfg, generation: int):
                                    total_frames=-1)
 
 
+class ActorsFailed(WorkerError):
+    """An actor process died or the actors' engine failed (a Ray node, its weight sync): the learner's
+    state is whole, so the run checkpoints and a rerun resumes."""
+
+
 class Actors:
     """The run's collector, acting on the CPU: with a GPU learner through a CPU copy of the agent,
-    refreshed after every update (``sync``); with a kickstarting --init, the BC teacher beside it."""
+    refreshed after every update (``sync``); with a kickstarting --init, the BC teacher beside it.
+    Remote actors' failures are ``ActorsFailed``; a dead actor process (TorchRL would wait for it
+    forever) is noticed by ``ActorWatch``."""
 
     def __init__(self, run: Run, state: TrainState):
         from tensordict.nn import TensorDictModule
@@ -288,13 +333,45 @@ class Actors:
         step = ActorStep(self.acting, teacher)
         self.policy = TensorDictModule(step, in_keys=step.in_keys(), out_keys=step.out_keys())
         self.remote = run.cfg.actors > 0 or run.cfg.ray_address is not None
-        self.collector = make_collector(run.cfg, self.policy, run.shape.model, run.init.model if teacher else None,
-                                        generation=state.step)
-        if self.remote:
-            self.collector.update_policy_weights_(self.policy)
+        self.engine = "the Ray actors" if run.cfg.ray_address is not None else "the actor processes"
+        self.collector, self.watch = None, None
+        with self.failing():
+            self.collector = make_collector(run.cfg, self.policy, run.shape.model,
+                                            run.init.model if teacher else None, generation=state.step)
+            if getattr(self.collector, "procs", None):
+                self.watch = ActorWatch(self.collector.procs)
+            if self.remote:
+                self.collector.update_policy_weights_(self.policy)
 
     def __iter__(self):
-        return iter(self.collector)
+        it = iter(self.collector)
+        while True:
+            with self.failing():
+                td = next(it, None)
+            if td is None:
+                return
+            yield td
+
+    def failing(self):
+        """Errors of remote actors as one ``ActorsFailed`` line (in-process actors' errors are the learner's)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def scope():
+            try:
+                if self.watch is not None:
+                    with self.watch.waiting():
+                        yield
+                else:
+                    yield
+            except (ActorsFailed, KeyboardInterrupt, TrajdataError):
+                raise
+            except Exception as e:
+                if not self.remote:
+                    raise
+                line = (str(e).strip().splitlines() or [""])[0][:200]
+                raise ActorsFailed(f"{self.engine} failed ({type(e).__name__}: {line})") from None
+        return scope()
 
     def sync(self) -> None:
         """The learner's weights to the actors."""
@@ -305,10 +382,86 @@ class Actors:
                 for mine, theirs in zip(self.acting.parameters(), self.agent.parameters()):
                     mine.copy_(theirs)
         if self.remote:
-            self.collector.update_policy_weights_(self.policy)
+            with self.failing():
+                self.collector.update_policy_weights_(self.policy)
 
     def shutdown(self) -> None:
-        self.collector.shutdown()
+        if self.watch is not None:
+            self.watch.close()
+        if self.collector is not None:
+            self.collector.shutdown()
+
+
+class ActorWatch:
+    """Raises ``ActorsFailed`` in the learner when an actor process exits: TorchRL waits for a dead
+    actor's weight-sync acknowledgement forever. While the learner waits on the actors (``waiting``) a
+    death is raised through SIGUSR1, which also ends a blocking read; outside such a wait (or where
+    signals cannot be caught: not the main thread) it is raised when the next wait begins."""
+
+    def __init__(self, procs: list, every: float = 1.0):
+        import signal
+        import threading
+
+        self.procs, self.dead, self.blocked = procs, None, False
+        self.stop = threading.Event()
+        self.armed = threading.current_thread() is threading.main_thread()
+        self.thread = threading.Thread(target=self._run, args=(threading.main_thread().ident, every),
+                                       name="actor-watch", daemon=True)
+        if self.armed:
+            self.previous = signal.signal(signal.SIGUSR1, self._raise)
+        self.thread.start()
+
+    def _run(self, main: int, every: float) -> None:
+        import signal
+
+        while not self.stop.wait(every):
+            if self.dead is None:
+                self.dead = next((p for p in self.procs if p.exitcode is not None), None)
+            if self.dead is not None and self.blocked and self.armed:
+                signal.pthread_kill(main, signal.SIGUSR1)
+                return
+
+    def failure(self) -> ActorsFailed:
+        return ActorsFailed(f"actor process {self.dead.pid} died ({exit_reason(self.dead.exitcode)})")
+
+    def _raise(self, signum, frame):
+        if self.blocked and not self.stop.is_set():
+            self.blocked = False
+            raise self.failure()
+
+    def waiting(self):
+        """Scope of a wait on the actors."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def scope():
+            if self.dead is not None:
+                raise self.failure()
+            self.blocked = True
+            try:
+                yield
+            finally:
+                self.blocked = False
+        return scope()
+
+    def close(self) -> None:
+        import signal
+
+        self.stop.set()
+        self.thread.join()
+        if self.armed:
+            signal.signal(signal.SIGUSR1, self.previous)
+
+
+def exit_reason(code: int) -> str:
+    import signal
+
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 # ---- the learner -----------------------------------------------------------------------------------
@@ -563,7 +716,6 @@ def train(cfg: RLConfig, stop_after: int | None = None) -> dict:
                 log.start_clock()
                 for td in actors:
                     parts, n, ended = learner.step(td)
-                    actors.sync()
                     calls += 1
                     log.after_step(state, parts, n, ended)
                     take_snapshots(run, state, pending, log)
@@ -571,10 +723,16 @@ def train(cfg: RLConfig, stop_after: int | None = None) -> dict:
                         save_latest(run, state)
                     if state.samples >= run.target or (stop_after is not None and calls >= stop_after):
                         break
+                    actors.sync()
         except KeyboardInterrupt:
             if not state.mid_step:  # else the previous rolling checkpoint stands
                 save_latest(run, state)
             raise
+        except ActorsFailed as e:
+            if not state.mid_step:
+                save_latest(run, state)
+            raise ActorsFailed(f"{e}; {run.dir} is checkpointed at learner step {state.step:,} ({state.samples:,} env "
+                               "steps): rerun to resume") from None
         finally:
             log.close()
             if actors is not None:

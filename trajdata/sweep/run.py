@@ -257,6 +257,10 @@ def train_all(plan: Plan, dataset: Path, out: Path, opts: SweepOptions, todo_job
         from trajdata.train.bc import check_finished_runs
 
         check_finished_runs([j.cfg for j in done if j.kind == "bc"])
+    if any(j.kind == "rl" and j.cfg.init is not None for j in done):  # ... and its BC snapshot
+        from trajdata.rl.train import check_finished_runs as check_finished_rl
+
+        check_finished_rl([j.cfg for j in done if j.kind == "rl"])
     spent = sum(j.compute for j in done)
     total = sum(j.compute for j in all_jobs)
     bar = tqdm(total=len(all_jobs), initial=len(all_jobs) - len(todo), unit="run", desc="sweep train",

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trajdata.config import (CONFIG_JSON, PRECISIONS, at_least, check_device, choose, coerce_fields, copy_option,
-                             from_mapping, lock_dir, open_run_dir, option, parse_count, precision_context, read_toml,
+from trajdata.config import (PRECISIONS, at_least, check_device, choose, coerce_fields, copy_option, from_mapping,
+                             lock_dir, open_run_dir, option, parse_count, precision_context, read_run_config, read_toml,
                              require, uses_bf16)
 from trajdata.errors import ConfigError, DataError, Terminated, TrajdataError
 from trajdata.format.dataset import Dataset
@@ -428,7 +428,7 @@ def open_bc_dir(run: Run, family: str) -> None:
     cfg, shape = run.cfg, run.shape
     ident, root = dataset_identity(run.ds), str(Path(cfg.dataset).resolve())
     started = run_started(run.dir)
-    old = _read_json(run.dir / CONFIG_JSON) if started else None
+    old = read_run_config(run.dir) if started else None
     free = RESUME_FREE + ("dataset", "dataset_root")
     if old is not None and old.get("dataset_id") is None:
         free += ("dataset_id",)  # a run from before datasets had an identity
@@ -457,22 +457,12 @@ def check_finished_runs(cfgs: list[BCConfig]) -> None:
     (each dataset's identity computed once)."""
     idents = {}
     for cfg in cfgs:
-        old = _read_json(Path(cfg.out) / CONFIG_JSON)
+        old = read_run_config(cfg.out)
         if old is not None:
             root = str(Path(cfg.dataset).resolve())
             if root not in idents:
                 idents[root] = dataset_identity(Dataset(cfg.dataset))
             check_same_dataset(Path(cfg.out), old, idents[root], root)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        old = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError):
-        raise DataError(f"{path} is not valid JSON") from None
-    return old if isinstance(old, dict) else None
 
 
 def check_memory(shape: RunShape, cfg: BCConfig, device: torch.device) -> None:
