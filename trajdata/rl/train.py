@@ -340,6 +340,8 @@ class Actors:
                                             run.init.model if teacher else None, generation=state.step)
             if getattr(self.collector, "procs", None):
                 self.watch = ActorWatch(self.collector.procs)
+            if run.cfg.ray_address is not None:
+                ray_actors_ready(self.collector)
             if self.remote:
                 self.collector.update_policy_weights_(self.policy)
 
@@ -390,6 +392,29 @@ class Actors:
             self.watch.close()
         if self.collector is not None:
             self.collector.shutdown()
+
+
+RAY_READY_SECONDS = 600.0  # env TRAJDATA_RAY_READY_SECONDS overrides
+
+
+def ray_actors_ready(collector) -> None:
+    """Wait for the Ray actors to be built (imports, games), and give the first weight sync's connection
+    as long (TorchRL gives it 60 s): a loaded node takes minutes to start Ray actors."""
+    import os
+
+    import ray
+
+    remotes = list(getattr(collector, "remote_collectors", None) or [])
+    timeout = float(os.environ.get("TRAJDATA_RAY_READY_SECONDS", RAY_READY_SECONDS))
+    from datetime import timedelta
+
+    from torchrl.weight_update import _ray as weight_sync  # torchrl 0.14.1 (pinned): the learner's wait for the
+    if hasattr(weight_sync, "_DIST_TIMEOUT"):             # actors to join the weight-sync group, fixed at 60 s
+        weight_sync._DIST_TIMEOUT = timedelta(seconds=timeout)
+    try:
+        ray.get([r.__ray_ready__.remote() for r in remotes], timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise ActorsFailed(f"the Ray actors were not up within {timeout:g} s") from None
 
 
 class ActorWatch:
