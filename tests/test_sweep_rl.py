@@ -173,6 +173,9 @@ def test_shipped_rl_specs_plan():
     seeds = make_plan(load_spec(ROOT / "specs/cpu-rl-seeds.toml"))  # cpu-rl-wide at 4 seeds
     assert seeds.spec.sizes == wide.spec.sizes and seeds.spec.seeds == [0, 1, 2, 3]
     assert {r.name for r in wide.runs} < {r.name for r in seeds.runs} and len(seeds.runs) == 2 * len(wide.runs)
+    more = make_plan(load_spec(ROOT / "specs/cpu-rl-1e11.toml"))  # cpu-rl to 1e11: resumes a cpu-rl sweep's runs
+    assert more.spec.budgets == [*cpu.spec.budgets, 1e11] and [r.name for r in more.runs] == [r.name for r in cpu.runs]
+    assert more.spec.train == cpu.spec.train and more.spec.eval == cpu.spec.eval
     aa = make_plan(load_spec(ROOT / "specs/cpu-rl-aa.toml"))  # cpu-rl with AutoAscend as the BC teacher
     from trajdata.rl.config import ENVS
 
