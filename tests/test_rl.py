@@ -385,6 +385,21 @@ def test_a_dead_actor_process_stops_the_run_in_one_line_checkpointed(tmp_path):
     assert [x["step"] for x in metrics(out)] == list(range(1, step + 2))
 
 
+def test_a_ray_weight_sync_that_times_out_is_one_line_and_leaves_no_checkpoint(tmp_path):
+    """Before: TorchRL's DistStoreError traceback (its sync waited 60 s, seen in CI on a loaded machine; the
+    wait is now TRAJDATA_RAY_SYNC_SECONDS, 600 s by default, here 1 ms to make it fail)."""
+    out = tmp_path / "r"
+    p = subprocess.run([*TRAJDATA, *map(str, ["train", "rl", "--out", out, "--width", "16", "--envs", "2", "--unroll",
+                                              "16", "--actors", "1", "--ray-address", "local", "--steps", "32",
+                                              "--no-progress"])],
+                       capture_output=True, text=True, env=dict(os.environ, TRAJDATA_RAY_SYNC_SECONDS="0.001"))
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert last.startswith("trajdata: error: the Ray actors failed (DistStoreError: wait timeout after 1ms"), p.stderr
+    assert last.endswith("; nothing was trained yet: rerun to start"), p.stderr
+    assert not (out / ckpt_io.LATEST).exists()
+
+
 def test_bad_input_is_one_line(bc_lstm, scripted_data, tmp_path):
     from trajdata.errors import TrajdataError
     from trajdata.train.bc import BCConfig, train as train_bc

@@ -341,7 +341,7 @@ class Actors:
             if getattr(self.collector, "procs", None):
                 self.watch = ActorWatch(self.collector.procs)
             if run.cfg.ray_address is not None:
-                ray_actors_ready(self.collector)
+                ray_sync_timeout()
             if self.remote:
                 self.collector.update_policy_weights_(self.policy)
 
@@ -394,27 +394,20 @@ class Actors:
             self.collector.shutdown()
 
 
-RAY_READY_SECONDS = 600.0  # env TRAJDATA_RAY_READY_SECONDS overrides
+RAY_SYNC_SECONDS = 600.0  # env TRAJDATA_RAY_SYNC_SECONDS overrides
 
 
-def ray_actors_ready(collector) -> None:
-    """Wait for the Ray actors to be built (imports, games), and give the first weight sync's connection
-    as long (TorchRL gives it 60 s): a loaded node takes minutes to start Ray actors."""
+def ray_sync_timeout() -> None:
+    """Give the Ray actors RAY_SYNC_SECONDS to join the first weight sync, where TorchRL gives 60 s: on
+    a loaded node Ray starts the processes behind it (the rendezvous actor) that slowly."""
     import os
-
-    import ray
-
-    remotes = list(getattr(collector, "remote_collectors", None) or [])
-    timeout = float(os.environ.get("TRAJDATA_RAY_READY_SECONDS", RAY_READY_SECONDS))
     from datetime import timedelta
 
-    from torchrl.weight_update import _ray as weight_sync  # torchrl 0.14.1 (pinned): the learner's wait for the
-    if hasattr(weight_sync, "_DIST_TIMEOUT"):             # actors to join the weight-sync group, fixed at 60 s
-        weight_sync._DIST_TIMEOUT = timedelta(seconds=timeout)
-    try:
-        ray.get([r.__ray_ready__.remote() for r in remotes], timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        raise ActorsFailed(f"the Ray actors were not up within {timeout:g} s") from None
+    from torchrl.weight_update import _ray as weight_sync  # torchrl 0.14.1 (pinned): a module constant
+
+    if hasattr(weight_sync, "_DIST_TIMEOUT"):
+        weight_sync._DIST_TIMEOUT = timedelta(seconds=float(os.environ.get("TRAJDATA_RAY_SYNC_SECONDS",
+                                                                           RAY_SYNC_SECONDS)))
 
 
 class ActorWatch:
@@ -754,6 +747,8 @@ def train(cfg: RLConfig, stop_after: int | None = None) -> dict:
                 save_latest(run, state)
             raise
         except ActorsFailed as e:
+            if state.samples == 0:
+                raise ActorsFailed(f"{e}; nothing was trained yet: rerun to start") from None
             if not state.mid_step:
                 save_latest(run, state)
             raise ActorsFailed(f"{e}; {run.dir} is checkpointed at learner step {state.step:,} ({state.samples:,} env "
