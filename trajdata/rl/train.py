@@ -33,7 +33,7 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -354,26 +354,19 @@ class Actors:
                 return
             yield td
 
+    @contextmanager
     def failing(self):
         """Errors of remote actors as one ``ActorsFailed`` line (in-process actors' errors are the learner's)."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def scope():
-            try:
-                if self.watch is not None:
-                    with self.watch.waiting():
-                        yield
-                else:
-                    yield
-            except (ActorsFailed, KeyboardInterrupt, TrajdataError):
+        try:
+            with self.watch.waiting() if self.watch is not None else nullcontext():
+                yield
+        except (ActorsFailed, KeyboardInterrupt, TrajdataError):
+            raise
+        except Exception as e:
+            if not self.remote:
                 raise
-            except Exception as e:
-                if not self.remote:
-                    raise
-                line = (str(e).strip().splitlines() or [""])[0][:200]
-                raise ActorsFailed(f"{self.engine} failed ({type(e).__name__}: {line})") from None
-        return scope()
+            line = (str(e).strip().splitlines() or [""])[0][:200]
+            raise ActorsFailed(f"{self.engine} failed ({type(e).__name__}: {line})") from None
 
     def sync(self) -> None:
         """The learner's weights to the actors."""
@@ -447,20 +440,16 @@ class ActorWatch:
             self.blocked = False
             raise self.failure()
 
+    @contextmanager
     def waiting(self):
         """Scope of a wait on the actors."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def scope():
-            if self.dead is not None:
-                raise self.failure()
-            self.blocked = True
-            try:
-                yield
-            finally:
-                self.blocked = False
-        return scope()
+        if self.dead is not None:
+            raise self.failure()
+        self.blocked = True
+        try:
+            yield
+        finally:
+            self.blocked = False
 
     def close(self) -> None:
         import signal
