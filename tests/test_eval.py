@@ -34,6 +34,17 @@ def test_fixed_seeds_rerun_and_workers_agree(bc_run, tmp_path):
     assert all(e["steps"] <= 150 for e in one["episodes"])
 
 
+def test_ray_backend_plays_the_same_episodes(bc_run, tmp_path):
+    """`eval --backend ray` (a local Ray instance, started quietly and shut down after) plays what local workers play."""
+    ray = pytest.importorskip("ray")
+    cfg = dict(episodes=4, max_steps=150, seed=3, envs=2, workers=2, update_runs=False)
+    local = evaluate(str(bc_run), EvalConfig(out=str(tmp_path / "a"), **cfg), progress=False)[0]
+    on_ray = evaluate(str(bc_run), EvalConfig(out=str(tmp_path / "b"), backend="ray", **cfg), progress=False)[0]
+    key = lambda d: [(e["seed"], e["return"], e["steps"]) for e in d["episodes"]]  # noqa: E731
+    assert len(key(on_ray)) == 4 and key(on_ray) == key(local)
+    assert not ray.is_initialized()
+
+
 def test_all_snapshots_fill_the_runs_table_once(bc_run):
     for _ in range(2):
         docs = evaluate(str(bc_run), EvalConfig(all=True, episodes=3, max_steps=100, seed=0, envs=3), progress=False)

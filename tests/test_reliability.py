@@ -288,6 +288,23 @@ def test_unreachable_ray_address_fails_fast_in_one_line(tmp_path):
     assert time.monotonic() - t0 < 45
 
 
+def test_unreachable_ray_address_fails_fast_in_one_line_in_eval_and_sweep(scripted_data, tmp_path):
+    """Failed before the fix: `eval --backend ray --ray-address 127.0.0.1:1` still retried after 90 s (so did
+    `sweep --backend ray`: both called ray.init directly, not collect's bounded connect)."""
+    pytest.importorskip("ray")
+    from tests.test_sweep import write_spec
+
+    t0 = time.monotonic()
+    code, text = run("eval", "--expert", "random", "--env", "nethack", "--out", tmp_path / "ev", "--episodes", "2", "--max-steps", "5",
+                     "--backend", "ray", "--ray-address", "127.0.0.1:1", "--no-progress")
+    one_line_error(code, text, "--ray-address 127.0.0.1:1", "cannot connect")
+    spec = write_spec(tmp_path, scripted_data, sizes="[[16, 1]]", budgets="[1e8]")
+    code, text = run("sweep", spec, "--out", tmp_path / "sw", "--backend", "ray", "--ray-address", "127.0.0.1:1",
+                     "--skip-report", "--no-progress")
+    one_line_error(code, text, "--ray-address 127.0.0.1:1", "cannot connect")
+    assert time.monotonic() - t0 < 45
+
+
 # ---- 3. signals: workers die with the collect, SIGTERM cleans up like Ctrl-C --------------------------
 
 def _children() -> dict[int, int]:

@@ -30,6 +30,16 @@ def _ray():
 
 
 RAY_CONNECT_SECONDS = 30.0  # env TRAJDATA_RAY_CONNECT_SECONDS overrides
+QUIET = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)  # no Ray INFO/WARNING lines
+
+
+def start(ray, address: str | None = None, **kwargs) -> None:
+    """``ray.init`` with ``QUIET`` (and ``kwargs``): a local instance, or the cluster at ``address`` (``connect``)."""
+    kwargs = {**QUIET, **kwargs}
+    if address:
+        connect(ray, address, **kwargs)
+    else:
+        ray.init(**kwargs)
 
 
 def connect(ray, address: str, **kwargs) -> None:
@@ -108,11 +118,7 @@ def run_ray(cfg, todo: list[int], on_steps: Callable[[int], None],
     ray = _ray()
     started = False
     if not ray.is_initialized():
-        kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-        if cfg.ray_address:
-            connect(ray, cfg.ray_address, **kwargs)
-        else:
-            ray.init(num_cpus=cfg.workers, **kwargs)
+        start(ray, cfg.ray_address, **({} if cfg.ray_address else {"num_cpus": cfg.workers}))
         started = True
     try:
         progress = ray.remote(num_cpus=0)(_Progress).remote()

@@ -434,13 +434,13 @@ def _run_ray(units, cfg: EvalConfig, on_result, on_unit) -> None:
         import ray
     except ImportError:
         raise ConfigError("backend ray needs Ray: pip install 'trajdata[ray]'", field="backend") from None
+    from trajdata.collectors.ray_backend import start
     from trajdata.evaluate.rollout import run_unit
 
     started = not ray.is_initialized()
     if started:
         env = {k: str(cfg.threads) for k in THREAD_ENV}
-        ray.init(address=cfg.ray_address, num_cpus=None if cfg.ray_address else cfg.workers, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": env})
+        start(ray, cfg.ray_address, runtime_env={"env_vars": env}, **({} if cfg.ray_address else {"num_cpus": cfg.workers}))
     try:
         task = ray.remote(num_cpus=1, max_retries=1)(run_unit)
         pending = [task.remote(u) for u in units]

@@ -289,14 +289,13 @@ def make_collector(cfg: RLConfig, policy, mcfg, teacher_cfg, generation: int):
             from torchrl.collectors.distributed import RayCollector
         except ModuleNotFoundError as e:
             raise missing_extra(e, "`trajdata train rl --ray-address`", ("ray",)) from None
-        quiet = dict(include_dashboard=False, log_to_driver=False)
-        if cfg.ray_address != "local" and not ray.is_initialized():  # bounded: Ray retries a wrong address for minutes
-            from trajdata.collectors.ray_backend import connect
+        from trajdata.collectors.ray_backend import QUIET, connect
 
-            connect(ray, cfg.ray_address, **quiet)
+        if cfg.ray_address != "local" and not ray.is_initialized():  # bounded: Ray retries a wrong address for minutes
+            connect(ray, cfg.ray_address, **QUIET)
         return RayCollector([envs(k) for k in range(max(cfg.actors, 1))], policy=policy, collector_class=Collector,
                             collector_kwargs={"frames_per_batch": frames}, frames_per_batch=frames, total_frames=2**62,
-                            sync=False, ray_init_config=quiet,
+                            sync=False, ray_init_config=QUIET,
                             remote_configs={"num_cpus": 1}, num_collectors=max(cfg.actors, 1))
     if cfg.actors == 0:
         from torchrl.collectors import Collector

@@ -279,7 +279,10 @@ def train_all(plan: Plan, dataset: Path, out: Path, opts: SweepOptions, todo_job
     if opts.backend == "ray":
         import ray
 
-        ray.init(address=opts.ray_address, ignore_reinit_error=True, log_to_driver=False)
+        from trajdata.collectors.ray_backend import start
+
+        if not ray.is_initialized():
+            start(ray, opts.ray_address)
         remote = ray.remote(num_cpus=threads)(_train_one)
         refs = {remote.remote(j.kind, asdict(j.cfg), threads): j for j in todo}
         pending = list(refs)
