@@ -176,6 +176,9 @@ def test_shipped_rl_specs_plan():
     more = make_plan(load_spec(ROOT / "specs/cpu-rl-1e11.toml"))  # cpu-rl to 1e11: resumes a cpu-rl sweep's runs
     assert more.spec.budgets == [*cpu.spec.budgets, 1e11] and [r.name for r in more.runs] == [r.name for r in cpu.runs]
     assert more.spec.train == cpu.spec.train and more.spec.eval == cpu.spec.eval
+    wide11 = make_plan(load_spec(ROOT / "specs/cpu-rl-wide-1e11.toml"))  # cpu-rl-1e11 plus h = 2 at every budget
+    assert wide11.spec.sizes == wide.spec.sizes and wide11.spec.budgets == more.spec.budgets
+    assert [r.name for r in wide11.runs] == [r.name for r in wide.runs] and wide11.runs[0].budgets == more.spec.budgets
     aa = make_plan(load_spec(ROOT / "specs/cpu-rl-aa.toml"))  # cpu-rl with AutoAscend as the BC teacher
     from trajdata.rl.config import ENVS
 

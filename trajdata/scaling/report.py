@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
@@ -35,6 +36,14 @@ def _budget_colors(budgets):
     return {b: plt.cm.viridis((np.log10(b) - lc.min()) / span) for b in budgets}
 
 
+def _count(n: float) -> str:
+    """5820 -> '5.8k', 2.5e6 -> '2.5M'."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.2g}{unit}"
+    return f"{n:.0f}"
+
+
 def plot_isoflop(res: dict, target: str):
     profiles = res["profiles"]
     colors = _budget_colors(np.array([p["flops"] for p in profiles]))
@@ -52,6 +61,10 @@ def plot_isoflop(res: dict, target: str):
         if p["kept"]:
             ax.plot(p["n_opt"], p["y_opt"], "*", color="crimson", ms=11, mec="k", mew=0.5, zorder=5)
     ax.set_xscale("log")
+    sizes = sorted({n for p in profiles for n in p["params"]})
+    if len(sizes) <= 8:  # the grid's sizes as the ticks (log-axis minor labels overlap on 1-2 decades)
+        ax.set_xticks(sizes, [_count(n) for n in sizes])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     if target == "loss":
         ax.set_yscale("log")
     sm = plt.cm.ScalarMappable(cmap="viridis", norm=matplotlib.colors.LogNorm(
