@@ -68,3 +68,17 @@ def test_a_table_without_loss_or_return_is_one_line(tmp_path):
     few.loc[5:, "return"] = np.nan
     with pytest.raises(DataError, match="only 5 runs"):
         fit_all(runs_from_frame(few), FitConfig(bootstrap=0))
+
+
+def test_the_allocation_band_is_the_headline_interval():
+    """The allocation plot's band is the bootstrap only where the exponent's headline interval is; where the
+    bootstrap gave too few fits (the CPU RL sweep: 654 of 1000) the headline is OLS, and so is the band
+    (before: a bootstrap band of the draws that happened to fit, under the OLS interval's numbers)."""
+    from trajdata.scaling.report import plot_allocation
+
+    fit = fit_all(runs_from_frame(rl_frame()), FitConfig(flops_per_param_sample=8, bootstrap=50, cv_folds=0))
+    labels = lambda f: plot_allocation(f, "return").axes[0].get_legend_handles_labels()[1]  # noqa: E731
+    assert fit["summary"]["return.isoflop.a"]["ci_method"].startswith("bootstrap")
+    assert any(s.endswith("bootstrap band") for s in labels(fit))
+    fit["summary"]["return.isoflop.a"]["ci_method"] = "OLS t-interval over the budget optima (the bootstrap: ...)"
+    assert any(s.endswith("OLS band") for s in labels(fit)) and not any("bootstrap band" in s for s in labels(fit))

@@ -134,7 +134,8 @@ def plot_allocation(fit: dict, target: str):
     k = fit["config"]["flops_per_param_sample"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     dr = (fit.get("bootstrap_draws") or {}).get(target, {}).get("isoflop")
-    P = np.array(dr["values"], float)[:, :2] if dr else None
+    headline = (fit.get("summary") or {}).get(f"{target}.isoflop.a", {}).get("ci_method", "bootstrap")
+    P = np.array(dr["values"], float)[:, :2] if dr and headline.startswith("bootstrap") else None  # the band = the CI
     band = {"N": P, "D": None if P is None else np.stack([-np.log(k) - P[:, 0], 1 - P[:, 1]], 1)}
     level = fit["config"]["ci_level"]
     for ax, key, pts, name in ((axes[0], "N_opt", [p["n_opt"] for p in kept], "N"),
