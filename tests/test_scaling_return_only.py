@@ -82,3 +82,21 @@ def test_the_allocation_band_is_the_headline_interval():
     assert any(s.endswith("bootstrap band") for s in labels(fit))
     fit["summary"]["return.isoflop.a"]["ci_method"] = "OLS t-interval over the budget optima (the bootstrap: ...)"
     assert any(s.endswith("OLS band") for s in labels(fit)) and not any("bootstrap band" in s for s in labels(fit))
+
+
+def test_a_forecast_interval_comes_from_the_bootstrap_only_where_the_exponents_does():
+    """Where fewer than BOOTSTRAP_MIN_SHARE of the draws give a run (the CPU RL sweep's isoFLOP: 654 of 1000), the
+    forecast's interval is the delta method's, as the exponent's headline is (before: percentiles of the 654)."""
+    from trajdata.scaling.config import BOOTSTRAP_MIN_SHARE
+    from trajdata.scaling.forecast import forecast_one
+
+    fit = fit_all(runs_from_frame(rl_frame()), FitConfig(flops_per_param_sample=8, bootstrap=50, cv_folds=0))
+    values = fit["bootstrap_draws"]["return"]["isoflop"]["values"]
+    full = forecast_one(fit, "return", "isoflop", compute=1e18)
+    assert full["interval"].startswith("bootstrap percentile")
+    keep = int(np.ceil(BOOTSTRAP_MIN_SHARE * len(values))) - 1
+    for row in values[keep:]:
+        row[:] = [float("nan")] * len(row)
+    few = forecast_one(fit, "return", "isoflop", compute=1e18)
+    assert few["interval"] == f"delta method on the fit's covariance, t(4) (the bootstrap: only {keep} of 50 draws gave a run)"
+    assert few["params"] == full["params"] and few["params_ci"][0] < few["params"] < few["params_ci"][1]

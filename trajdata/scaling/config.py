@@ -7,6 +7,8 @@ import numpy as np
 
 from trajdata.config import choose, coerce_fields, option, require
 
+BOOTSTRAP_MIN_SHARE = 0.8  # a bootstrap sets an interval only where this share of its draws gave a fit
+
 OPTIMA = ("vertex", "argmin")
 PARAMETRIC_POINTS = ("window", "all")
 VERTEX_WEIGHTS = ("none", "se")

@@ -16,7 +16,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from trajdata.errors import DataError
-from trajdata.scaling.config import FitConfig
+from trajdata.scaling.config import BOOTSTRAP_MIN_SHARE, FitConfig
 from trajdata.scaling.laws import PARAMETRIC, chin_alloc, quad_alloc, quad_design
 from trajdata.scaling.runs import Runs
 
@@ -707,7 +707,7 @@ def summary(fit: dict) -> dict:
         e = s["loss.isoflop.k"] = fit["loss"]["isoflop"]["Y_opt"]["k"]
         b = (fit.get("bootstrap") or {}).get("loss.isoflop.k")
         e.setdefault("ci_analytic", list(e["ci"]))
-        if b and b["n"] >= 0.8 * fit["config"]["bootstrap"] and all(np.isfinite(b["ci"])):
+        if b and b["n"] >= BOOTSTRAP_MIN_SHARE * fit["config"]["bootstrap"] and all(np.isfinite(b["ci"])):
             e.update(ci=b["ci"], ci_bootstrap=b["ci"], ci_method=f"bootstrap percentile, {b['n']} draws")
         else:
             e.setdefault("ci_method", "delta method on the E + A·C^-k fit's covariance")
@@ -733,7 +733,7 @@ def headline_intervals(fit: dict, cfg: FitConfig) -> None:
                 e = f[name]
                 e["ci_analytic"] = list(e["ci"])
                 b = bs.get(f"{tgt}.{meth}.{name}")
-                if b and b["n"] >= 0.8 * cfg.bootstrap and all(np.isfinite(b["ci"])):
+                if b and b["n"] >= BOOTSTRAP_MIN_SHARE * cfg.bootstrap and all(np.isfinite(b["ci"])):
                     e["ci_bootstrap"] = b["ci"]
                     e["ci"] = b["ci"]
                     e["ci_method"] = f"bootstrap percentile, {b['n']} of {cfg.bootstrap} draws"

@@ -7,6 +7,7 @@ import numpy as np
 from scipy import stats
 
 from trajdata.errors import ConfigError, DataError
+from trajdata.scaling.config import BOOTSTRAP_MIN_SHARE
 from trajdata.scaling.laws import chin_alloc, quad_alloc, quad_design
 
 METHODS = ("isoflop", "quadratic", "chinchilla")
@@ -97,15 +98,19 @@ def _delta_params(method: str, f: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def intervals(fit: dict, target: str, method: str, level: float, **given) -> dict:
-    """[lo, hi] of flops, params, samples and the target: bootstrap percentiles, else the delta method."""
+    """[lo, hi] of flops, params, samples and the target: bootstrap percentiles where at least
+    ``BOOTSTRAP_MIN_SHARE`` of the draws give a run (as for the exponents' headline), else the delta method."""
     f = fit[target][method]
     k = fit["config"]["flops_per_param_sample"]
     draws = (fit.get("bootstrap_draws") or {}).get(target, {}).get(method)
     keys = ("flops", "params", "samples", "y")
+    why = " (the fit has no bootstrap draws)"
     if draws:
         P = np.array(draws["values"], float)
         out = outcomes(method, f, allocations(method, P, k), P, **given)
         ok = np.all([np.isfinite(out[q]) & (out[q] > 0) for q in keys[:3]], 0)
+        why = f" (the bootstrap: only {int(ok.sum())} of {len(P)} draws gave a run)"
+    if draws and ok.sum() >= BOOTSTRAP_MIN_SHARE * len(P):
         res = {}
         for q in keys:
             v = out[q][ok & np.isfinite(out[q])]
@@ -128,7 +133,7 @@ def intervals(fit: dict, target: str, method: str, level: float, **given) -> dic
         grad = np.nan_to_num((lv[1:p + 1] - lv[p + 1:]) / (2 * h))
         se = float(np.sqrt(max(grad @ cov @ grad, 0.0)))
         res[q] = [float(np.exp(lv[0] - z * se) * np.sign(out[q][0])), float(np.exp(lv[0] + z * se) * np.sign(out[q][0]))]
-    res["how"] = f"delta method on the fit's covariance, t({dof}) (the fit has no bootstrap draws)"
+    res["how"] = f"delta method on the fit's covariance, t({dof}){why}"
     return res
 
 
