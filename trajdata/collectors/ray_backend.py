@@ -33,13 +33,14 @@ RAY_CONNECT_SECONDS = 30.0  # env TRAJDATA_RAY_CONNECT_SECONDS overrides
 QUIET = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)  # no Ray INFO/WARNING lines
 
 
-def start(ray, address: str | None = None, **kwargs) -> None:
-    """``ray.init`` with ``QUIET`` (and ``kwargs``): a local instance, or the cluster at ``address`` (``connect``)."""
+def start(ray, address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:
+    """``ray.init`` with ``QUIET`` (and ``kwargs``): a local instance of ``num_cpus`` CPUs, or the cluster at
+    ``address`` (``connect``; its CPUs are its own)."""
     kwargs = {**QUIET, **kwargs}
     if address:
         connect(ray, address, **kwargs)
     else:
-        ray.init(**kwargs)
+        ray.init(num_cpus=num_cpus, **kwargs)
 
 
 def connect(ray, address: str, **kwargs) -> None:
@@ -118,7 +119,7 @@ def run_ray(cfg, todo: list[int], on_steps: Callable[[int], None],
     ray = _ray()
     started = False
     if not ray.is_initialized():
-        start(ray, cfg.ray_address, **({} if cfg.ray_address else {"num_cpus": cfg.workers}))
+        start(ray, cfg.ray_address, num_cpus=cfg.workers)
         started = True
     try:
         progress = ray.remote(num_cpus=0)(_Progress).remote()

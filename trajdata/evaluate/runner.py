@@ -440,7 +440,7 @@ def _run_ray(units, cfg: EvalConfig, on_result, on_unit) -> None:
     started = not ray.is_initialized()
     if started:
         env = {k: str(cfg.threads) for k in THREAD_ENV}
-        start(ray, cfg.ray_address, runtime_env={"env_vars": env}, **({} if cfg.ray_address else {"num_cpus": cfg.workers}))
+        start(ray, cfg.ray_address, num_cpus=cfg.workers, runtime_env={"env_vars": env})
     try:
         task = ray.remote(num_cpus=1, max_retries=1)(run_unit)
         pending = [task.remote(u) for u in units]
