@@ -37,16 +37,19 @@ def _check_coverage(res, methods):
     for m in methods:
         c = res["coverage"][m]
         print(f"  {m:10s} a: bootstrap {c['a_bootstrap']:.3f}, OLS/delta {c['a_analytic']:.3f};  "
-              f"N: bootstrap {c['n_bootstrap']:.3f}, delta {c['n_analytic']:.3f}  "
+              f"N: bootstrap {c['n_bootstrap']:.3f}, delta {c['n_analytic']:.3f};  "
+              f"C to reach {res['reach']:.4g}: bootstrap {c['c_reach_bootstrap']:.3f}, delta {c['c_reach_analytic']:.3f}  "
               f"(median a interval width {res['median_a_ci_width'][m]:.4f})")
         assert res["fitted"][m] == res["tables"], res["failed"]
         assert 0.90 <= c["a_bootstrap"] <= 0.99, (m, c)
         assert 0.90 <= c["n_bootstrap"] <= 0.99, (m, c)
+        assert 0.90 <= c["c_reach_bootstrap"] <= 0.99, (m, c)
 
 
 def test_bootstrap_intervals_cover_the_true_law_on_an_isoflop_grid():
     """200 seeded grids (8 budgets x 10 sizes, SE 0.02-0.1 nats per point): the reported 95%
-    intervals of a and of the forecast N hold the truth in 90-99% of them, isoFLOP and quadratic."""
+    intervals of a, of the forecast N and of the C that reaches a loss (``--reach``) hold the truth in
+    90-99% of them, isoFLOP and quadratic."""
     _check_coverage(coverage(tables=200, bootstrap=200, grid=True), ("isoflop", "quadratic"))
 
 
@@ -72,6 +75,19 @@ def test_synthetic_law_is_exact_for_both_methods():
         assert fit["loss"][m]["a"]["value"] == pytest.approx(law.a, abs=1e-6)
         row = forecast(fit, [m], ("loss",), dataset_size=D)[0]
         assert row["params"] == pytest.approx(law.n_for_dataset(D), rel=1e-4)
+
+
+def test_reach_solves_the_budget_whose_optimum_has_the_loss_noise_free():
+    """--reach on a noise-free law: the C (and N, D) whose optimal loss is the given one, every method."""
+    law = Law()
+    fit = fit_all(runs_from_frame(runs_table(law, se_range=(0.0, 0.0))),
+                  FitConfig(bootstrap=0, cv_folds=0, fit_return=False, chinchilla=False))
+    C = 3e19
+    for m in ("isoflop", "quadratic"):
+        row = forecast(fit, [m], ("loss",), reach=float(law.loss(law.n_opt(C), C)))[0]
+        assert row["flops"] == pytest.approx(C, rel=1e-3)
+        assert row["params"] == pytest.approx(law.n_opt(C), rel=1e-3)
+        assert row["samples"] == pytest.approx(C / (law.k * law.n_opt(C)), rel=1e-3)
 
 
 # ---------------------------------------------------------------- the reference runs
@@ -204,6 +220,50 @@ def test_forecast_far_outside_the_fitted_range_warns_and_absurd_is_refused():
     ok = _run("scaling", "forecast", NETHACK, "--compute", "3e20", "--bootstrap", 0, "--cv-folds", 0,
               "--max-extrapolation", "1")
     assert ok.exit_code == 1 and "refused beyond 1 decades" in ok.output
+
+
+def test_reach_inverts_the_forecast_at_a_compute(nethack_bs):
+    """On the paper's runs: the C whose compute-optimal run is predicted to reach the loss (return) that
+    `--compute 1e19` predicts is 1e19 again, with the same N and D, for every method and target; the
+    isoFLOP method's agrees with its closed form; the intervals hold the point."""
+    import numpy as np
+
+    for t in ("loss", "return"):
+        for r in forecast(nethack_bs, targets=(t,), compute=1e19):
+            back = forecast(nethack_bs, [r["method"]], (t,), reach=r[t])[0]
+            assert back["reach"] == r[t] and back[t] == pytest.approx(r[t], rel=1e-9)
+            for q in ("flops", "params", "samples"):
+                assert back[q] == pytest.approx(r[q], rel=1e-6), (t, r["method"], q)
+                assert back[q + "_ci"][0] < back[q] < back[q + "_ci"][1]
+            if r["method"] == "isoflop":
+                yf = nethack_bs[t]["isoflop"]["Y_opt"]
+                E, ya, yk = yf["theta"]
+                y = 1 / r[t] if yf["inverse"] else r[t]
+                assert np.log(back["flops"]) == pytest.approx(yf["log_c0"] + (ya - np.log(y - E)) / yk, rel=1e-9)
+    # a loss above the fitted budgets' needs less compute; a return above them, more
+    lo = forecast(nethack_bs, ["isoflop"], ("loss",), reach=0.13)[0]["flops"]
+    assert lo < forecast(nethack_bs, ["isoflop"], ("loss",), reach=0.125)[0]["flops"]
+
+
+def test_reach_names_what_no_fit_can_reach(tmp_path):
+    """A return past every fit's ceiling is one line naming each fit's best; --reach on a fit with both
+    targets needs --target; --reach with another given, or not positive, is refused."""
+    fit = fit_all(load_runs(NETHACK), FitConfig(bootstrap=0, cv_folds=0))
+    (tmp_path / "fit.json").write_text(json.dumps(fit))
+    r = _run("scaling", "forecast", tmp_path / "fit.json", "--reach", "7000", "--target", "return")
+    assert r.exit_code == 1
+    assert r.output.startswith("trajdata: error: the return isoflop fit never reaches 7000 for C up to 1e+45 FLOPs "
+                               "(there it predicts 6") and "the return quadratic fit never reaches 7000: its best is 6" in r.output
+    assert r.output.count("\n") == 1
+    r = _run("scaling", "forecast", tmp_path / "fit.json", "--reach", "6000")
+    assert r.exit_code == 1 and "--reach 6000 is a loss or a return: say which with --target loss or --target return" in r.output
+    r = _run("scaling", "forecast", tmp_path / "fit.json", "--reach", "6000", "--compute", "1e19")
+    assert r.exit_code == 1 and "give exactly one of --dataset-size, --compute, --params, --reach" in r.output
+    r = _run("scaling", "forecast", tmp_path / "fit.json", "--reach", "-1", "--target", "loss")
+    assert r.exit_code == 1 and "--reach must be a positive finite number, not -1" in r.output
+    ok = _run("scaling", "forecast", tmp_path / "fit.json", "--reach", "6000", "--target", "return")
+    assert ok.exit_code == 0, ok.output
+    assert "6000 (given)" in ok.output and "predicted return 6000" in ok.output
 
 
 def test_parametric_fits_refuse_a_single_flop_budget():

@@ -100,3 +100,32 @@ def test_a_forecast_interval_comes_from_the_bootstrap_only_where_the_exponents_d
     few = forecast_one(fit, "return", "isoflop", compute=1e18)
     assert few["interval"] == f"delta method on the fit's covariance, t(4) (the bootstrap: only {keep} of 50 draws gave a run)"
     assert few["params"] == full["params"] and few["params_ci"][0] < few["params"] < few["params_ci"][1]
+
+
+def test_reach_forecasts_the_compute_for_a_return_and_the_rl_report_shows_it(tmp_path):
+    """`--reach R`: the C whose compute-optimal run the fits predict to reach return R, with intervals
+    holding the law's C and N; the RL report's section shows it however far out, and says when no fit
+    gets there."""
+    from trajdata.rl.config import HUMAN_SCORE
+    from trajdata.scaling.forecast import forecast
+    from trajdata.sweep.report import reach_section
+
+    fit = fit_all(runs_from_frame(rl_frame()), FitConfig(flops_per_param_sample=8, bootstrap=200, cv_folds=0))
+    C = 1e19
+    R = float(1000 * LAW.loss(LAW.n_opt(C), C) ** -4.0)
+    rows = forecast(fit, targets=("return",), reach=R)
+    assert {r["method"] for r in rows} == {"isoflop", "quadratic"}
+    for r in rows:
+        assert r["reach"] == R and r["return"] == pytest.approx(R, rel=1e-9)
+        assert r["flops_ci"][0] <= C <= r["flops_ci"][1] and r["flops"] == pytest.approx(C, rel=0.5), r
+        assert r["params_ci"][0] <= LAW.n_opt(C) <= r["params_ci"][1], r
+        assert r["interval"].startswith("bootstrap percentile")
+    (tmp_path / "fit.json").write_text(json.dumps(fit))
+    res = CliRunner().invoke(cli, ["scaling", "forecast", str(tmp_path / "fit.json"), "--reach", str(R)])
+    assert res.exit_code == 0, res.output
+    assert f"{R:.4g} (given)" in res.output and "trajdata train rl --out runs/forecast-rl-N" in res.output
+    html = reach_section(fit, float(HUMAN_SCORE), rl=True)
+    assert "Compute to reach the average human score (127,000" in html and "Table 6" in html
+    assert "1.27e+05 (given)" in html and "decades above the fitted budgets" in html
+    never = reach_section(fit, 1e15, rl=True)
+    assert "No forecast: the return isoflop fit never reaches 1e+15" in never and "Table 6" not in never

@@ -109,6 +109,8 @@ def test_bad_rl_specs_are_one_line(tmp_path):
         "[compare.bc]\ncore = 'transformer'\nbudgets = [1e9]\n[data]\ndataset = 'd'\n": "bc may not set 'core'",
         "[compare.bc]\nwidht = 8\nbudgets = [1e9]\n[data]\ndataset = 'd'\n": "unknown key 'widht' in [compare.bc]",
         "[eval]\nexpert = 'scripted'\n": "random policy",
+        "[report]\nreach = -1\n": "reach must be a positive number",
+        "[report]\nreac = 1\n": "unknown key 'reac' in [report]",
     }
     for i, (body, want) in enumerate(cases.items()):
         p = tmp_path / f"s{i}.toml"

@@ -151,8 +151,9 @@ def print_forecasts(rows: list[dict], sens: dict | None) -> None:
 
     for r in rows:
         t = r["target"]
+        pred = f"{r['reach']:.4g} (given)".rjust(28) if "reach" in r else cell(r[t], r[t + '_ci'], '.4g', 28)
         click.echo(f"{t:7s} {r['method']:10s} {cell(r['flops'], r['flops_ci'])} {cell(r['params'], r['params_ci'])} "
-                   f"{cell(r['samples'], r['samples_ci'])} {cell(r[t], r[t + '_ci'], '.4g', 28)}")
+                   f"{cell(r['samples'], r['samples_ci'])} {pred}")
     click.echo(f"intervals: {rows[0]['interval']}")
     if sens is not None:
         from trajdata.scaling.sensitivity import sensitivity_lines
@@ -166,6 +167,10 @@ def print_forecasts(rows: list[dict], sens: dict | None) -> None:
 @click.option("--dataset-size", type=float, default=None, help="Samples D you have: solve C, then N.")
 @click.option("--compute", type=float, default=None, help="FLOP budget C: the optimal N and D.")
 @click.option("--params", type=float, default=None, help="Model size N: solve C, then D.")
+@click.option("--reach", type=float, default=None, metavar="VALUE",
+              help="A loss (or return, with --target return) to reach: the least C whose compute-optimal run is "
+                   "predicted to reach it, then N and D (the paper's RL forecast of the average human score: "
+                   "--reach 127000).")
 @click.option("--method", "methods", multiple=True, type=click.Choice(METHODS),
               help="Fit(s) to forecast with (default: all present).")
 @click.option("--target", type=click.Choice(["loss", "return", "both"]), default="both", show_default=True)
@@ -178,16 +183,17 @@ def print_forecasts(rows: list[dict], sens: dict | None) -> None:
               help=f"Refuse forecasts whose C lies more than this many decades outside the fitted FLOP budgets "
                    f"(beyond {WARN_DECADES:g} decade they warn).")
 @runs_options
-def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json, dataset, run_out, start,
+def forecast_cmd(source, dataset_size, compute, params, reach, methods, target, as_json, dataset, run_out, start,
                  max_extrapolation, sensitivity, **opts):
     """Compute-optimal N, D, C and predicted loss/return from a fit JSON (or a RUNS file, fitted first).
 
     Each comes with its interval: percentiles of the fit's bootstrap draws solved the same way (the
-    delta method for a fit without them). Give exactly one of --dataset-size, --compute, --params; e.g. `--dataset-size 40e9`.
+    delta method for a fit without them). Give exactly one of --dataset-size, --compute, --params, --reach;
+    e.g. `--dataset-size 40e9`, or `--reach 127000 --target return` for the compute to the average human score.
     """
     from trajdata.scaling.forecast import check_given
 
-    check_given(dataset_size, compute, params)  # before a fit that may take a while
+    check_given(dataset_size, compute, params, reach)  # before a fit that may take a while
     path = Path(source)
     if not path.exists():
         raise DataError(f"file not found: {path}")
@@ -208,7 +214,7 @@ def forecast_cmd(source, dataset_size, compute, params, methods, target, as_json
         if line:
             click.echo(line, err=True)
     targets = ("loss", "return") if target == "both" else (target,)
-    given = dict(dataset_size=dataset_size, compute=compute, params=params)
+    given = dict(dataset_size=dataset_size, compute=compute, params=params, reach=reach)
     rows = forecast(fit, methods or None, targets, max_extrapolation, **given)
     rl = "loss" not in fit  # a fit of returns alone is one of RL runs: its compute-optimal run is a `train rl`
     if start and not dataset and not rl:

@@ -17,6 +17,7 @@ from trajdata.models.nethack import NetHackConfig
 ENVS = {"NetHackScore-v0": "mon-hum-neu-mal", "NetHackChallenge-v0": "@"}
 ENV_ACTIONS = {"NetHackScore-v0": 23, "NetHackChallenge-v0": 121}  # the size of each env's action set
 DEVICES = ("auto", "cpu", "cuda")
+HUMAN_SCORE = 127_000  # the average human NetHack score (Hambro et al. 2022b): the paper's RL forecast target
 # fields that may change when the same run is resumed (they change where and how fast, not what is learned)
 RESUME_FREE = ("steps", "budgets", "log_every", "checkpoint_every", "progress", "tensorboard", "actors",
                "ray_address", "threads", "device")

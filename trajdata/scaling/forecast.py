@@ -1,6 +1,7 @@
-"""Compute-optimal forecasts from a fit: given D, C or N, the other two and the predicted loss/return,
-each with an interval: percentiles of the fit's bootstrap draws solved the same way, or (for a fit
-without a bootstrap) the delta method on the fit's covariance."""
+"""Compute-optimal forecasts from a fit: given D, C or N (or a loss/return to reach), the rest of the
+compute-optimal run and the predicted loss/return, each with an interval: percentiles of the fit's
+bootstrap draws solved the same way, or (for a fit without a bootstrap) the delta method on the fit's
+covariance."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,6 +14,9 @@ from trajdata.scaling.laws import chin_alloc, quad_alloc, quad_design
 METHODS = ("isoflop", "quadratic", "chinchilla")
 WARN_DECADES = 1.0     # a forecast this far (decades of C) outside the fitted FLOPs warns
 REFUSE_DECADES = 3.0   # and this far is refused
+GIVEN = {"dataset_size": "--dataset-size", "compute": "--compute", "params": "--params", "reach": "--reach"}
+# ln C searched for the compute that reaches a --reach value: 1e3 .. 1e45 FLOPs, then bisection
+REACH_GRID = np.linspace(np.log(1e3), np.log(1e45), 1681)
 
 
 class NotCredible(DataError):
@@ -23,13 +27,13 @@ class NotCredible(DataError):
         self.flops, self.decades = flops, decades
 
 
-def check_given(dataset_size=None, compute=None, params=None) -> None:
-    given = [v is not None for v in (dataset_size, compute, params)]
-    if sum(given) != 1:
-        raise ConfigError("give exactly one of --dataset-size, --compute, --params")
-    for flag, v in (("--dataset-size", dataset_size), ("--compute", compute), ("--params", params)):
+def check_given(dataset_size=None, compute=None, params=None, reach=None) -> None:
+    given = dict(dataset_size=dataset_size, compute=compute, params=params, reach=reach)
+    if sum(v is not None for v in given.values()) != 1:
+        raise ConfigError(f"give exactly one of {', '.join(GIVEN.values())}")
+    for name, v in given.items():
         if v is not None and not (np.isfinite(v) and v > 0):
-            raise ConfigError(f"{flag} must be a positive finite number, not {v:g}")
+            raise ConfigError(f"{GIVEN[name]} must be a positive finite number, not {v:g}")
 
 
 def solve_compute(alloc: dict, *, dataset_size=None, compute=None, params=None):
@@ -41,6 +45,24 @@ def solve_compute(alloc: dict, *, dataset_size=None, compute=None, params=None):
         if dataset_size is not None:
             return np.exp((np.log(dataset_size) - alloc["log_gd"]) / alloc["b"])
         return np.exp((np.log(params) - alloc["log_gn"]) / alloc["a"])
+
+
+def solve_reach(method: str, f: dict, alloc: dict, P: np.ndarray | None, value: float, maximize: bool) -> np.ndarray:
+    """Per row of P, the least C whose compute-optimal run is predicted to reach ``value`` (a return at
+    least it, a loss at most it): the first crossing on ``REACH_GRID``, bisected. NaN where the row never
+    reaches it within the grid, or reaches it already at the grid's low end."""
+    def reached(lc):
+        y = predict(method, f, alloc, P, np.exp(lc))
+        return (y >= value) if maximize else (y <= value)
+
+    ok = reached(np.broadcast_to(REACH_GRID, (len(alloc["a"]), len(REACH_GRID))))
+    first = ok.argmax(1)
+    hi, lo = REACH_GRID[first], REACH_GRID[np.maximum(first - 1, 0)]
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        good = reached(mid[:, None])[:, 0]
+        hi, lo = np.where(good, mid, hi), np.where(good, lo, mid)
+    return np.where(ok.any(1) & (first > 0), np.exp(hi), np.nan)
 
 
 def allocations(method: str, P: np.ndarray, k: float) -> dict:
@@ -55,28 +77,40 @@ def allocations(method: str, P: np.ndarray, k: float) -> dict:
     return {"log_gn": g, "a": a, "log_gd": -np.log(k) - g, "b": 1 - a}
 
 
-def outcomes(method: str, f: dict, alloc: dict, P: np.ndarray | None, **given) -> dict:
-    """C, N, D and the predicted target at the optimum, per row of P (None: the point estimate)."""
-    C = solve_compute(alloc, **given)
+def predict(method: str, f: dict, alloc: dict, P: np.ndarray | None, C: np.ndarray) -> np.ndarray:
+    """The target predicted at the compute-optimal allocation of budgets C (rows x budgets), per row of
+    method parameters P (None: the point estimate, one row)."""
+    C = np.asarray(C, float)
+    g = {q: np.asarray(v, float)[:, None] for q, v in alloc.items()}
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        N = np.exp(alloc["log_gn"]) * C ** alloc["a"]
-        D = np.exp(alloc["log_gd"]) * C ** alloc["b"]
         if method == "isoflop":
             yf = f["Y_opt"]
             if yf is None:
-                y = np.full(np.shape(C), np.nan)
-            else:
-                E, ya, yk = (np.array(yf["theta"])[:, None] if P is None else P[:, 2:].T)
-                y = E + np.exp(ya - yk * (np.log(C) - yf["log_c0"]))
-                y = 1.0 / y if yf.get("inverse") else y
-        elif method == "quadratic":
+                return np.full(C.shape, np.nan)
+            E, ya, yk = (np.array(yf["theta"])[:, None, None] if P is None else P[:, 2:].T[:, :, None])
+            y = E + np.exp(ya - yk * (np.log(C) - yf["log_c0"]))
+            return 1.0 / y if yf.get("inverse") else y
+        lnN = g["log_gn"] + g["a"] * np.log(C)
+        lnD = g["log_gd"] + g["b"] * np.log(C)
+        if method == "quadratic":
             beta = np.array(f["beta"])[None] if P is None else P
-            X = quad_design(np.log(N), np.log(D))
-            y = np.exp(np.einsum("bi,bi->b", X, beta))
-        else:
-            th = np.array(f["theta"])[None] if P is None else P
-            e, a, b, al, be = th.T
-            y = np.exp(e) + np.exp(a) / N ** al + np.exp(b) / D ** be
+            X = quad_design(lnN.ravel(), lnD.ravel())
+            B = np.repeat(np.broadcast_to(beta, (len(lnN), beta.shape[1])), C.shape[1], axis=0)
+            return np.exp(np.einsum("bi,bi->b", X, B)).reshape(lnN.shape)
+        th = np.array(f["theta"])[None] if P is None else P
+        e, a, b, al, be = (v[:, None] for v in th.T)
+        return np.exp(e) + np.exp(a - al * lnN) + np.exp(b - be * lnD)
+
+
+def outcomes(method: str, f: dict, alloc: dict, P: np.ndarray | None, maximize: bool = False, **given) -> dict:
+    """C, N, D and the predicted target at the optimum, per row of P (None: the point estimate)."""
+    reach = given.pop("reach", None)
+    C = (solve_reach(method, f, alloc, P, reach, maximize) if reach is not None
+         else solve_compute(alloc, **given))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        N = np.exp(alloc["log_gn"]) * C ** alloc["a"]
+        D = np.exp(alloc["log_gd"]) * C ** alloc["b"]
+    y = predict(method, f, alloc, P, C[:, None])[:, 0]
     return {"flops": C, "params": N, "samples": D, "y": y}
 
 
@@ -107,9 +141,10 @@ def intervals(fit: dict, target: str, method: str, level: float, **given) -> dic
     why = " (the fit has no bootstrap draws)"
     if draws:
         P = np.array(draws["values"], float)
-        out = outcomes(method, f, allocations(method, P, k), P, **given)
+        out = outcomes(method, f, allocations(method, P, k), P, target == "return", **given)
         ok = np.all([np.isfinite(out[q]) & (out[q] > 0) for q in keys[:3]], 0)
-        why = f" (the bootstrap: only {int(ok.sum())} of {len(P)} draws gave a run)"
+        why = (f" (the bootstrap: only {int(ok.sum())} of {len(P)} draws "
+               f"{'reach ' + format(given['reach'], '.4g') if given.get('reach') is not None else 'gave a run'})")
     if draws and ok.sum() >= BOOTSTRAP_MIN_SHARE * len(P):
         res = {}
         for q in keys:
@@ -122,7 +157,7 @@ def intervals(fit: dict, target: str, method: str, level: float, **given) -> dic
     h = 1e-6 * np.maximum(1.0, np.abs(th))
     rows = np.vstack([th] + [th + h[i] * np.eye(len(th))[i] for i in range(len(th))]
                      + [th - h[i] * np.eye(len(th))[i] for i in range(len(th))])
-    out = outcomes(method, f, allocations(method, rows, k), rows, **given)
+    out = outcomes(method, f, allocations(method, rows, k), rows, target == "return", **given)
     dof = len(f["budgets_kept"]) - 2 if method == "isoflop" else f["n"] - len(th)
     z = stats.t.ppf(0.5 + level / 2, dof) if dof > 0 else np.nan
     res = {}
@@ -132,9 +167,26 @@ def intervals(fit: dict, target: str, method: str, level: float, **given) -> dic
             lv = np.log(np.abs(out[q]))
         grad = np.nan_to_num((lv[1:p + 1] - lv[p + 1:]) / (2 * h))
         se = float(np.sqrt(max(grad @ cov @ grad, 0.0)))
-        res[q] = [float(np.exp(lv[0] - z * se) * np.sign(out[q][0])), float(np.exp(lv[0] + z * se) * np.sign(out[q][0]))]
+        with np.errstate(over="ignore"):
+            res[q] = [float(np.exp(lv[0] - z * se) * np.sign(out[q][0])),
+                      float(np.exp(lv[0] + z * se) * np.sign(out[q][0]))]
     res["how"] = f"delta method on the fit's covariance, t({dof}){why}"
     return res
+
+
+def unreachable(method: str, f: dict, point: dict, target: str, value: float) -> str:
+    """Why the point fit has no C reaching ``value``: its best prediction over ``REACH_GRID``, and where."""
+    with np.errstate(invalid="ignore"):
+        y = predict(method, f, point, None, np.exp(REACH_GRID)[None])[0]
+    head = f"the {target} {method} fit never reaches {value:.4g}"
+    if not np.isfinite(y).any():
+        return f"{head}: it predicts no finite {target} at any C"
+    i = int(np.nanargmax(y) if target == "return" else np.nanargmin(y))
+    if (y[0] >= value) if target == "return" else (y[0] <= value):
+        return f"the {target} {method} fit reaches {value:.4g} already at C = {np.exp(REACH_GRID[0]):.3g} FLOPs"
+    if i == len(y) - 1:
+        return f"{head} for C up to {np.exp(REACH_GRID[-1]):.3g} FLOPs (there it predicts {y[i]:.4g})"
+    return f"{head}: its best is {y[i]:.4g}, at C = {np.exp(REACH_GRID[i]):.3g} FLOPs"
 
 
 def fitted_range(fit: dict) -> tuple[float, float]:
@@ -160,9 +212,12 @@ def forecast_one(fit: dict, target: str, method: str, max_extrapolation: float =
     alloc = f["allocation"]
     if any(v is None or not np.isfinite(v) for v in alloc.values()):
         raise DataError(f"the {target} {method} fit has no optimum to forecast with")
-    pt = outcomes(method, f, {q: np.array([v], float) for q, v in alloc.items()}, None, **given)
+    point = {q: np.array([v], float) for q, v in alloc.items()}
+    pt = outcomes(method, f, point, None, target == "return", **given)
     C, N, D, y = (float(pt[q][0]) for q in ("flops", "params", "samples", "y"))
     what = ", ".join(f"{q}={v:g}" for q, v in given.items() if v is not None)
+    if given.get("reach") is not None and not np.isfinite(C):
+        raise DataError(unreachable(method, f, point, target, given["reach"]))
     if not all(np.isfinite(v) and v > 0 for v in (C, N, D)):
         raise DataError(f"the {target} {method} fit gives no finite compute-optimal run for {what}")
     ext = extrapolation(fit, C)
@@ -178,6 +233,8 @@ def forecast_one(fit: dict, target: str, method: str, max_extrapolation: float =
            "a": alloc["a"], "b": alloc["b"], "flops_ci": ci["flops"], "params_ci": ci["params"],
            "samples_ci": ci["samples"], f"{target}_ci": ci["y"], "ci_level": level, "interval": ci["how"],
            "extrapolation_decades": ext}
+    if given.get("reach") is not None:
+        out["reach"] = float(given["reach"])
     if ext > WARN_DECADES:
         out["warning"] = f"extrapolated: {where}"
     rvl = fit.get("return_vs_loss")
@@ -199,6 +256,9 @@ def forecast(fit: dict, methods=None, targets=("loss", "return"), max_extrapolat
     bad = set(methods) - set(METHODS)
     if bad:
         raise ConfigError(f"unknown method(s) {', '.join(sorted(bad))} (choose from {', '.join(METHODS)})")
+    if given.get("reach") is not None and sum(t in fit for t in targets) > 1:
+        raise ConfigError(f"--reach {given['reach']:g} is a loss or a return: say which with --target loss or "
+                          "--target return")
     rows, why, far = [], [], []
     for t in targets:
         if t not in fit:

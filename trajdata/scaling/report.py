@@ -230,7 +230,8 @@ def forecast_table(rows: list[dict]) -> str:
         return f"{r[q]:{f}} ({lo:{f}}, {hi:{f}})"
 
     body = [[r["target"], r["method"], cell(r, "flops"), cell(r, "params"), cell(r, "samples"),
-             cell(r, r["target"], ".4g"), r["interval"] + (f"; {r['warning']}" if "warning" in r else "")]
+             f"{r['reach']:.4g} (given)" if "reach" in r else cell(r, r["target"], ".4g"),
+             r["interval"] + (f"; {r['warning']}" if "warning" in r else "")]
             for r in rows]
     lvl = int(round(100 * rows[0]["ci_level"])) if rows else 95
     return table(body, ["target", "method", f"FLOPs ({lvl}% interval)", "params", "samples", "predicted", "interval"])

@@ -72,18 +72,22 @@ def runs_table(law: Law = Law(), seed: int = 0, grid: bool = True, budgets=np.lo
 def coverage(tables: int = 200, bootstrap: int = 200, grid: bool = True, law: Law = Law(),
              dataset_size: float | None = None, seed0: int = 0, methods=("isoflop", "quadratic"),
              episodes: int = 0, drop_se: bool = False, **fit_settings) -> dict:
-    """Fit ``tables`` seeded tables; per method the fraction whose intervals hold the true exponent a
-    and the true forecast N (at ``dataset_size``, default: the optimal D at 10x the largest budget),
-    for the bootstrap intervals and for the analytic (OLS / delta-method) ones. ``fit_settings``: FitConfig fields to change."""
+    """Fit ``tables`` seeded tables; per method the fraction whose intervals hold the true exponent a,
+    the true forecast N (at ``dataset_size``, default: the optimal D at 10x the largest budget) and the
+    true C that reaches that run's optimal loss (``forecast --reach``), for the bootstrap intervals and
+    for the analytic (OLS / delta-method) ones. ``fit_settings``: FitConfig fields to change."""
     from trajdata.scaling.fits import FitConfig, fit_all
     from trajdata.scaling.forecast import intervals
     from trajdata.scaling.runs import runs_from_frame
 
     D = dataset_size or float(1e19 / (law.k * law.n_opt(1e19)))
     n_true = law.n_for_dataset(D)
+    c_true = law.k * n_true * D  # the budget whose optimum has D, and the optimal loss there (--reach's truth)
+    reach = float(law.loss(n_true, c_true))
     cfg = FitConfig(**{**dict(bootstrap=bootstrap, cv_folds=0, fit_return=False, chinchilla=False, seed=seed0),
                        **fit_settings})
-    hits = {m: {k: [] for k in ("a_bootstrap", "a_analytic", "n_bootstrap", "n_analytic")} for m in methods}
+    hits = {m: {k: [] for k in ("a_bootstrap", "a_analytic", "n_bootstrap", "n_analytic", "c_reach_bootstrap",
+                                 "c_reach_analytic")} for m in methods}
     width = {m: [] for m in methods}
     failed = {m: 0 for m in methods}
     for i in range(tables):
@@ -102,10 +106,14 @@ def coverage(tables: int = 200, bootstrap: int = 200, grid: bool = True, law: La
             na = intervals(bare, "loss", m, cfg.ci_level, dataset_size=D)["params"]
             h["n_bootstrap"].append(nb[0] <= n_true <= nb[1])
             h["n_analytic"].append(na[0] <= n_true <= na[1])
+            cb = intervals(fit, "loss", m, cfg.ci_level, reach=reach)["flops"]
+            ca = intervals(bare, "loss", m, cfg.ci_level, reach=reach)["flops"]
+            h["c_reach_bootstrap"].append(cb[0] <= c_true <= cb[1])
+            h["c_reach_analytic"].append(ca[0] <= c_true <= ca[1])
             width[m].append(f["a"]["ci_bootstrap"][1] - f["a"]["ci_bootstrap"][0])
     return {"tables": tables, "bootstrap": bootstrap, "grid": grid, "episodes": episodes, "se_column": not drop_se,
             "true_a": law.a, "dataset_size": D,
-            "true_n": n_true,
+            "true_n": n_true, "reach": reach, "true_c_reach": c_true,
             "coverage": {m: {k: (float(np.mean(v)) if v else None) for k, v in h.items()} for m, h in hits.items()},
             "fitted": {m: len(hits[m]["a_bootstrap"]) for m in methods}, "failed": failed,
             "median_a_ci_width": {m: float(np.median(w)) if w else None for m, w in width.items()}}

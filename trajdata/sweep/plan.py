@@ -12,7 +12,8 @@ Spec layout (every table optional except [sweep]; see specs/*.toml):
               (an RL sweep needs data only for a [compare.bc] run)
     [train]   BCConfig fields shared by every run (seq_len, batch_size, lr, ...); RLConfig fields for RL
     [eval]    EvalConfig fields (episodes, max_steps, seed, workers, ...); episodes = 0: no rollouts
-    [fit]     FitConfig fields; [report] reference = a runs table fitted the same way beside ours
+    [fit]     FitConfig fields; [report] reference = a runs table fitted the same way beside ours,
+              reach = a return whose compute to forecast (RL's default: the average human score, 127k)
     [compare] RL only: from-scratch vs BC-initialised RL at equal total compute. init = a BC run or
               checkpoint of the LSTM-core family (relative to the spec file), or [compare.bc] = the
               BCConfig fields of a BC run the sweep trains first on [data] (core = "lstm");
@@ -34,6 +35,9 @@ from trajdata.train.shape import RunShape, run_shape
 RL = "nethack-rl"
 FAMILIES = ("nethack", "atari", RL)
 TABLES = ("sweep", "data", "train", "eval", "fit", "report", "compare")
+# [report]: reference = a runs table fitted beside ours; reach = a return whose compute the report forecasts
+# (RL's default: the average human score, the paper's Table 6)
+REPORT_KEYS = ("reference", "reach")
 FIT_MIN_SNAPSHOTS = 8  # `scaling fit` refuses fewer runs
 EVAL_SET_BY_SWEEP = ("all", "budget", "out", "update_runs", "record")  # [eval] may not set these
 COMPARE_KEYS = ("init", "bc", "kickstart_coef", "kickstart_decay")
@@ -200,9 +204,13 @@ def load_spec(path: str | Path) -> Spec:
     ev_bad = sorted(set(data.get("eval", {})) & set(EVAL_SET_BY_SWEEP))
     if ev_bad:
         raise ConfigError(f"sweep spec {p}: [eval] may not set {ev_bad[0]!r}: the sweep sets it")
-    bad = sorted(set(data.get("report", {})) - {"reference"})
+    bad = sorted(set(data.get("report", {})) - set(REPORT_KEYS))
     if bad:
-        raise ConfigError(f"sweep spec {p}: unknown key {bad[0]!r} in [report] (reference)")
+        raise ConfigError(f"sweep spec {p}: unknown key {bad[0]!r} in [report] ({', '.join(REPORT_KEYS)})")
+    reach = data.get("report", {}).get("reach")
+    if reach is not None and not (isinstance(reach, (int, float)) and not isinstance(reach, bool)
+                                  and math.isfinite(reach) and reach > 0):
+        raise ConfigError(f"sweep spec {p}: [report] reach must be a positive number (got {reach!r})")
     compare = dict(data.get("compare", {}))
     bad = sorted(set(compare) - set(COMPARE_KEYS))
     if bad:

@@ -18,6 +18,7 @@ from trajdata.scaling.forecast import forecast
 from trajdata.scaling.report import build_figures, page, png, render_body, strict_json, table
 from trajdata.scaling.runs import load_runs
 from trajdata.errors import DataError
+from trajdata.rl.config import HUMAN_SCORE
 from trajdata.sweep.plan import Plan, dataset_path, describe
 from trajdata.sweep.returns import seed_means, seed_scatter, size_name
 from trajdata.sweep.timings import timing_totals
@@ -127,6 +128,19 @@ def _forecast_html(fit: dict, **given) -> str:
         return f"<p>No forecast: {html.escape(str(e))}</p>"
 
 
+def reach_section(fit: dict, reach: float, rl: bool) -> str:
+    """The compute whose compute-optimal run is predicted to reach return ``reach``, by each return fit,
+    however far out (each row says how far), beside the paper's RL forecast of the human score."""
+    human = reach == HUMAN_SCORE
+    what = f"the average human score ({reach:,.0f}, Hambro et al. 2022)" if human else f"a return of {reach:,.4g}"
+    paper = ("<p>The paper's forecast of it for RL from scratch (Table 6): isoFLOP N 4.4B, D 13.2T (C = 4.6e23); "
+             "parametric N 67B, D 0.93T (C = 5.0e23).</p>" if human and rl else "")
+    return (f"<h2>Compute to reach {html.escape(what)}</h2><p>The least C whose compute-optimal run each return fit "
+            "predicts to reach it (<code>trajdata scaling forecast RUNS --reach VALUE --target return</code>), with "
+            "intervals as every forecast's, shown however far past the budgets it lies: the interval column says how far."
+            "</p>" + _forecast_html(fit, targets=("return",), max_extrapolation=100.0, reach=reach) + paper)
+
+
 def write_sweep_report(plan: Plan, out: Path, baselines: dict, timings: dict) -> tuple[str, str | None]:
     """Fit the sweep's runs.csv and the reference table; write OUT/{fit.json,reference_fit.json,report.html}.
     Returns the report's path and, where no fit of the sweep's runs could run, why (the report says it too)."""
@@ -168,6 +182,9 @@ def _write_report(plan: Plan, out: Path, baselines: dict, timings: dict) -> tupl
         parts.append("<h2>Forecast</h2><p>The compute-optimal run for this sweep's dataset "
                      f"(D = {ds_steps:,} steps), by each method that ran:</p>"
                      + _forecast_html(own, dataset_size=float(ds_steps)))
+    reach = spec.report.get("reach", HUMAN_SCORE if spec.rl else None)
+    if own is not None and reach is not None and "return" in own:
+        parts.append(reach_section(own, float(reach), spec.rl))
     if plan.compare is not None and (out / "compare.csv").is_file():
         from trajdata.sweep.compare import comparison_section
 
