@@ -252,8 +252,9 @@ def test_reach_names_what_no_fit_can_reach(tmp_path):
     (tmp_path / "fit.json").write_text(json.dumps(fit))
     r = _run("scaling", "forecast", tmp_path / "fit.json", "--reach", "7000", "--target", "return")
     assert r.exit_code == 1
-    assert r.output.startswith("trajdata: error: the return isoflop fit never reaches 7000 for C up to 1e+45 FLOPs "
-                               "(there it predicts 6") and "the return quadratic fit never reaches 7000: its best is 6" in r.output
+    assert r.output.startswith("trajdata: error: the return isoflop fit never reaches 7000: it levels off at 6"
+                               ) and "(C up to 1e+45 FLOPs)" in r.output
+    assert "the return quadratic fit never reaches 7000: its best is 6" in r.output
     assert r.output.count("\n") == 1
     r = _run("scaling", "forecast", tmp_path / "fit.json", "--reach", "6000")
     assert r.exit_code == 1 and "--reach 6000 is a loss or a return: say which with --target loss or --target return" in r.output
@@ -263,7 +264,11 @@ def test_reach_names_what_no_fit_can_reach(tmp_path):
     assert r.exit_code == 1 and "--reach must be a positive finite number, not -1" in r.output
     ok = _run("scaling", "forecast", tmp_path / "fit.json", "--reach", "6000", "--target", "return")
     assert ok.exit_code == 0, ok.output
-    assert "6000 (given)" in ok.output and "predicted return 6000" in ok.output
+    sens = _run("scaling", "forecast", NETHACK, "--reach", "6000", "--target", "return", "--bootstrap", 30,
+                "--sensitivity")
+    assert sens.exit_code == 0, sens.output
+    assert "   default                                isoflop    N  6.64e+07" in sens.output and " C 1.34e+19 (" in sens.output
+    assert "6000 (given)" in ok.output and "; to reach return 6000" in ok.output
 
 
 def test_parametric_fits_refuse_a_single_flop_budget():

@@ -228,7 +228,7 @@ def forecast_cmd(source, dataset_size, compute, params, reach, methods, target, 
     if sensitivity:
         from trajdata.scaling.sensitivity import sensitivity as run_sensitivity
 
-        sens = run_sensitivity(runs, cfg, fit_all, fit=fit, progress=progress_bars(), **given)
+        sens = run_sensitivity(runs, cfg, fit_all, fit=fit, progress=progress_bars(), targets=targets, **given)
     if as_json:
         click.echo(json.dumps(rows if sens is None else {"forecasts": rows, "sensitivity": sens}, indent=1))
     else:
@@ -247,7 +247,8 @@ def forecast_cmd(source, dataset_size, compute, params, reach, methods, target, 
         click.echo(f"compute-optimal run ({t} {best['method']}, {why}): trajdata {shlex.join(args)}")
         click.echo(f"  N {best['params']:.3g} ({best['params_ci'][0]:.3g}, {best['params_ci'][1]:.3g}), "
                    f"D {best['samples']:.3g}, C {best['flops']:.3g} ({best['flops_ci'][0]:.3g}, {best['flops_ci'][1]:.3g}); "
-                   f"predicted {t} {best[t]:.4g} ({best[t + '_ci'][0]:.4g}, {best[t + '_ci'][1]:.4g})")
+                   + (f"to reach {t} {best['reach']:.4g}" if "reach" in best else
+                      f"predicted {t} {best[t]:.4g} ({best[t + '_ci'][0]:.4g}, {best[t + '_ci'][1]:.4g})"))
     if start:
         click.get_current_context().find_root().command.main(args, prog_name="trajdata")
 

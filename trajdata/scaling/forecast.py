@@ -184,8 +184,8 @@ def unreachable(method: str, f: dict, point: dict, target: str, value: float) ->
     i = int(np.nanargmax(y) if target == "return" else np.nanargmin(y))
     if (y[0] >= value) if target == "return" else (y[0] <= value):
         return f"the {target} {method} fit reaches {value:.4g} already at C = {np.exp(REACH_GRID[0]):.3g} FLOPs"
-    if i == len(y) - 1:
-        return f"{head} for C up to {np.exp(REACH_GRID[-1]):.3g} FLOPs (there it predicts {y[i]:.4g})"
+    if np.isclose(y[-1], y[i], rtol=1e-6):
+        return f"{head}: it levels off at {y[i]:.4g} (C up to {np.exp(REACH_GRID[-1]):.3g} FLOPs)"
     return f"{head}: its best is {y[i]:.4g}, at C = {np.exp(REACH_GRID[i]):.3g} FLOPs"
 
 

@@ -40,7 +40,8 @@ def settings(runs: Runs, cfg: FitConfig) -> list[tuple[str, dict, tuple[float, f
     return out
 
 
-def sensitivity(runs: Runs, cfg: FitConfig, refit, fit: dict | None = None, progress: bool = False, **given) -> dict:
+def sensitivity(runs: Runs, cfg: FitConfig, refit, fit: dict | None = None, progress: bool = False,
+                targets=("loss", "return"), **given) -> dict:
     """Forecast rows (with intervals) for every setting and method; ``refit(runs, cfg)`` is the fit
     (trajdata.scaling.fits.fit_all), ``fit`` the default setting's fit where already done. Rows outside the default's interval get ``outside_default`` True.
     The alternatives are bootstrapped with at most ``ALT_DRAWS`` draws (and not cross-validated)."""
@@ -65,7 +66,7 @@ def sensitivity(runs: Runs, cfg: FitConfig, refit, fit: dict | None = None, prog
         if label == "default":
             prefer = {t: preferred(f, t) for t in ("loss", "return") if t in f}
         try:
-            got = forecast(f, **given)
+            got = forecast(f, targets=targets, **given)
         except DataError as e:
             failed.append({"setting": label, "reason": str(e)})
             continue
@@ -97,9 +98,10 @@ def sensitivity_lines(res: dict) -> list[str]:
                      f"! = intervals do not overlap; cross-validation prefers {p.get('method')} ({p.get('why')})")
         for r in mine:
             mark = "!" if r.get("overlaps_default") is False else ("*" if r.get("outside_default") else " ")
+            last = (f"C {r['flops']:.3g} ({r['flops_ci'][0]:.3g}, {r['flops_ci'][1]:.3g})" if "reach" in r
+                    else f"{t} {r[t]:.4g} ({r[t + '_ci'][0]:.4g}, {r[t + '_ci'][1]:.4g})")
             lines.append(f" {mark} {r['setting']:38s} {r['method']:10s} N {r['params']:9.3g} "
-                         f"({r['params_ci'][0]:.3g}, {r['params_ci'][1]:.3g})  {t} {r[t]:.4g} "
-                         f"({r[t + '_ci'][0]:.4g}, {r[t + '_ci'][1]:.4g})")
+                         f"({r['params_ci'][0]:.3g}, {r['params_ci'][1]:.3g})  {last}")
     for f in res["failed"]:
         lines.append(f"   {f['setting']}: no forecast ({f['reason']})")
     return lines
