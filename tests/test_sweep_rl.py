@@ -181,6 +181,10 @@ def test_shipped_rl_specs_plan():
     wide11 = make_plan(load_spec(ROOT / "specs/cpu-rl-wide-1e11.toml"))  # cpu-rl-1e11 plus h = 2 at every budget
     assert wide11.spec.sizes == wide.spec.sizes and wide11.spec.budgets == more.spec.budgets
     assert [r.name for r in wide11.runs] == [r.name for r in wide.runs] and wide11.runs[0].budgets == more.spec.budgets
+    seeds11 = make_plan(load_spec(ROOT / "specs/cpu-rl-seeds-1e11.toml"))  # both: 4 seeds of every size to 1e11
+    assert seeds11.spec.budgets == more.spec.budgets and seeds11.spec.sizes == wide.spec.sizes
+    assert {r.name for r in seeds11.runs} == {r.name for r in seeds.runs} | {r.name for r in wide11.runs}
+    assert all(r.budgets == more.spec.budgets for r in seeds11.runs) and seeds11.spec.train == more.spec.train
     aa = make_plan(load_spec(ROOT / "specs/cpu-rl-aa.toml"))  # cpu-rl with AutoAscend as the BC teacher
     from trajdata.rl.config import ENVS
 
