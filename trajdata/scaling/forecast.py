@@ -94,9 +94,8 @@ def predict(method: str, f: dict, alloc: dict, P: np.ndarray | None, C: np.ndarr
         lnD = g["log_gd"] + g["b"] * np.log(C)
         if method == "quadratic":
             beta = np.array(f["beta"])[None] if P is None else P
-            X = quad_design(lnN.ravel(), lnD.ravel())
-            B = np.repeat(np.broadcast_to(beta, (len(lnN), beta.shape[1])), C.shape[1], axis=0)
-            return np.exp(np.einsum("bi,bi->b", X, B)).reshape(lnN.shape)
+            B = np.broadcast_to(beta, (len(lnN), beta.shape[1]))
+            return np.exp(np.einsum("big,bi->bg", quad_design(lnN, lnD), B))
         th = np.array(f["theta"])[None] if P is None else P
         e, a, b, al, be = (v[:, None] for v in th.T)
         return np.exp(e) + np.exp(a - al * lnN) + np.exp(b - be * lnD)
